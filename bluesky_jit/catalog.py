@@ -1,0 +1,449 @@
+"""Tiled: start the embedded catalog, connect, write runs, read and replay them.
+
+:class:`LocalCatalog` runs ``tiled serve config`` in a subprocess on a
+directory of its own (SQLite catalog, writable data and DuckDB table storage),
+persistent across restarts. It is a full Tiled server (unlike
+``tiled.server.SimpleTiledServer``), configured with the
+``bluesky_tiled_plugins`` JSON-seq exporter so stored runs can be replayed as
+documents (``run.documents()``).
+
+Runs live in containers with the ``CatalogOfBlueskyRuns`` spec; this tool uses
+``"raw"`` and ``"derived"``. A derived run reads back as::
+
+    run = runs_container(catalog.client(), "derived")[derived_uid]
+    run["reconstruction"]["reconstruction"].read()   # (N, H, W) float32
+    run["metrics"].read()                            # table: train_step, loss, ...
+
+Importing this module does not import tiled; every function imports it when
+called.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from .errors import CatalogError
+
+if TYPE_CHECKING:
+    from bluesky_tiled_plugins import TiledWriter
+    from tiled.client.container import Container
+
+__all__ = [
+    "LocalCatalog",
+    "RUNS_SPEC",
+    "connect",
+    "derived_runs_for",
+    "documents",
+    "runs_container",
+    "tiled_writer",
+]
+
+RUNS_SPEC: Final = ("CatalogOfBlueskyRuns", "3.0")
+"""Spec (name, version) of a container of Bluesky runs."""
+CONFIG_NAME: Final = "tiled_config.yml"
+LOG_NAME: Final = "tiled_server.log"
+_JSON_SEQ_EXPORTER: Final = "bluesky_tiled_plugins.exporters:json_seq_exporter"
+
+
+class LocalCatalog:
+    """An embedded Tiled server on a directory, run as a ``tiled serve config`` subprocess.
+
+    The server persists everything under ``directory``: restarting on the same
+    directory serves the runs written before.
+
+    Parameters
+    ----------
+    directory : Path
+        Holds the config (``tiled_config.yml``), the SQLite catalog
+        (``catalog.db``), array data (``data/``), tables (``tables.duckdb``)
+        and the server log (``tiled_server.log``). Created if missing. The
+        server may read any file below it, so write derived HDF5 files here.
+    host : str
+        Interface to bind; keep the default loopback unless others must
+        connect.
+    port : int, optional
+        TCP port; None picks a free one.
+    api_key : str, optional
+        Single-user API key (alphanumeric); None generates a random one. It is
+        handed to the server through its environment, not the config file.
+    readable_storage : sequence of Path
+        More directories the server may read files from (e.g. where detectors
+        write their HDF5 files). ``directory`` is always readable.
+    startup_timeout : float
+        Seconds to wait for the server to answer before giving up.
+
+    Attributes
+    ----------
+    uri : str
+        ``http://host:port``, to pass to :func:`connect` (with ``api_key``).
+    api_key : str
+
+    Examples
+    --------
+    >>> with LocalCatalog(tmp_path / "catalog") as catalog:
+    ...     derived = runs_container(catalog.client(), "derived")
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        api_key: str | None = None,
+        readable_storage: Sequence[Path] = (),
+        startup_timeout: float = 60.0,
+    ) -> None:
+        if api_key is not None and not (isinstance(api_key, str) and api_key.isalnum()):
+            raise CatalogError(
+                "LocalCatalog api_key must be a non-empty alphanumeric string (Tiled's rule); "
+                f"got {api_key!r}. Pass e.g. secrets.token_hex(32), or None to generate one."
+            )
+        if isinstance(readable_storage, (str, Path)):
+            raise CatalogError(
+                "LocalCatalog readable_storage must be a list of directories; got the single "
+                f"path {readable_storage!r}. Pass readable_storage=[path]."
+            )
+        self.directory = Path(directory).resolve()
+        self.host = host
+        self.api_key = api_key or secrets.token_hex(32)
+        self.readable_storage = [Path(p).resolve() for p in readable_storage]
+        self._process: subprocess.Popen[bytes] | None = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.directory / CONFIG_NAME
+        self.log_path = self.directory / LOG_NAME
+        self.config_path.write_text(_config_yaml(self.directory, self.readable_storage))
+        self._start(port, startup_timeout)
+
+    @property
+    def uri(self) -> str:
+        """Base URI of the server, e.g. ``http://127.0.0.1:8123``."""
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the server subprocess is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def client(self, **kwargs: Any) -> Container:
+        """Return a tiled client of the catalog's root (see :func:`connect`)."""
+        return connect(self.uri, api_key=self.api_key, **kwargs)
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Stop the server (terminate, then kill after ``timeout`` s). Safe to call twice."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        self._finalizer.detach()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+
+    def __enter__(self) -> LocalCatalog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "closed"
+        return f"LocalCatalog({str(self.directory)!r}, uri={self.uri!r}, {state})"
+
+    # ------------------------------------------------------------------ private
+    def _start(self, port: int | None, timeout: float) -> None:
+        # A port picked here could be taken before the server binds it: retry with another.
+        attempts = 1 if port is not None else 3
+        for attempt in range(attempts):
+            self.port = port if port is not None else _free_port(self.host)
+            self._process = self._spawn()
+            error = self._wait_until_ready(timeout)
+            if error is None:
+                return
+            self.close()
+            tail = _tail(self.log_path)
+            if attempt + 1 < attempts and "address already in use" in tail.lower():
+                continue
+            raise CatalogError(
+                f"The Tiled server on {self.directory} did not start: {error}. Expected it to "
+                f"answer at {self.uri} within {timeout:g} s. Server log {self.log_path} ends "
+                f"with:\n{tail}\nCheck the log; pass port=None if the port is taken."
+            )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        tiled = shutil.which("tiled", path=str(Path(sys.executable).parent))
+        command = [tiled] if tiled else [sys.executable, "-m", "tiled"]
+        command += ["serve", "config", str(self.config_path)]
+        command += ["--host", self.host, "--port", str(self.port)]
+        # The server's settings read TILED_* variables before the config file: drop
+        # inherited ones so the config written here is what runs.
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TILED_")}
+        env["TILED_SINGLE_USER_API_KEY"] = self.api_key
+        # Log to a file, not a pipe: an unread pipe fills up and stalls the server. The
+        # server prints its API key there, so only the owner may read it.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.chmod(self.log_path, 0o600)
+        with open(fd, "ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                env=env,
+            )
+        # Kill the server if this object is dropped unclosed or the interpreter exits.
+        self._finalizer = weakref.finalize(self, _kill, process)
+        return process
+
+    def _wait_until_ready(self, timeout: float) -> str | None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        url = f"{self.uri}/api/v1/"
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                code = None if self._process is None else self._process.returncode
+                return f"the server exited with status {code}"
+            try:
+                response = httpx.get(url, timeout=2.0, trust_env=False)
+                if response.status_code == 200:
+                    return None
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        return f"no answer after {timeout:g} s"
+
+
+def connect(uri: str, api_key: str | None = None, *, timeout: float = 5.0) -> Container:
+    """Connect to a Tiled server or to a node of it.
+
+    Parameters
+    ----------
+    uri : str
+        e.g. ``http://127.0.0.1:8000`` or ``http://host:8000/api/v1/metadata/derived``.
+    api_key : str, optional
+        The server's API key.
+    timeout : float
+        Seconds to wait for the TCP connection. An unreachable server fails
+        after this, instead of tiled's retries (up to ~45 s).
+
+    Returns
+    -------
+    tiled.client.container.Container
+        A client of the node (a ``CatalogOfBlueskyRuns`` for a runs container).
+
+    Raises
+    ------
+    CatalogError
+        The URI is malformed, nothing answers, or the server refuses the key.
+    """
+    parts = urlsplit(uri) if isinstance(uri, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CatalogError(
+            f"A catalog URI must look like http://host:port; got {uri!r}. "
+            "Pass LocalCatalog.uri or your Tiled server's address."
+        )
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:
+        raise CatalogError(f"The catalog URI {uri!r} has a bad port: {err}.") from err
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as err:
+        raise CatalogError(
+            f"Cannot reach the Tiled server at {uri}: {err}. Expected a server listening on "
+            f"{parts.hostname}:{port}. Start one (LocalCatalog or `tiled serve`) or fix the URI."
+        ) from err
+    from tiled.client import from_uri
+
+    try:
+        return from_uri(uri, api_key=api_key, remember_me=False)
+    except Exception as err:
+        raise CatalogError(
+            f"The Tiled server at {uri} refused the connection: {type(err).__name__}: {err}. "
+            "Check the API key (LocalCatalog.api_key) and the path in the URI."
+        ) from err
+
+
+def runs_container(client: Container, name: str) -> Container:
+    """Return the container of Bluesky runs ``name`` under ``client``, creating it if missing.
+
+    Parameters
+    ----------
+    client : tiled.client.container.Container
+        Usually the root, from :func:`connect` or :meth:`LocalCatalog.client`.
+    name : str
+        e.g. ``"raw"`` or ``"derived"``.
+
+    Returns
+    -------
+    bluesky_tiled_plugins.CatalogOfBlueskyRuns
+        Index by uid (or partial uid, or scan id); ``.search(Key(...) == v)``.
+    """
+    from tiled.structures.core import Spec
+
+    if not isinstance(name, str) or not name or "/" in name:
+        raise CatalogError(
+            f"A runs container name must be a non-empty string without '/'; got {name!r}. "
+            "Use e.g. 'raw' or 'derived'."
+        )
+    if name not in client:
+        try:
+            client.create_container(name, specs=[Spec(RUNS_SPEC[0], version=RUNS_SPEC[1])])
+        except Exception as err:
+            if name not in client:  # not just lost a race with another writer
+                raise CatalogError(
+                    f"Cannot create the runs container {name!r} at {client.uri}: {err}. "
+                    "Connect with the server's API key (writing needs it)."
+                ) from err
+    container = client[name]
+    specs = {spec.name for spec in container.specs}
+    if RUNS_SPEC[0] not in specs:
+        raise CatalogError(
+            f"The node {name!r} exists but is not a container of Bluesky runs: expected spec "
+            f"{RUNS_SPEC[0]!r}, got {sorted(specs)}. Use another name or remove that node."
+        )
+    return container
+
+
+def tiled_writer(container: Container, *, backup_directory: Path | None = None) -> TiledWriter:
+    """Return a ``bluesky_tiled_plugins.TiledWriter`` writing each document as it comes.
+
+    Parameters
+    ----------
+    container : CatalogOfBlueskyRuns
+        From :func:`runs_container`; each run becomes a child keyed by its uid.
+    backup_directory : Path, optional
+        Where the writer dumps a run as JSON lines if writing to Tiled fails.
+
+    Returns
+    -------
+    TiledWriter
+        A callback ``writer(name, doc)``.
+    """
+    from bluesky_tiled_plugins import TiledWriter
+
+    return TiledWriter(
+        container,
+        batch_size=1,
+        backup_directory=None if backup_directory is None else str(backup_directory),
+    )
+
+
+def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:
+    """Return the derived runs made from the raw run ``raw_uid``, oldest first.
+
+    Parameters
+    ----------
+    container : CatalogOfBlueskyRuns
+        The derived runs' container.
+    raw_uid : str
+        Uid of the raw run (``start.raw_uid`` of the derived runs).
+
+    Returns
+    -------
+    list of BlueskyRun
+    """
+    from tiled.queries import Key
+
+    runs = list(container.search(Key("start.raw_uid") == raw_uid).values())
+    return sorted(runs, key=lambda run: run.metadata["start"]["time"])
+
+
+def documents(run: Container) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Replay a stored run as ``(name, doc)`` pairs, from start to stop.
+
+    The server rebuilds the documents: within a stream, all events come
+    before its ``stream_resource`` and ``stream_datum``, and one stream datum
+    covers all frames of a data key.
+
+    Parameters
+    ----------
+    run : BlueskyRun
+        A run from a runs container.
+
+    Yields
+    ------
+    name : str
+    doc : dict
+    """
+    try:
+        yield from run.documents()
+    except Exception as err:
+        if type(err).__name__ in {"ClientError", "HTTPStatusError"} and "406" in str(err):
+            raise CatalogError(
+                f"The server cannot export run {run.item['id']} as documents (406): it lacks "
+                f"the JSON-seq exporter. Serve it with LocalCatalog, or add media_types: "
+                f"BlueskyRun: application/json-seq: {_JSON_SEQ_EXPORTER} to its config."
+            ) from err
+        raise
+
+
+# --------------------------------------------------------------------------- helpers
+def _config_yaml(directory: Path, readable_storage: Sequence[Path]) -> str:
+    """Return the ``tiled serve config`` YAML for a catalog on ``directory``."""
+    import json
+
+    readable = [str(directory), *(str(p) for p in readable_storage)]
+    # JSON strings are valid YAML scalars, and quote any path safely.
+    q = json.dumps
+    lines = [
+        "# Written by bluesky_jit.catalog.LocalCatalog; rewritten on every start.",
+        "trees:",
+        "  - path: /",
+        "    tree: catalog",
+        "    args:",
+        f"      uri: {q('sqlite:///' + str(directory / 'catalog.db'))}",
+        "      init_if_not_exists: true",
+        "      writable_storage:",
+        f"        - {q(str(directory / 'data'))}",
+        f"        - {q('duckdb:///' + str(directory / 'tables.duckdb'))}",
+        "      readable_storage:",
+        *(f"        - {q(path)}" for path in readable),
+        "media_types:",
+        "  BlueskyRun:",
+        f"    application/json-seq: {q(_JSON_SEQ_EXPORTER)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])

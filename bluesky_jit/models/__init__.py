@@ -1,0 +1,210 @@
+"""Denoising networks, chosen by name with a plain-dict config.
+
+Each network family lives in its own module, which defines ``DEFAULTS`` (the
+full config with its default values) and ``build(config) -> nn.Module``. The
+registry below names the families; importing this package imports neither
+torch nor any family module (they load on first use).
+
+Examples
+--------
+>>> from bluesky_jit.models import build_model
+>>> model = build_model("unet", {"features": 16}, seed=0)  # the C16 network of seed 000
+>>> model.model_name, model.model_config["features"]
+('unet', 16)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "MODELS",
+    "ModelFamily",
+    "available_models",
+    "build_model",
+    "default_config",
+    "describe_model",
+    "resolve_config",
+]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One registered network family.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, as in ``JitConfig.model``.
+    module : str
+        Importable module defining ``DEFAULTS`` and ``build(config)``.
+    summary : str
+        One line for ``bluesky-jit`` help texts.
+    """
+
+    name: str
+    module: str
+    summary: str
+
+    def load(self) -> ModuleType:
+        """Import the family module."""
+        return importlib.import_module(self.module)
+
+
+MODELS: Mapping[str, ModelFamily] = MappingProxyType(
+    {
+        "unet": ModelFamily(
+            "unet",
+            "bluesky_jit.models.unet",
+            "Standard U-Net of seed 000: 3 levels, 8 features doubling per level, "
+            "strided-conv down, transposed-conv up",
+        ),
+    }
+)
+"""Registered network families by name."""
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`, sorted."""
+    return sorted(MODELS)
+
+
+def default_config(name: str) -> dict[str, Any]:
+    """The full default config of a family (a fresh copy)."""
+    return dict(_family(name).load().DEFAULTS)
+
+
+def resolve_config(name: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fill in defaults and check the types of a plain-dict model config.
+
+    Parameters
+    ----------
+    name : str
+        A name from :func:`available_models`.
+    config : mapping, optional
+        Settings to override; unknown keys and wrong types are errors.
+
+    Returns
+    -------
+    dict
+        Every setting of the family, ready to store in a checkpoint or a start
+        document.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name, an unknown key or a value of the wrong type.
+    """
+    defaults = default_config(name)
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(
+            f"The config of model {name!r} must be a dict; got {type(config).__name__}. "
+            f"Pass e.g. {defaults!r}."
+        )
+    unknown = sorted(str(k) for k in config if k not in defaults)
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting(s) {unknown} for model {name!r}; known settings are "
+            f"{sorted(defaults)}."
+        )
+    resolved = dict(defaults)
+    for key, value in config.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(
+                f"Model {name!r} setting {key!r} must be of type {type(default).__name__}; got "
+                f"{value!r} ({type(value).__name__}). The default is {default!r}."
+            )
+        resolved[key] = value
+    return resolved
+
+
+def build_model(
+    name: str, config: Mapping[str, Any] | None = None, *, seed: int | None = None
+) -> nn.Module:
+    """Build a network by registry name from a plain-dict config.
+
+    Parameters
+    ----------
+    name : str
+        A name from :func:`available_models`.
+    config : mapping, optional
+        Settings overriding the family defaults (see :func:`default_config`).
+    seed : int, optional
+        Seed of the weight initialisation, applied in a forked RNG so the
+        global torch RNG is left untouched.
+
+    Returns
+    -------
+    torch.nn.Module
+        With attributes ``model_name`` and ``model_config`` (the resolved
+        config), which checkpoints record.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name or an invalid config.
+    """
+    resolved = resolve_config(name, config)
+    family = _family(name)
+    module = family.load()
+    if seed is None:
+        model = module.build(resolved)
+    else:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = module.build(resolved)
+    model.model_name = name
+    model.model_config = resolved
+    return model
+
+
+def describe_model(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The registry name and resolved config of a model made by :func:`build_model`.
+
+    Raises
+    ------
+    ConfigError
+        If the model was not made by :func:`build_model`.
+    """
+    name = getattr(model, "model_name", None)
+    config = getattr(model, "model_config", None)
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise ConfigError(
+            f"The {type(model).__name__} carries no registry name and config; expected a "
+            "model made by bluesky_jit.models.build_model(name, config), which checkpoints "
+            "need to rebuild it."
+        )
+    return name, dict(config)
+
+
+def _family(name: str) -> ModelFamily:
+    family = MODELS.get(name) if isinstance(name, str) else None
+    if family is None:
+        raise ConfigError(
+            f"Unknown model {name!r}; known models are {available_models()}. "
+            "Pass one of them as JitConfig(model=...)."
+        )
+    return family

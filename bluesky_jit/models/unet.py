@@ -1,0 +1,167 @@
+"""The Standard U-Net of seed 000.
+
+Seed 000 ("Network architecture" under Software set-up): a U-Net that
+"replicates the original U-Net proposal", with downscaling by strided
+convolutions and upscaling by transposed convolutions, three down and
+upscaling levels, three encoding and three decoding convolutional layers per
+level with a concatenating skip connection, and 8 feature maps after the
+first level, doubling per level. Its Cx variants set ``features=x``.
+
+Layout with the defaults (F = ``features``, n = ``convs_per_level``)::
+
+    level 0   enc: 3 x [3x3 conv, ReLU]                    F      --skip-->  dec: 2 x [3x3 conv]  -> 1x1 conv
+    level 1   enc: 3x3 conv stride 2, 2 x [3x3 conv]       2F     --skip-->  dec: 3x3 transposed conv stride 2, 2 x [3x3 conv]
+    level 2   ...                                          4F     ...
+    level 3   enc: 3x3 conv stride 2, 2 x [3x3 conv]       8F   (bottom)
+
+so every level has n encoding and n decoding layers, counting the strided
+and the transposed convolution. The 3x3 stride-2 transposed convolution with
+an explicit ``output_size`` restores exactly the size of the skip connection,
+so the network accepts any height and width (20x20 training patches included,
+which are not multiples of 8). :class:`bluesky_jit.inference.Denoiser`
+still reflect-pads full slices to a multiple of ``size_multiple`` (2**levels)
+so that every pixel sees the same sampling grid.
+
+Departure from seed 000, a config switch: with ``residual=True`` (default)
+the network predicts a correction that is added to its input,
+``A(u) = u + f(u)``, and the 1x1 output convolution starts at zero, so an
+untrained network is the identity (accuracy alpha = 1, seed 000 eq. 3) instead
+of an arbitrary map. In a just-in-time setting the network is shown from the
+first seconds, so it should start harmless; it also trains faster on Noise2Noise
+pairs (measured in ``tests/test_models.py``). ``residual=False`` is the seed's
+plain U-Net.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "features": 8,  # seed 000: "starting with 8 feature maps after the first level"
+    "levels": 3,  # seed 000: "three down and upscaling levels"
+    "convs_per_level": 3,  # seed 000: "three encoding and three decoding convolutional layers"
+    "residual": True,
+}
+
+
+def build(config: dict[str, Any]) -> UNet:
+    """Build a :class:`UNet` from a resolved config (see ``DEFAULTS``)."""
+    return UNet(**config)
+
+
+class UNet(nn.Module):
+    """Standard U-Net of seed 000 (strided-conv down, transposed-conv up).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channels of the input and output images.
+    features : int
+        Feature maps at the first level; level ``l`` has ``features * 2**l``.
+    levels : int
+        Number of down (and up) scaling steps.
+    convs_per_level : int
+        Encoding (and decoding) convolutions per level, at least 2.
+    residual : bool
+        Predict ``input + correction`` (identity at initialisation); needs
+        ``in_channels == out_channels``.
+
+    Notes
+    -----
+    Input shape (B, in_channels, H, W) gives output (B, out_channels, H, W)
+    for any H, W >= 1. With the defaults the network has 116,129 parameters.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        features: int = 8,
+        levels: int = 3,
+        convs_per_level: int = 3,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        minimum = {
+            "in_channels": (in_channels, 1),
+            "out_channels": (out_channels, 1),
+            "features": (features, 1),
+            "levels": (levels, 1),
+            "convs_per_level": (convs_per_level, 2),
+        }
+        for key, (value, low) in minimum.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(
+                    f"UNet {key} must be an integer >= {low}; got {value!r}. "
+                    f"The default is {DEFAULTS[key]!r}."
+                )
+        if residual and in_channels != out_channels:
+            raise ConfigError(
+                f"A residual UNet adds its input to its output, so in_channels ({in_channels}) "
+                f"must equal out_channels ({out_channels}). Pass residual=False."
+            )
+        self.residual = bool(residual)
+        self.levels = levels
+        self.size_multiple = 2**levels
+        """Height and width that make every down-scaling exact (inference pads to it)."""
+
+        widths = [features * 2**level for level in range(levels + 1)]
+        self.encoders = nn.ModuleList()
+        channels = in_channels
+        for level, width in enumerate(widths):
+            layers: list[nn.Module] = []
+            for i in range(convs_per_level):
+                stride = 2 if level > 0 and i == 0 else 1
+                layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.ReLU()]
+                channels = width
+            self.encoders.append(nn.Sequential(*layers))
+
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(levels)):
+            width = widths[level]
+            self.ups.append(nn.ConvTranspose2d(widths[level + 1], width, 3, stride=2, padding=1))
+            layers = []
+            channels = 2 * width  # after concatenating the skip connection
+            for _ in range(convs_per_level - 1):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+                channels = width
+            self.decoders.append(nn.Sequential(*layers))
+
+        self.head = nn.Conv2d(features, out_channels, 1)
+        if self.residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Denoise a batch.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, in_channels, H, W)
+
+        Returns
+        -------
+        Tensor, shape (B, out_channels, H, W)
+        """
+        skips = []
+        h = x
+        for encoder in self.encoders:
+            h = encoder(h)
+            skips.append(h)
+        h = skips.pop()
+        for up, decoder in zip(self.ups, self.decoders, strict=True):
+            skip = skips.pop()
+            h = F.relu(up(h, output_size=skip.shape[-2:]))
+            h = decoder(torch.cat([h, skip], dim=1))
+        out = self.head(h)
+        return x + out if self.residual else out
