@@ -87,7 +87,10 @@ def test_streaming_reconstructor_refreshes_every_k_after_a_rotation_and_halves_a
     g = ScanGeometry(detector_shape=(3, COLS), num_angles=90, angular_range=(0, 180))
     angles_deg = np.arange(130) * 2.0  # continuous rotation past 180
     sino = disk_sinogram(np.radians(angles_deg), COLS, 63.5)
-    frames = [(np.repeat(1000 * np.exp(-s)[None], 3, axis=0), a) for s, a in zip(sino, angles_deg)]
+    frames = [
+        (np.repeat(1000 * np.exp(-s)[None], 3, axis=0), a)
+        for s, a in zip(sino, angles_deg, strict=True)
+    ]
     rec, due = _stream(g, frames, refresh_every=10)
     assert [i for i, d in enumerate(due) if d] == [89, 99, 109, 119, 129]
     s = rec.reconstruct()
@@ -105,7 +108,7 @@ def test_patch_pairs_come_from_disjoint_halves():
     rng = np.random.default_rng(1)
     noisy = [
         (rng.poisson(1000 * np.exp(-np.repeat(s[None], 5, 0))).astype(float), a)
-        for s, a in zip(sino, angles_deg)
+        for s, a in zip(sino, angles_deg, strict=True)
     ]
     rec, _ = _stream(g, noisy, refresh_every=1)
     u, v = rec.patch_pairs(50, size=8, rng=np.random.default_rng(0), neighbourhood=1)
