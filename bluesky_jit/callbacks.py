@@ -1,0 +1,501 @@
+"""Wiring: the callback you subscribe, and the per-run pipeline it builds.
+
+``RE.subscribe(JitCallback(...))`` is all a user writes. On the RunEngine's
+thread the callback only puts ``(name, doc)`` on a queue and returns; one
+worker thread takes documents off the queue and routes them per run (an
+``event_model.RunRouter``) to a :class:`~bluesky_jit.ingest.TomoIngest`, which
+feeds a :class:`RunPipeline`: streaming reconstruction, Noise2Inverse pairs,
+the trainer (its own thread), inference with the newest weights, and the
+derived run. Threads live here and nowhere else but in the trainer.
+
+Failure policy: the RunEngine never sees an exception from here and is never
+blocked. Frame documents beyond ``JitConfig.queue_size`` waiting are dropped
+(counted and reported in the derived run); run boundaries, descriptors and
+asset documents are never dropped. A run's problems are logged and recorded
+in its derived run's stop document (``exit_status``, ``reason``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import event_model
+import numpy as np
+
+from .config import JitConfig
+from .geometry import ScanGeometry
+from .ingest import CalibrationStore, TomoIngest
+
+logger = logging.getLogger(__name__)
+
+FRAME_DOCUMENTS = frozenset({"event", "event_page", "stream_datum"})
+
+
+@dataclass
+class RunSummary:
+    """What one run produced; handed to ``on_run_finished`` and kept on the callback."""
+
+    raw_uid: str
+    derived_uid: str | None = None
+    exit_status: str = "success"
+    reason: str = ""
+    projections: int = 0
+    projections_per_s: float = 0.0
+    slices: int = 0
+    denoised: int = 0
+    train_steps: int = 0
+    train_steps_per_s: float = 0.0
+    final_alpha: float = math.nan
+    elapsed_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    geometry: ScanGeometry | None = None
+    last_slice: np.ndarray | None = None
+    last_denoised: np.ndarray | None = None
+    last_indices: np.ndarray | None = None
+    derived_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able numbers (arrays and geometry left out)."""
+        keys = (
+            "raw_uid derived_uid exit_status reason projections projections_per_s slices "
+            "denoised train_steps train_steps_per_s final_alpha elapsed_s problems derived_path"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+
+class RunPipeline:
+    """Arrays in, derived run out: one run's stages (a :class:`~bluesky_jit.ingest.FrameSink`).
+
+    Runs on the callback's worker thread; the trainer runs in its own thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: JitConfig,
+        emit: Callable[[str, dict], None] | None,
+        directory: Path,
+        dropped: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.config = config
+        self.emit = emit
+        self.directory = Path(directory)
+        self.dropped = dropped
+        self.rng = np.random.default_rng(config.seed)
+        self.derived = None
+        self.recon = None
+        self.trainer = None
+        self.denoiser = None
+        self.summary: RunSummary | None = None
+        self._t0 = time.monotonic()
+        self._first_projection: float | None = None
+
+    # -- FrameSink -------------------------------------------------------------------
+    def begin(self, start: Mapping[str, Any], geometry: ScanGeometry | None) -> None:
+        self.summary = RunSummary(raw_uid=start["uid"], geometry=geometry)
+        if (start.get("tomo") or {}).get("role") == "dark_flat":
+            return  # a calibration run: its fields are kept by the ingest, nothing to derive
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.emit is not None:
+            from .emit import DerivedRun
+
+            n = geometry.slice_size if geometry is not None else 1
+            self.derived = DerivedRun(
+                raw_start=start,
+                emit=self.emit,
+                directory=self.directory,
+                image_shape=(n, n),
+                metadata=self._metadata(geometry),
+            )
+            self.derived.start()
+            self.summary.derived_uid = self.derived.uid
+            self.summary.derived_path = str(self.derived.path)
+        if geometry is None:
+            return
+        self._build(geometry)
+
+    def _build(self, geometry: ScanGeometry) -> None:
+        from .inference import Denoiser
+        from .models import build_model
+        from .pairs import ReplayBuffer
+        from .reconstruction.streaming import StreamingReconstructor
+        from .training import Trainer
+
+        cfg = self.config
+        self.recon = StreamingReconstructor(
+            geometry,
+            refresh_every=cfg.refresh_every,
+            slice_row=cfg.slice_row,
+            filter_name=cfg.filter_name,
+            device=cfg.device,
+        )
+        model = build_model(cfg.model, cfg.model_config)
+        buffer = ReplayBuffer(cfg.buffer_capacity, rng=np.random.default_rng(cfg.seed + 1))
+        self.trainer = Trainer(
+            model,
+            buffer,
+            learning_rate=cfg.learning_rate,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            seed=cfg.seed,
+            holdout_size=cfg.holdout_size,
+            metrics_every_s=cfg.metrics_every_s,
+            max_steps_per_s=cfg.max_train_steps_per_s,
+        )
+        self.denoiser = Denoiser(model, source=self.trainer, device=cfg.device)
+
+    def _metadata(self, geometry: ScanGeometry | None) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "config": cfg.to_dict(),
+            "geometry": geometry.to_dict() if geometry is not None else None,
+            "model": {"name": cfg.model, "config": dict(cfg.model_config)},
+            "backend": {"reconstruction": cfg.backend, "device": cfg.device},
+            "buffer_capacity": cfg.buffer_capacity,
+        }
+
+    def calibration(self, darks: np.ndarray, flats: np.ndarray) -> None:
+        if self.recon is not None:
+            self.recon.set_flatfield(darks, flats)
+
+    def projection(self, frame: np.ndarray, *, angle_deg: float, index: int) -> None:
+        if self.recon is None:
+            return
+        if self._first_projection is None:
+            self._first_projection = time.monotonic()
+        due = self.recon.add_frame(frame, angle_deg=angle_deg, index=index)
+        self.summary.projections += 1
+        if due:
+            self.refresh()
+
+    def problem(self, error: Exception) -> None:
+        if self.summary is not None:
+            self.summary.problems.append(str(error))
+
+    def end(self, stop: Mapping[str, Any]) -> None:
+        summary = self.summary
+        if summary is None:
+            return
+        if self.trainer is not None:
+            self.trainer.stop()
+            if self.trainer.error is not None:
+                self.problem(self.trainer.error)
+            if self.recon is not None and self.recon.ready and self.trainer.steps:
+                self._emit_metrics(final=True)
+        self._finish(stop)
+
+    # -- the work ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Reconstruct the slice, feed the trainer, denoise, and publish."""
+        cfg, recon, trainer = self.config, self.recon, self.trainer
+        slices = recon.reconstruct()
+        u, v = recon.patch_pairs(
+            cfg.pairs_per_refresh,
+            size=cfg.patch_size,
+            rng=self.rng,
+            radius=cfg.sampling_radius,
+            neighbourhood=cfg.neighbourhood_rows,
+        )
+        trainer.buffer.push(u, v)
+        hu, hv = recon.patch_pairs(
+            cfg.holdout_per_refresh,
+            size=cfg.patch_size,
+            rng=self.rng,
+            radius=cfg.sampling_radius,
+            neighbourhood=cfg.neighbourhood_rows,
+        )
+        trainer.add_holdout(hu, hv)
+        if not trainer.running and len(trainer.buffer) >= cfg.batch_size:
+            trainer.start()
+        first, last = int(slices.indices[0]), int(slices.indices[-1])
+        common = {"projection_index": last, "first_projection_index": first}
+        self.summary.slices += 1
+        self.summary.last_slice = slices.full
+        self.summary.last_indices = slices.indices
+        if self.derived is not None:
+            self.derived.add_reconstruction(
+                slices.full, num_projections=len(slices.indices), slice_row=slices.row, **common
+            )
+        if trainer.normalizer is not None:  # trained at least one step
+            # Noise2Inverse estimate: the mean of the network applied to each half.
+            denoised = 0.5 * (self.denoiser(slices.even) + self.denoiser(slices.odd))
+            self.summary.denoised += 1
+            self.summary.last_denoised = denoised
+            if self.derived is not None:
+                self.derived.add_denoised(
+                    denoised, train_step=int(self.denoiser.weights_version or 0), **common
+                )
+        self._emit_metrics()
+
+    def _emit_metrics(self, final: bool = False) -> None:
+        rows = self.trainer.pop_metrics()
+        if final:
+            rows.append(
+                {
+                    "step": self.trainer.steps,
+                    "elapsed_s": time.monotonic() - self._t0,
+                    "loss": rows[-1]["loss"] if rows else math.nan,
+                    "steps_per_second": self.trainer.steps_per_second,
+                    "alpha": self.trainer.evaluate(),
+                    "buffer_size": len(self.trainer.buffer),
+                    "pairs_pushed": self.trainer.buffer.pushed,
+                }
+            )
+        for row in rows:
+            row.pop("time", None)
+            self.summary.metrics.append(row)
+            if self.derived is not None:
+                self.derived.add_metrics(**row)
+
+    def _finish(self, stop: Mapping[str, Any]) -> None:
+        summary = self.summary
+        now = time.monotonic()
+        summary.elapsed_s = now - self._t0
+        if self._first_projection is not None and summary.projections > 1:
+            summary.projections_per_s = summary.projections / max(
+                now - self._first_projection, 1e-9
+            )
+        if self.trainer is not None:
+            summary.train_steps = self.trainer.steps
+            rates = [m["steps_per_second"] for m in summary.metrics if m.get("steps_per_second")]
+            summary.train_steps_per_s = float(np.median(rates)) if rates else 0.0
+            alphas = [
+                m["alpha"] for m in summary.metrics if math.isfinite(m.get("alpha", math.nan))
+            ]
+            summary.final_alpha = alphas[-1] if alphas else math.nan
+        dropped = self.dropped()
+        if dropped:
+            self.problem(
+                RuntimeError(
+                    f"{dropped} frame documents were dropped because the worker fell more than "
+                    f"{self.config.queue_size} documents behind the scan; lower the detector "
+                    "frame rate, refresh less often (refresh_every) or use a GPU (device='cuda')."
+                )
+            )
+        if self.recon is not None and summary.slices == 0 and not summary.problems:
+            self.problem(
+                RuntimeError(
+                    f"No slice was reconstructed: {summary.projections} projections arrived but "
+                    f"a full rotation needs {self.recon.window}."
+                )
+            )
+        if summary.problems:
+            summary.exit_status = "fail"
+            summary.reason = "; ".join(_unique(summary.problems))[:4000]
+        if stop.get("exit_status") not in (None, "success") and summary.exit_status == "success":
+            summary.exit_status = "abort"
+            summary.reason = f"the raw run ended with exit_status={stop.get('exit_status')!r}"
+        if self.derived is not None:
+            self.derived.close(exit_status=summary.exit_status, reason=summary.reason)
+
+
+def _unique(items: list[str]) -> list[str]:
+    counts = collections.Counter(items)
+    return [f"{item} (x{counts[item]})" if counts[item] > 1 else item for item in counts]
+
+
+class _Guard:
+    """Feed one run's documents to its ingest; no exception escapes, the run always ends."""
+
+    def __init__(self, ingest: TomoIngest, pipeline: RunPipeline, finished: Callable) -> None:
+        self.ingest = ingest
+        self.pipeline = pipeline
+        self.finished = finished
+
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            self.ingest(name, doc)
+        except Exception as error:  # noqa: BLE001 - recorded in the derived run
+            logger.exception("bluesky_jit failed on a %r document", name)
+            self.ingest.dead = True
+            self.pipeline.problem(error)
+            if name == "stop":
+                try:
+                    self.pipeline.end(doc)
+                except Exception:  # noqa: BLE001
+                    logger.exception("bluesky_jit could not close the derived run")
+        if name == "stop":
+            self.finished(self.pipeline.summary)
+
+
+class JitCallback:
+    """Live just-in-time denoising of tomography runs: ``RE.subscribe(JitCallback(...))``.
+
+    Parameters
+    ----------
+    config : JitConfig, optional
+    emit : callable, optional
+        Receives the derived runs' ``(name, doc)`` pairs, e.g. a
+        ``bluesky_tiled_plugins.TiledWriter``. ``None`` computes without publishing.
+    directory : path
+        Where derived runs' HDF5 files are written.
+    geometry_overrides : mapping, optional
+        Geometry values that win over the start document.
+    handler_registry : mapping, optional
+        Extra Resource spec -> handler classes (``AD_HDF5`` is built in).
+    root_map : mapping, optional
+        Rewrites detector file paths (``{old_root: new_root}``).
+    on_run_finished : callable, optional
+        Called on the worker thread with each run's :class:`RunSummary`.
+
+    Notes
+    -----
+    Runs without a ``tomo`` start-document block (nor the FXI keys
+    ``num_angles`` and ``num_bkg_images``) are not tomography scans and are
+    ignored. Call :meth:`flush` to wait until every document received so far is
+    processed, and :meth:`close` at the end.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: JitConfig | None = None,
+        emit: Callable[[str, dict], None] | None = None,
+        directory: str | Path = "bluesky_jit_data/derived",
+        geometry_overrides: Mapping[str, Any] | None = None,
+        handler_registry: Mapping[str, Any] | None = None,
+        root_map: Mapping[str, str] | None = None,
+        on_run_finished: Callable[[RunSummary], None] | None = None,
+    ) -> None:
+        self.config = config or JitConfig()
+        self.emit = emit
+        self.directory = Path(directory)
+        self.geometry_overrides = dict(geometry_overrides or {})
+        self.handler_registry = dict(handler_registry or {})
+        self.root_map = dict(root_map or {})
+        self.on_run_finished = on_run_finished
+        self.calibrations = CalibrationStore()
+        self.summaries: list[RunSummary] = []
+        self.pipelines: dict[str, RunPipeline] = {}
+        self._router = event_model.RunRouter([self._factory], handler_registry={})
+        self._queue: queue.Queue = queue.Queue()
+        self._frames_waiting = 0
+        self._count_lock = threading.Lock()
+        self._run_of_descriptor: dict[str, str] = {}
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._worker = threading.Thread(target=self._work, name="bluesky-jit-worker", daemon=True)
+        self._closed = False
+        self._worker.start()
+
+    # -- RunEngine side: never blocks, never raises -------------------------------------
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            if self._closed:
+                return
+            if name == "descriptor":
+                self._run_of_descriptor[doc["uid"]] = doc["run_start"]
+            if name in FRAME_DOCUMENTS:
+                with self._count_lock:
+                    if self._frames_waiting >= self.config.queue_size:
+                        run = self._run_of_descriptor.get(doc.get("descriptor", ""), "")
+                        self._dropped[run] += 1
+                        return
+                    self._frames_waiting += 1
+            self._queue.put_nowait((name, doc))
+        except Exception:  # noqa: BLE001 - the RunEngine must not see our failures
+            logger.exception("bluesky_jit could not queue a %r document", name)
+
+    # -- worker side -----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                name, doc = item
+                if name in FRAME_DOCUMENTS:
+                    with self._count_lock:
+                        self._frames_waiting -= 1
+                self._router(name, doc)
+            except Exception:  # noqa: BLE001 - e.g. a document of a run we never saw start
+                logger.exception("bluesky_jit worker failed on a document")
+            finally:
+                self._queue.task_done()
+
+    def _factory(self, name: str, start: dict) -> tuple[list, list]:
+        tomo = start.get("tomo")
+        if tomo is None and not ("num_angles" in start and "num_bkg_images" in start):
+            logger.info(
+                "Run %s is not a tomography scan (no 'tomo' block in its start document); "
+                "bluesky_jit ignores it.",
+                start.get("uid"),
+            )
+            return [], []
+        uid = start["uid"]
+        pipeline = RunPipeline(
+            config=self.config,
+            emit=self.emit,
+            directory=self.directory,
+            dropped=lambda: self._dropped.pop(uid, 0),
+        )
+        ingest = TomoIngest(
+            pipeline,
+            calibrations=self.calibrations,
+            geometry_overrides=self.geometry_overrides,
+            handler_registry=self.handler_registry,
+            root_map=self.root_map,
+        )
+        self.pipelines[uid] = pipeline
+        return [_Guard(ingest, pipeline, self._finished)], []
+
+    def _finished(self, summary: RunSummary | None) -> None:
+        if summary is None:
+            return
+        self.pipelines.pop(summary.raw_uid, None)
+        self.summaries.append(summary)
+        level = logging.INFO if summary.exit_status == "success" else logging.WARNING
+        logger.log(
+            level,
+            "bluesky_jit finished run %s -> derived run %s (%s%s): %d projections, %d slices, "
+            "%d training steps, alpha %.3f",
+            summary.raw_uid,
+            summary.derived_uid,
+            summary.exit_status,
+            f": {summary.reason}" if summary.reason else "",
+            summary.projections,
+            summary.slices,
+            summary.train_steps,
+            summary.final_alpha,
+        )
+        if self.on_run_finished is not None:
+            try:
+                self.on_run_finished(summary)
+            except Exception:  # noqa: BLE001
+                logger.exception("on_run_finished raised")
+
+    # -- control ---------------------------------------------------------------------
+    @property
+    def backlog(self) -> int:
+        """Documents waiting for the worker."""
+        return self._queue.qsize()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every document received so far is processed; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Process what is queued, then stop the worker (and any trainer still running)."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout)
+        for pipeline in list(self.pipelines.values()):
+            if pipeline.trainer is not None:
+                pipeline.trainer.stop()
