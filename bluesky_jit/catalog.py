@@ -21,6 +21,7 @@ called.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -120,6 +121,7 @@ class LocalCatalog:
         self.api_key = api_key or secrets.token_hex(32)
         self.readable_storage = [Path(p).resolve() for p in readable_storage]
         self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path = self.directory / CONFIG_NAME
         self.log_path = self.directory / LOG_NAME
@@ -145,7 +147,8 @@ class LocalCatalog:
         process, self._process = self._process, None
         if process is None:
             return
-        self._finalizer.detach()
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if process.poll() is None:
             process.terminate()
             try:
@@ -175,7 +178,7 @@ class LocalCatalog:
             if error is None:
                 return
             self.close()
-            tail = _tail(self.log_path)
+            tail = _tail(self.log_path).replace(self.api_key, "<api_key>")
             if attempt + 1 < attempts and "address already in use" in tail.lower():
                 continue
             raise CatalogError(
@@ -214,13 +217,16 @@ class LocalCatalog:
         import httpx
 
         deadline = time.monotonic() + timeout
-        url = f"{self.uri}/api/v1/"
+        # An authenticated request: only our server knows the key, so another server
+        # already on the port cannot pass for ours.
+        url = f"{self.uri}/api/v1/metadata/"
+        headers = {"Authorization": f"Apikey {self.api_key}"}
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 code = None if self._process is None else self._process.returncode
                 return f"the server exited with status {code}"
             try:
-                response = httpx.get(url, timeout=2.0, trust_env=False)
+                response = httpx.get(url, headers=headers, timeout=2.0, trust_env=False)
                 if response.status_code == 200:
                     return None
             except httpx.HTTPError:
@@ -276,7 +282,7 @@ def connect(uri: str, api_key: str | None = None, *, timeout: float = 5.0) -> Co
         return from_uri(uri, api_key=api_key, remember_me=False)
     except Exception as err:
         raise CatalogError(
-            f"The Tiled server at {uri} refused the connection: {type(err).__name__}: {err}. "
+            f"The Tiled server at {uri} answered but cannot be used: {type(err).__name__}: {err}. "
             "Check the API key (LocalCatalog.api_key) and the path in the URI."
         ) from err
 
@@ -442,8 +448,10 @@ def _url_host(host: str) -> str:
 
 
 def _tail(path: Path, lines: int = 30) -> str:
+    """Last ``lines`` lines of the server log, without terminal colour codes."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return "\n".join(text.splitlines()[-lines:])

@@ -103,9 +103,12 @@ class DerivedRun:
 
     Scalars are passed as keyword arguments. A stream's data keys are declared
     by its first call (bool -> ``boolean``, int -> ``integer``, float ->
-    ``number``, str -> ``string``); later calls must pass the same names, and
-    values of the declared type (an int is accepted where a number was
-    declared). The names ``time`` and ``seq_num`` are reserved.
+    ``number``, str -> ``string``; numpy scalars and 0-d arrays or tensors are
+    unwrapped first); later calls must pass the same names, and values of the
+    declared type (an int is accepted where a number was declared, not the
+    reverse: pass ``float(x)`` for a quantity that may start at 0). ``None``
+    is refused (use ``math.nan``). The names ``time`` and ``seq_num`` are
+    reserved.
 
     The HDF5 file is created on the first image, with both datasets
     ``/reconstruction`` and ``/denoised`` of shape (N, H, W) float32, chunked
@@ -154,9 +157,7 @@ class DerivedRun:
                 f"got {image_shape!r}."
             )
         if not isinstance(metadata, Mapping):
-            raise ConfigError(
-                f"DerivedRun metadata must be a dict; got {type(metadata).__name__}."
-            )
+            raise ConfigError(f"DerivedRun metadata must be a dict; got {type(metadata).__name__}.")
         clash = sorted(_RESERVED_START_KEYS.intersection(metadata))
         if clash:
             raise ConfigError(
@@ -295,8 +296,7 @@ class DerivedRun:
         """
         if exit_status not in EXIT_STATUSES:
             raise ConfigError(
-                f"DerivedRun.close exit_status must be one of {EXIT_STATUSES}; "
-                f"got {exit_status!r}."
+                f"DerivedRun.close exit_status must be one of {EXIT_STATUSES}; got {exit_status!r}."
             )
         if not isinstance(reason, str):
             raise ConfigError(
@@ -372,7 +372,7 @@ class DerivedRun:
             height, width = self._image_shape
             resource = self._bundle.compose_stream_resource(
                 mimetype=HDF5_MIMETYPE,
-                uri=self._path.as_uri().replace("file:///", "file://localhost/", 1),
+                uri=_file_uri(self._path),
                 data_key=image_key,
                 parameters={"dataset": f"/{image_key}", "chunk_shape": [1, height, width]},
             )
@@ -495,9 +495,10 @@ def _start_metadata(raw_start: Mapping[str, Any], metadata: Mapping[str, Any]) -
 
 
 def _builtin(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        return value.item()
-    if isinstance(value, np.generic):
+    """Unwrap numpy scalars and 0-d arrays or tensors (anything with ``ndim == 0`` and ``item``)."""
+    if isinstance(value, np.generic) or (
+        getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None))
+    ):
         return value.item()
     return value
 
@@ -529,6 +530,15 @@ def _declare(stream: str, scalars: Mapping[str, Any], *, image_key: str | None) 
                 "rename it, e.g. 'elapsed' for a time."
             )
     return {key: _json_dtype(stream, key, value) for key, value in scalars.items()}
+
+
+def _file_uri(path: Path) -> str:
+    """``file://localhost/abs/path``, unquoted: Tiled reads the path back verbatim.
+
+    (``Path.as_uri`` percent-encodes, e.g. spaces, which Tiled would not decode.)
+    """
+    posix = path.as_posix()
+    return "file://localhost" + (posix if posix.startswith("/") else "/" + posix)
 
 
 def _as_frame(image: Any, shape: tuple[int, int], stream: str) -> np.ndarray:
