@@ -99,6 +99,7 @@ class RunPipeline:
         self.summary: RunSummary | None = None
         self._t0 = time.monotonic()
         self._first_projection: float | None = None
+        self._unrefreshed = 0
 
     # -- FrameSink -------------------------------------------------------------------
     def begin(self, start: Mapping[str, Any], geometry: ScanGeometry | None) -> None:
@@ -175,6 +176,7 @@ class RunPipeline:
             self._first_projection = time.monotonic()
         due = self.recon.add_frame(frame, angle_deg=angle_deg, index=index)
         self.summary.projections += 1
+        self._unrefreshed += 1
         if due:
             self.refresh()
 
@@ -186,6 +188,8 @@ class RunPipeline:
         summary = self.summary
         if summary is None:
             return
+        if self.recon is not None and self.recon.ready and self._unrefreshed:
+            self.refresh()  # the last slice shows the last projections
         if self.trainer is not None:
             self.trainer.stop()
             if self.trainer.error is not None:
@@ -199,6 +203,7 @@ class RunPipeline:
         """Reconstruct the slice, feed the trainer, denoise, and publish."""
         cfg, recon, trainer = self.config, self.recon, self.trainer
         slices = recon.reconstruct()
+        self._unrefreshed = 0
         u, v = recon.patch_pairs(
             cfg.pairs_per_refresh,
             size=cfg.patch_size,

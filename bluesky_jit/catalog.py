@@ -1,7 +1,7 @@
 """Tiled: start the embedded catalog, connect, write runs, read and replay them.
 
 :class:`LocalCatalog` runs ``tiled serve config`` in a subprocess on a
-directory of its own (SQLite catalog, writable data and DuckDB table storage),
+directory of its own (SQLite catalog, writable data and SQLite table storage),
 persistent across restarts. It is a full Tiled server (unlike
 ``tiled.server.SimpleTiledServer``), configured with the
 ``bluesky_tiled_plugins`` JSON-seq exporter so stored runs can be replayed as
@@ -67,7 +67,7 @@ class LocalCatalog:
     ----------
     directory : Path
         Holds the config (``tiled_config.yml``), the SQLite catalog
-        (``catalog.db``), array data (``data/``), tables (``tables.duckdb``)
+        (``catalog.db``), array data (``data/``), tables (``tables.sqlite``)
         and the server log (``tiled_server.log``). Created if missing. The
         server may read any file below it, so write derived HDF5 files here.
     host : str
@@ -419,7 +419,9 @@ def _config_yaml(directory: Path, readable_storage: Sequence[Path]) -> str:
         "      init_if_not_exists: true",
         "      writable_storage:",
         f"        - {q(str(directory / 'data'))}",
-        f"        - {q('duckdb:///' + str(directory / 'tables.duckdb'))}",
+        # Event tables in SQLite: the DuckDB driver aborted the server under
+        # concurrent appends from two writers (raw and derived runs) here.
+        f"        - {q('sqlite:///' + str(directory / 'tables.sqlite'))}",
         "      readable_storage:",
         *(f"        - {q(path)}" for path in readable),
         "media_types:",

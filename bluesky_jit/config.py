@@ -36,8 +36,8 @@ class JitConfig:
     patch_size: int = 20
     pairs_per_refresh: int = 64
     holdout_per_refresh: int = 8
-    sampling_radius: float = 0.9
-    """Patches are drawn inside this fraction of the reconstruction circle."""
+    sampling_radius: float = 1.0
+    """Patches lie inside this fraction of the reconstruction circle (1: anywhere in it)."""
     neighbourhood_rows: int = 2
     """Pairs are also drawn from detector rows this far from the slice row."""
 

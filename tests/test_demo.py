@@ -1,0 +1,33 @@
+"""The README's main job, `bluesky-jit demo`, on a tiny configuration."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end(tmp_path):
+    summary = tmp_path / "summary.json"
+    figures = tmp_path / "figures"
+    cmd = [
+        sys.executable, "-m", "bluesky_jit.cli", "demo",
+        "--data-dir", str(tmp_path / "data"),
+        "--size", "48", "--rows", "8", "--angles", "24", "--rotations", "2",
+        "--no-pace", "--no-progress", "--refresh-every", "6",
+        "--summary", str(summary), "--figures", str(figures),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert result["exit_status"] == "success"
+    assert result["derived_in_catalog"] is True
+    assert result["projections"] == 48
+    assert result["slices"] >= 2
+    assert result["train_steps"] > 0
+    for key in ("psnr_fbp", "psnr_denoised", "final_alpha", "projections_per_s"):
+        assert isinstance(result[key], float)
+    assert result["machine"]["cpus"] >= 1
+    assert sorted(p.name for p in figures.iterdir()) == ["learning_curve.png", "slices.png"]
+    assert "derived run" in done.stdout and result["derived_uid"] in done.stdout
