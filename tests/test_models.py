@@ -1,0 +1,275 @@
+"""Model registry, the Standard U-Net of seed 000, and checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bluesky_jit.errors import CheckpointError, ConfigError
+from bluesky_jit.models import (
+    MODELS,
+    available_models,
+    build_model,
+    default_config,
+    describe_model,
+    resolve_config,
+)
+from bluesky_jit.models.checkpoint import load_checkpoint, save_checkpoint
+from bluesky_jit.models.unet import UNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- registry ---------------------------------------------------------------------------
+
+
+def test_registry_lists_unet():
+    assert "unet" in available_models()
+    assert available_models() == sorted(MODELS)
+    assert default_config("unet") == {
+        "in_channels": 1,
+        "out_channels": 1,
+        "features": 8,
+        "levels": 3,
+        "convs_per_level": 3,
+        "residual": False,
+    }
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ConfigError, match=r"known models are \['unet'") as info:
+        build_model("resnet", {})
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"feature": 8}, "Unknown setting"),
+        ({"features": "8"}, "must be of type int"),
+        ({"features": 8.0}, "must be of type int"),
+        ({"levels": True}, "must be of type int"),
+        ({"residual": 1}, "must be of type bool"),
+        ({"features": 0}, "features must be an integer >= 1"),
+        ({"convs_per_level": 1}, "convs_per_level must be an integer >= 2"),
+        ({"residual": True, "out_channels": 2}, "in_channels"),
+        ([("features", 8)], "must be a dict"),
+    ],
+)
+def test_bad_configs_raise_config_error(config, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model("unet", config)
+
+
+def test_build_records_name_and_resolved_config():
+    model = build_model("unet", {"features": 4})
+    name, config = describe_model(model)
+    assert name == "unet"
+    assert config == resolve_config("unet", {"features": 4})
+    with pytest.raises(ConfigError, match="build_model"):
+        describe_model(nn.Conv2d(1, 1, 3))
+
+
+def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = build_model("unet", seed=7).state_dict()
+    b = build_model("unet", seed=7).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = build_model("unet", seed=8).state_dict()
+    assert not torch.equal(a["encoders.0.0.weight"], c["encoders.0.0.weight"])
+
+
+def test_importing_models_does_no_torch_import():
+    code = "import sys, bluesky_jit.models; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- the Standard U-Net -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(20, 20), (16, 16), (21, 17), (5, 3), (1, 1), (40, 64)])
+def test_unet_keeps_the_image_size(size):
+    model = build_model("unet", seed=0)
+    out = model(torch.randn(2, 1, *size))
+    assert out.shape == (2, 1, *size)
+
+
+def test_unet_channels():
+    model = build_model("unet", {"in_channels": 3, "out_channels": 2, "features": 4})
+    assert model(torch.randn(1, 3, 24, 24)).shape == (1, 2, 24, 24)
+
+
+def expected_parameters(cin, cout, f, levels, n):
+    """Parameter count derived from seed 000's description, independently of the code."""
+
+    def conv(k, a, b):
+        return k * k * a * b + b
+
+    widths = [f * 2**level for level in range(levels + 1)]
+    total, channels = 0, cin
+    for w in widths:  # encoder: n 3x3 convs per level (the first one strided below level 0)
+        total += conv(3, channels, w) + (n - 1) * conv(3, w, w)
+        channels = w
+    for level in range(levels):  # decoder: transposed conv + (n - 1) convs after the concat
+        w = widths[level]
+        total += conv(3, widths[level + 1], w) + conv(3, 2 * w, w) + (n - 2) * conv(3, w, w)
+    return total + conv(1, f, cout)
+
+
+@pytest.mark.parametrize(
+    "config", [{}, {"features": 16}, {"features": 32, "levels": 2}, {"convs_per_level": 2}]
+)
+def test_unet_parameter_count(config):
+    model = build_model("unet", config)
+    c = resolve_config("unet", config)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == expected_parameters(
+        c["in_channels"], c["out_channels"], c["features"], c["levels"], c["convs_per_level"]
+    )
+    if not config:
+        assert count == 183_201  # the number in UNet's docstring
+
+
+def test_unet_structure_follows_seed_000():
+    model = build_model("unet")
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    strided = [m for m in convs if m.stride == (2, 2)]
+    transposed = [m for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(strided) == 3 and len(transposed) == 3  # three down and up levels
+    assert [m.out_channels for m in strided] == [16, 32, 64]  # 8 features, doubling
+    assert len(convs) + len(transposed) == 4 * 3 + 3 * 3 + 1  # 3 enc/level, 3 dec/level, 1x1
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model.size_multiple == 8
+
+
+def test_residual_unet_starts_as_identity():
+    model = build_model("unet", {"residual": True}, seed=0)
+    x = torch.randn(2, 1, 13, 20)
+    assert torch.equal(model(x), x)
+
+
+def test_adam_steps_lower_the_loss_on_a_fixed_batch():
+    model = build_model("unet", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(8, 1, 20, 20, generator=gen)
+    v = nn.functional.avg_pool2d(u, 3, stride=1, padding=1) + 0.5  # smooth and shift
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(u), v)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model("unet", {"features": 4}, seed=1)
+    name, config = describe_model(model)
+    extra = {"step": 12, "normalizer": {"offset": 0.1, "scale": 2.0}, "tags": ["a", 1.5, None]}
+    path = save_checkpoint(
+        tmp_path / "sub" / "c.pt", name=name, config=config, model=model, extra=extra
+    )
+    assert sorted(p.name for p in path.parent.iterdir()) == ["c.pt"]  # no temporary left
+    loaded, loaded_extra = load_checkpoint(path, expected_name="unet", expected_config=config)
+    assert loaded_extra == extra
+    assert describe_model(loaded) == (name, config)
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_checkpoint_of_a_state_dict(tmp_path):
+    model = build_model("unet", seed=1)
+    path = save_checkpoint(tmp_path / "c.pt", name="unet", config={}, model=model.state_dict())
+    loaded, extra = load_checkpoint(path)
+    assert extra == {}
+    loaded_state = loaded.state_dict()
+    assert all(torch.equal(t, loaded_state[k]) for k, t in model.state_dict().items())
+
+
+def test_checkpoint_for_another_architecture_raises(tmp_path):
+    model = build_model("unet", {"features": 4})
+    path = save_checkpoint(tmp_path / "c.pt", name="unet", config={"features": 4}, model=model)
+    with pytest.raises(CheckpointError, match="holds a 'unet' network; expected 'msdnet'"):
+        load_checkpoint(path, expected_name="msdnet")
+    with pytest.raises(CheckpointError, match="features"):
+        load_checkpoint(path, expected_config={"features": 8})
+    # weights of one config saved under another config
+    wrong = save_checkpoint(tmp_path / "w.pt", name="unet", config={"features": 8}, model=model)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(wrong)
+
+
+class NotWeights:
+    pass
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a checkpoint at all",
+        b"",
+        "pickled-object",
+        "wrong-format",
+        "missing-keys",
+        "truncated",
+        "unknown-name",
+    ],
+)
+def test_garbage_and_tampered_files_raise(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    good = save_checkpoint(
+        tmp_path / "good.pt",
+        name="unet",
+        config={"features": 2},
+        model=build_model("unet", {"features": 2}),
+    )
+    payload = torch.load(good, weights_only=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "pickled-object":  # would run code with weights_only=False
+        torch.save({"format": "bluesky_jit.checkpoint/1", "obj": NotWeights()}, path)
+    elif content == "wrong-format":
+        torch.save({**payload, "format": "other/9"}, path)
+    elif content == "missing-keys":
+        torch.save({k: v for k, v in payload.items() if k != "state_dict"}, path)
+    elif content == "truncated":
+        path.write_bytes(good.read_bytes()[:200])
+    elif content == "unknown-name":
+        torch.save({**payload, "name": "gan"}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_missing_file_and_non_plain_extra(tmp_path):
+    with pytest.raises(CheckpointError, match="No checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    model = build_model("unet", {"features": 2})
+    with pytest.raises(ConfigError, match="plain data"):
+        save_checkpoint(
+            tmp_path / "c.pt", name="unet", config={}, model=model, extra={"obj": NotWeights()}
+        )
+    with pytest.raises(ConfigError, match="Unknown model"):
+        save_checkpoint(tmp_path / "c.pt", name="gan", config={}, model=model)
+
+
+def test_unet_class_is_usable_directly():
+    assert isinstance(build_model("unet"), UNet)

@@ -1,0 +1,253 @@
+"""Accuracy alpha, the normaliser and the just-in-time trainer."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bluesky_jit.errors import ConfigError
+from bluesky_jit.models import build_model
+from bluesky_jit.models.checkpoint import load_checkpoint
+from bluesky_jit.pairs import ReplayBuffer
+from bluesky_jit.training import Normalizer, Trainer, alpha
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(rng, n, size, k=5):
+    """Smooth random images: sums of Gaussian blobs, shape (n, 1, size, size), values ~[0, 2]."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.uniform(0, size, (2, n, k, 1, 1))
+    width = rng.uniform(2, 5, (n, k, 1, 1))
+    amp = rng.uniform(0.5, 1, (n, k, 1, 1))
+    images = (amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))).sum(axis=1)
+    return images[:, None]
+
+
+def noise2noise_pairs(rng, n, size=20, sigma=0.3, scale=0.01, offset=0.02):
+    """Clean images and two independent noisy copies, at reconstruction-like magnitudes."""
+    clean = blobs(rng, n, size)
+    u = clean + sigma * rng.standard_normal(clean.shape)
+    v = clean + sigma * rng.standard_normal(clean.shape)
+    return tuple((offset + scale * x).astype(np.float32) for x in (clean, u, v))
+
+
+# -- alpha --------------------------------------------------------------------------------
+
+
+def test_alpha_of_identity_is_one():
+    rng = np.random.default_rng(0)
+    _, u, v = noise2noise_pairs(rng, 16)
+    assert alpha(u, u, v) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_alpha_of_an_oracle_is_one_half():
+    rng = np.random.default_rng(1)
+    clean, u, v = noise2noise_pairs(rng, 64, size=32)
+    assert alpha(clean, u, v) == pytest.approx(0.5, abs=0.02)  # seed 000, eq. 4
+    assert alpha(torch.from_numpy(clean), torch.from_numpy(u), torch.from_numpy(v)) == (
+        pytest.approx(alpha(clean, u, v), rel=1e-12)
+    )
+
+
+def test_alpha_is_invariant_to_normalisation():
+    rng = np.random.default_rng(2)
+    clean, u, v = noise2noise_pairs(rng, 8)
+    denoised = 0.5 * (clean + u)
+
+    def t(x):
+        return (x - 0.02) / 0.003
+
+    assert alpha(t(denoised), t(u), t(v)) == pytest.approx(alpha(denoised, u, v), rel=1e-6)
+
+
+def test_alpha_edge_cases():
+    x = np.ones((3, 1, 4, 4))
+    assert math.isnan(alpha(x, x, x))  # u == v everywhere: undefined
+    with pytest.raises(ConfigError, match="one shape"):
+        alpha(x, x, x[:2])
+
+
+# -- normaliser ---------------------------------------------------------------------------
+
+
+def test_normalizer_fit_and_inverse():
+    rng = np.random.default_rng(3)
+    _, u, v = noise2noise_pairs(rng, 10)
+    norm = Normalizer.fit(u, v)
+    both = norm(torch.from_numpy(np.concatenate([u, v])).double())
+    assert float(both.mean()) == pytest.approx(0.0, abs=1e-9)
+    assert float(both.std(unbiased=False)) == pytest.approx(1.0, rel=1e-9)
+    x = torch.from_numpy(u)
+    torch.testing.assert_close(norm.inverse(norm(x)), x)
+    assert Normalizer.from_dict(norm.to_dict()) == norm
+    assert Normalizer.fit(np.full((2, 3), 7.0)) == Normalizer(offset=7.0, scale=1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"scale": -1.0}, {"offset": math.nan}])
+def test_normalizer_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        Normalizer(**kwargs)
+    with pytest.raises(ConfigError):
+        Normalizer.from_dict({"offset": 1.0})
+
+
+# -- trainer ------------------------------------------------------------------------------
+
+
+def make_trainer(rng, *, n_train=256, n_holdout=32, features=8, **kwargs):
+    model = build_model("unet", {"features": features}, seed=0)
+    buffer = ReplayBuffer(320, rng=np.random.default_rng(0))
+    trainer = Trainer(model, buffer, **kwargs)
+    if n_train:
+        buffer.push(*noise2noise_pairs(rng, n_train)[1:])
+    if n_holdout:
+        trainer.add_holdout(*noise2noise_pairs(rng, n_holdout)[1:])
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": -1e-4}, "learning_rate"),
+        ({"holdout_size": 2.5}, "holdout_size"),
+        ({"checkpoint_every_s": 0}, "checkpoint_every_s"),
+    ],
+)
+def test_trainer_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Trainer(build_model("unet", {"features": 2}), ReplayBuffer(4), **kwargs)
+
+
+def test_checkpointing_needs_a_registry_model(tmp_path):
+    with pytest.raises(ConfigError, match="build_model"):
+        Trainer(torch.nn.Conv2d(1, 1, 3), ReplayBuffer(4), checkpoint_dir=tmp_path)
+
+
+def test_noise2noise_training_lowers_holdout_alpha():
+    """A short Noise2Noise run on smooth blobs denoises held-out pairs (alpha well below 1)."""
+    rng = np.random.default_rng(4)
+    trainer = make_trainer(rng, learning_rate=1e-3, batch_size=16)
+    before = trainer.evaluate()
+    losses = [trainer.step() for _ in range(150)]
+    after = trainer.evaluate()
+    assert trainer.steps == 150
+    assert trainer.normalizer is not None
+    assert trainer.normalizer.offset == pytest.approx(0.02 + 0.01 * 0.9, abs=0.01)
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
+    assert after < 0.8 < before  # an untrained plain U-Net is worse than the identity
+    assert len(trainer.buffer) == 256 and len(trainer.holdout) == 32  # hold-out kept apart
+
+
+def test_weights_are_versioned_copies():
+    rng = np.random.default_rng(5)
+    trainer = make_trainer(rng, n_train=8, features=2, batch_size=4)
+    version, state = trainer.weights()
+    assert version == 0 and trainer.snapshot().normalizer is None
+    frozen = {k: t.clone() for k, t in state.items()}
+    trainer.step()
+    trainer.step()
+    new_version, new_state = trainer.weights()
+    assert new_version == 2 and trainer.snapshot().normalizer == trainer.normalizer is not None
+    assert all(torch.equal(state[k], frozen[k]) for k in state)  # old snapshot untouched
+    assert any(not torch.equal(new_state[k], frozen[k]) for k in state)
+    for k, t in trainer.model.state_dict().items():
+        assert torch.equal(t, new_state[k]) and t.data_ptr() != new_state[k].data_ptr()
+
+
+def test_non_finite_loss_raises_and_keeps_weights():
+    rng = np.random.default_rng(6)
+    trainer = make_trainer(
+        rng, n_train=8, features=2, batch_size=4, loss_fn=lambda a, b: (a - b).sum() * math.inf
+    )
+    before = {k: t.clone() for k, t in trainer.model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="finite"):
+        trainer.step()
+    assert trainer.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in trainer.model.state_dict().items())
+
+
+def wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.timeout(30)
+def test_background_loop_trains_records_metrics_and_checkpoints(tmp_path):
+    rng = np.random.default_rng(7)
+    trainer = make_trainer(
+        rng,
+        n_train=0,
+        features=2,
+        batch_size=8,
+        metrics_every_s=0.05,
+        checkpoint_dir=tmp_path,
+        checkpoint_every_s=0.05,
+    )
+    trainer.start()
+    assert trainer.running
+    time.sleep(0.1)
+    assert trainer.steps == 0  # waits for a full batch
+    trainer.buffer.push(*noise2noise_pairs(rng, 8)[1:])
+    assert wait_for(lambda: len(trainer.metrics()) >= 3 and (tmp_path / "latest.pt").exists())
+    first = trainer.pop_metrics()
+    assert wait_for(lambda: len(trainer.metrics()) > len(first))
+    trainer.stop()
+    assert not trainer.running and trainer.error is None
+    rows = trainer.metrics()
+    second = trainer.pop_metrics()
+    assert first + second == rows and trainer.pop_metrics() == []
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert set(rows[0]) >= {"step", "time", "loss", "alpha", "steps_per_second"}
+    assert 0 < rows[-1]["alpha"] < 10 and rows[-1]["loss"] > 0
+    assert trainer.steps_per_second > 0
+    model, extra = load_checkpoint(tmp_path / "latest.pt")
+    assert extra["step"] == trainer.steps  # stop() wrote the last weights
+    assert Normalizer.from_dict(extra["normalizer"]) == trainer.normalizer
+    version, state = trainer.weights()
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+
+
+@pytest.mark.timeout(30)
+def test_an_error_in_the_loop_is_kept_and_logged(caplog):
+    rng = np.random.default_rng(8)
+
+    def broken_loss(a, b):
+        raise RuntimeError("boom")
+
+    trainer = make_trainer(rng, n_train=8, features=2, batch_size=4, loss_fn=broken_loss)
+    with caplog.at_level(logging.ERROR, logger="bluesky_jit.training"):
+        trainer.start()
+        assert wait_for(lambda: not trainer.running)
+    trainer.stop()
+    assert isinstance(trainer.error, RuntimeError) and "boom" in str(trainer.error)
+    assert "training thread stopped" in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_throttled_loop_and_save(tmp_path):
+    rng = np.random.default_rng(9)
+    trainer = make_trainer(rng, n_train=8, features=2, batch_size=4, max_steps_per_s=20)
+    trainer.start()
+    time.sleep(0.5)
+    trainer.stop()
+    assert 2 <= trainer.steps <= 15
+    path = trainer.save(tmp_path / "manual.pt")
+    _, extra = load_checkpoint(path, expected_name="unet")
+    assert extra["step"] == trainer.steps and extra["batch_size"] == 4
