@@ -140,8 +140,22 @@ class RunPipeline:
             filter_name=cfg.filter_name,
             device=cfg.device,
         )
-        model = build_model(cfg.model, cfg.model_config)
+        normalizer = None
+        if cfg.warm_start is not None:
+            from .models.checkpoint import load_checkpoint
+            from .training import Normalizer
+
+            model, extra = load_checkpoint(
+                cfg.warm_start, expected_name=cfg.model, expected_config=cfg.model_config
+            )
+            if extra.get("normalizer"):
+                normalizer = Normalizer.from_dict(extra["normalizer"])
+        else:
+            model = build_model(cfg.model, cfg.model_config, seed=cfg.seed)
         buffer = ReplayBuffer(cfg.buffer_capacity, rng=np.random.default_rng(cfg.seed + 1))
+        checkpoint_dir = None
+        if cfg.checkpoint_dir is not None:
+            checkpoint_dir = Path(cfg.checkpoint_dir) / self.summary.raw_uid
         self.trainer = Trainer(
             model,
             buffer,
@@ -152,6 +166,9 @@ class RunPipeline:
             holdout_size=cfg.holdout_size,
             metrics_every_s=cfg.metrics_every_s,
             max_steps_per_s=cfg.max_train_steps_per_s,
+            normalizer=normalizer,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every_s=cfg.checkpoint_every_s,
         )
         self.denoiser = Denoiser(model, source=self.trainer, device=cfg.device)
 
@@ -220,7 +237,7 @@ class RunPipeline:
             neighbourhood=cfg.neighbourhood_rows,
         )
         trainer.add_holdout(hu, hv)
-        if not trainer.running and len(trainer.buffer) >= cfg.batch_size:
+        if cfg.train and not trainer.running and len(trainer.buffer) >= cfg.batch_size:
             trainer.start()
         first, last = int(slices.indices[0]), int(slices.indices[-1])
         common = {"projection_index": last, "first_projection_index": first}
@@ -231,7 +248,8 @@ class RunPipeline:
             self.derived.add_reconstruction(
                 slices.full, num_projections=len(slices.indices), slice_row=slices.row, **common
             )
-        if trainer.normalizer is not None:  # trained at least one step
+        self._emit_metrics()
+        if self._network_useful():
             # Noise2Inverse estimate: the mean of the network applied to each half.
             denoised = 0.5 * (self.denoiser(slices.even) + self.denoiser(slices.odd))
             self.summary.denoised += 1
@@ -240,7 +258,20 @@ class RunPipeline:
                 self.derived.add_denoised(
                     denoised, train_step=int(self.denoiser.weights_version or 0), **common
                 )
-        self._emit_metrics()
+
+    def _network_useful(self) -> bool:
+        """Denoise once the network beats doing nothing on hold-out pairs (alpha < 1).
+
+        An untrained network is worse than the identity (seed 000, eq. 3), so
+        the denoised stream starts with the first metric row whose alpha is
+        below 1; a warm-started network is used from the start.
+        """
+        if self.trainer.normalizer is None:
+            return False
+        if self.config.warm_start is not None:
+            return True
+        alphas = [m["alpha"] for m in self.summary.metrics if math.isfinite(m["alpha"])]
+        return bool(alphas) and min(alphas) < 1.0
 
     def _emit_metrics(self, final: bool = False) -> None:
         rows = self.trainer.pop_metrics()

@@ -51,6 +51,13 @@ class JitConfig:
     holdout_size: int = 64
     metrics_every_s: float = 1.0
     seed: int = 0
+    train: bool = True
+    """Train just in time; False reconstructs (and denoises with a warm start) only."""
+    warm_start: str | None = None
+    """Checkpoint of an earlier run to start from (same model name and config)."""
+    checkpoint_dir: str | None = None
+    """Write ``<checkpoint_dir>/<raw uid>.pt`` at intervals and at the end of each run."""
+    checkpoint_every_s: float | None = None
 
     # plumbing
     queue_size: int = 10_000

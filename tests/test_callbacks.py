@@ -316,3 +316,20 @@ def test_tooth_recording_through_the_run_engine_matches_astra(RE, tmp_path):
     rel = np.linalg.norm((ours - ref)[mask]) / np.linalg.norm(ref[mask])
     assert rel < 0.05
     assert np.corrcoef(ours[mask], ref[mask])[0, 1] > 0.99
+
+
+def test_warm_start_from_an_earlier_runs_checkpoint(RE, tmp_path):
+    """Run 1 writes a checkpoint; run 2 starts from it without training and denoises at once."""
+    first = CONFIG.replace(checkpoint_dir=str(tmp_path / "ckpt"))
+    jit = JitCallback(config=first, directory=tmp_path / "d1")
+    uid, _ = run_scan(RE, jit, make_hw(tmp_path / "raw1", source=source(), frame_rate=20.0))
+    checkpoint = tmp_path / "ckpt" / uid / "latest.pt"
+    assert checkpoint.exists()
+
+    second = CONFIG.replace(warm_start=str(checkpoint), train=False)
+    jit2 = JitCallback(config=second, directory=tmp_path / "d2")
+    run_scan(RE, jit2, make_hw(tmp_path / "raw2", source=source(), frame_rate=20.0))
+    summary = jit2.summaries[0]
+    assert summary.problems == []
+    assert summary.train_steps == 0
+    assert summary.denoised == summary.slices > 0
