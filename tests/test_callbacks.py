@@ -284,7 +284,7 @@ def test_runs_that_are_not_tomography_are_ignored(RE, tmp_path):
 
 
 @pytest.mark.slow
-def test_tooth_recording_through_the_run_engine_matches_astra(RE, tmp_path):
+def test_tooth_recording_through_the_run_engine_matches_astra(RE, tmp_path, tooth_path):
     """Replay of the real tooth scan (DXchange) reconstructs the tooth as ASTRA does."""
     import h5py
 
@@ -293,7 +293,7 @@ def test_tooth_recording_through_the_run_engine_matches_astra(RE, tmp_path):
     from simulated_devices.recordings import DXchangeRecording
     from simulated_devices.sources import RecordingSource
 
-    path = "../shared/data/tooth.h5"
+    path = tooth_path
     cor = 295.0
     src = RecordingSource(DXchangeRecording.open(path), center_of_rotation=cor)
     config = CONFIG.replace(refresh_every=1000, slice_row=0, neighbourhood_rows=0)

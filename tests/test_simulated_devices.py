@@ -28,7 +28,6 @@ from simulated_devices.plans import (
 from simulated_devices.recordings import DXchangeRecording, write_dxchange
 from simulated_devices.sources import PhantomSource, RecordingSource
 
-TOOTH = Path("/work/shared/data/tooth.h5")
 SMALL = dict(detector_shape=(8, 64), seed=3, container_center=(4.0, -2.5))
 
 
@@ -177,8 +176,8 @@ def test_phantom_source_overflow_is_a_config_error():
     PhantomSource(BubbleColumn(detector_shape=(8, 32)), photons=65000, dtype=np.float32)
 
 
-def test_dxchange_round_trip_and_recording_source(tmp_path):
-    rec = DXchangeRecording.open(TOOTH)
+def test_dxchange_round_trip_and_recording_source(tmp_path, tooth_path):
+    rec = DXchangeRecording.open(tooth_path)
     assert rec.data.shape == (181, 2, 640)
     src = RecordingSource(rec, center_of_rotation=295.0)
     rng = np.random.default_rng(0)
@@ -317,8 +316,8 @@ def test_dark_flat_run_then_scan_and_continuous(RE, hw):
     assert frames["dark"].mean() < frames["flat"].mean() / 5
 
 
-def test_recording_source_replays_through_a_scan(RE, tmp_path):
-    rec = DXchangeRecording.open(TOOTH)
+def test_recording_source_replays_through_a_scan(RE, tmp_path, tooth_path):
+    rec = DXchangeRecording.open(tooth_path)
     beam = make_hw(tmp_path, source=RecordingSource(rec, center_of_rotation=295.0))
     docs = record(RE)
     args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
