@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check bluesky_jit simulated_devices tests benchmarks profiles
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"
