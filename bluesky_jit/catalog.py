@@ -27,9 +27,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -37,7 +38,6 @@ from urllib.parse import urlsplit
 from .errors import CatalogError
 
 if TYPE_CHECKING:
-    from bluesky_tiled_plugins import TiledWriter
     from tiled.client.container import Container
 
 __all__ = [
@@ -328,8 +328,14 @@ def runs_container(client: Container, name: str) -> Container:
     return container
 
 
-def tiled_writer(container: Container, *, backup_directory: Path | None = None) -> TiledWriter:
-    """Return a ``bluesky_tiled_plugins.TiledWriter`` writing each document as it comes.
+def tiled_writer(container: Container, *, backup_directory: Path | None = None) -> SerializedWriter:
+    """A ``bluesky_tiled_plugins.TiledWriter`` writing each document as it comes.
+
+    Writers made here for the same server take turns (one lock per server
+    URI in this process): the embedded catalog keeps event tables in SQLite,
+    which answers "database is locked" when the raw writer (on the
+    RunEngine's thread) and the derived writer (on the worker thread) append
+    at the same moment. Each call holds the lock for one HTTP request.
 
     Parameters
     ----------
@@ -340,16 +346,36 @@ def tiled_writer(container: Container, *, backup_directory: Path | None = None) 
 
     Returns
     -------
-    TiledWriter
+    SerializedWriter
         A callback ``writer(name, doc)``.
     """
     from bluesky_tiled_plugins import TiledWriter
 
-    return TiledWriter(
+    writer = TiledWriter(
         container,
         batch_size=1,
         backup_directory=None if backup_directory is None else str(backup_directory),
     )
+    uri = str(container.context.api_uri)
+    with _LOCKS_LOCK:
+        lock = _SERVER_LOCKS.setdefault(uri, threading.Lock())
+    return SerializedWriter(writer, lock)
+
+
+_LOCKS_LOCK = threading.Lock()
+_SERVER_LOCKS: dict[str, threading.Lock] = {}
+
+
+class SerializedWriter:
+    """A document callback that holds a lock while the wrapped writer works."""
+
+    def __init__(self, writer: Callable[[str, dict], Any], lock: threading.Lock) -> None:
+        self.writer = writer
+        self.lock = lock
+
+    def __call__(self, name: str, doc: dict) -> Any:
+        with self.lock:
+            return self.writer(name, doc)
 
 
 def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:
