@@ -383,6 +383,8 @@ class JitCallback:
         Rewrites detector file paths (``{old_root: new_root}``).
     on_run_finished : callable, optional
         Called on the worker thread with each run's :class:`RunSummary`.
+    keep_summaries : int
+        How many recent :class:`RunSummary` objects :attr:`summaries` keeps.
 
     Notes
     -----
@@ -402,6 +404,7 @@ class JitCallback:
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
         on_run_finished: Callable[[RunSummary], None] | None = None,
+        keep_summaries: int = 20,
     ) -> None:
         self.config = config or JitConfig()
         self.emit = emit
@@ -411,7 +414,8 @@ class JitCallback:
         self.root_map = dict(root_map or {})
         self.on_run_finished = on_run_finished
         self.calibrations = CalibrationStore()
-        self.summaries: list[RunSummary] = []
+        self.summaries: collections.deque[RunSummary] = collections.deque(maxlen=keep_summaries)
+        """The most recent runs' summaries (a listener runs for hours: old ones go)."""
         self.pipelines: dict[str, RunPipeline] = {}
         self._router = event_model.RunRouter([self._factory], handler_registry={})
         self._queue: queue.Queue = queue.Queue()
@@ -430,6 +434,10 @@ class JitCallback:
                 return
             if name == "descriptor":
                 self._run_of_descriptor[doc["uid"]] = doc["run_start"]
+            elif name == "stop":
+                run = doc["run_start"]
+                for uid in [d for d, r in self._run_of_descriptor.items() if r == run]:
+                    del self._run_of_descriptor[uid]
             if name in FRAME_DOCUMENTS:
                 with self._count_lock:
                     if self._frames_waiting >= self.config.queue_size:
