@@ -25,3 +25,11 @@ def disk_image(n, pixel_size=1.0, disks=DISKS, supersample=4):
     for cx, cy, r, mu in disks:
         img += mu * ((x - cx) ** 2 + (y - cy) ** 2 < r * r)
     return img.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+
+
+def psnr(image, truth, mask=None):
+    """Peak signal-to-noise ratio (dB) of ``image`` against ``truth``; peak = truth's range."""
+    if mask is not None:
+        image, truth = image[mask], truth[mask]
+    mse = np.mean((np.asarray(image, dtype=np.float64) - truth) ** 2)
+    return 10 * np.log10((truth.max() - truth.min()) ** 2 / mse)

@@ -60,3 +60,58 @@ def test_even_and_odd_subsets_are_disjoint_and_cover_the_window():
     splits = split_subsets(window, 3)
     assert sum(len(s) for s in splits) == len(window)
     assert all(np.all(s % 3 == j) for j, s in enumerate(splits))
+
+
+def test_fdk_weights_are_one_on_the_central_ray_and_fall_off():
+    from bluesky_jit.geometry import ScanGeometry
+    from bluesky_jit.projections import fdk_weights
+
+    g = ScanGeometry(
+        detector_shape=(5, 9),
+        pixel_size=2.0,
+        beam="cone",
+        source_origin=100.0,
+        origin_detector=50.0,
+        angular_range=(0, 360),
+        center_of_rotation=4.0,
+        center_row=2.0,
+    )
+    w = fdk_weights(g)
+    assert w.shape == (5, 9) and w[2, 4] == pytest.approx(1.0)
+    assert w[0, 0] == pytest.approx(150 / np.sqrt(150**2 + 8**2 + 4**2))
+    np.testing.assert_allclose(w, w[::-1, ::-1])
+    assert np.all(fdk_weights(ScanGeometry(detector_shape=(5, 9))) == 1)
+
+
+def test_projection_filter_scales_cone_projections_to_the_axis():
+    """Cone beam: weights, then the ramp with the pixel size seen at the rotation axis."""
+    from bluesky_jit.geometry import ScanGeometry
+    from bluesky_jit.projections import ProjectionFilter, fdk_weights
+
+    g = ScanGeometry(
+        detector_shape=(4, 32),
+        pixel_size=1.5,
+        beam="cone",
+        source_origin=100.0,
+        origin_detector=50.0,
+        angular_range=(0, 360),
+    )
+    p = torch.rand(4, 32)
+    expected = RampFilter(32, pixel_size=1.0)(p * torch.from_numpy(fdk_weights(g)))
+    torch.testing.assert_close(ProjectionFilter(g)(p), expected, atol=1e-6, rtol=1e-5)
+    flat = ScanGeometry(detector_shape=(4, 32), pixel_size=1.5)
+    torch.testing.assert_close(ProjectionFilter(flat)(p), RampFilter(32, pixel_size=1.5)(p))
+
+
+def test_select_takes_rows_first_and_angles_come_in_double_precision():
+    buf = ProjectionBuffer(4, (3, 2))
+    for i in range(4):
+        buf.append(
+            torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * i,
+            angle=0.1 * i + 1e-9,
+            index=i,
+        )
+    data, _ = buf.select([1, 3], rows=slice(1, 3))
+    assert data.shape == (2, 2, 2)
+    assert data[0].tolist() == [[12.0, 13.0], [14.0, 15.0]]
+    assert buf.angles_of([2]).dtype == np.float64 and buf.angles_of([2])[0] == 0.2 + 1e-9

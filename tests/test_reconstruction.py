@@ -119,3 +119,26 @@ def test_patch_pairs_come_from_disjoint_halves():
     # each pair is (even, odd) or (odd, even): compare against the subset slices directly
     s = rec.reconstruct()
     assert rel(s.even, s.odd, inner(64, 20)) > 0.01
+
+
+def test_default_slice_is_the_axial_one_at_slice_row_and_backends_agree():
+    g = ScanGeometry(detector_shape=(5, 64), num_angles=60, angular_range=(0, 180))
+    angles_deg = np.arange(60) * 3.0
+    sino = disk_sinogram(np.radians(angles_deg), 64, 31.5, disks=[(5.0, 3.0, 12.0, 0.05)])
+    frames = [
+        (np.repeat(1000 * np.exp(-s)[None], 5, axis=0), a)
+        for s, a in zip(sino, angles_deg, strict=True)
+    ]
+    rec, _ = _stream(g, frames, refresh_every=60, slice_row=1)
+    s = rec.reconstruct()
+    assert s.row == 1 and s.slice.is_axial and s.full.shape == (64, 64)
+    three = rec.reconstruct_slices()
+    assert len(three) == 3 and three[0].slice == s.slice
+    np.testing.assert_allclose(three[0].full, s.full)
+    assert three[1].full.shape == (5, 64)  # xz: as tall as the detector
+    torch_rec, _ = _stream(g, frames, refresh_every=60, slice_row=1, backend="torch")
+    assert rel(torch_rec.reconstruct().full, s.full, inner(64, 28)) < 0.01
+    u, v = torch_rec.patch_pairs(4, size=8, rng=np.random.default_rng(0))
+    u2, v2 = rec.patch_pairs(4, size=8, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(u, u2, atol=1e-6)
+    np.testing.assert_allclose(v, v2, atol=1e-6)

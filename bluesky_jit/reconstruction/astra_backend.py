@@ -1,8 +1,11 @@
-"""ASTRA Toolbox reference: 2D parallel-beam FBP on the CPU.
+"""ASTRA Toolbox: the numerical reference (2D CPU FBP) and a backend (2D CPU BP).
 
-Used as the numerical reference in tests and benchmarks. ASTRA's 3D and
-CUDA algorithms kill the process without a GPU, so only the 2D CPU ``FBP``
-algorithm is used here unless ``astra.use_cuda()`` says otherwise.
+:func:`astra_fbp` is ASTRA's own CPU FBP (filter included), the reference in
+tests and benchmarks. :class:`AstraBackend` backprojects this package's
+filtered projections with ASTRA's CPU ``BP`` on a ``parallel_vec`` geometry,
+for slices with a constant detector row. ASTRA's 3D and CUDA algorithms kill
+the process without a GPU; this module never calls them unless
+``astra.use_cuda()`` is true (and the 3D path is not implemented yet).
 
 Scale and axes: ASTRA works in voxel units (detector pixel = voxel = 1), so
 its FBP returns attenuation per pixel; dividing by ``pixel_size`` gives
@@ -89,3 +92,92 @@ def centred(sinogram: np.ndarray, center_of_rotation: float) -> tuple[np.ndarray
         left, right = left - right, 0
         width = cols + left
     return np.pad(sinogram, ((0, 0), (left, right))), width
+
+
+class AstraBackend:
+    """ASTRA Toolbox as a backend: backprojection of our filtered projections.
+
+    On the CPU ASTRA's 2D ``BP`` algorithm handles slices on which the detector
+    row is constant (axial parallel-beam slices, any in-plane rotation, ROI and
+    zoom) through a ``parallel_vec`` geometry. Everything else needs ASTRA's
+    3D CUDA code and is used only when ``astra.use_cuda()`` is true (without a
+    GPU those calls kill the process).
+
+    Scale: ASTRA's BP is the plain sum over projections of the projector's
+    weights; multiplied by ``pi / n`` it matches
+    :class:`~bluesky_jit.reconstruction.numba_backend.NumbaBackend`.
+
+    Parameters
+    ----------
+    projector : {"linear", "line", "strip", "distance_driven"}
+        ASTRA CPU projector (``linear``, Joseph's interpolation, by default).
+    """
+
+    name = "astra"
+
+    def __init__(self, *, projector: str = "linear") -> None:
+        import astra
+
+        self._astra = astra
+        self.projector = projector
+
+    def backproject(self, filtered, geometry, slice_, *, row_offset: int = 0) -> np.ndarray:
+        from ..errors import ConfigError
+        from ..geometry import window_weight
+        from .plans import axial_lines, interpolate_rows
+
+        data = filtered.detach().cpu().numpy() if hasattr(filtered, "detach") else filtered
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        mats = np.array(geometry.matrices())
+        mats[:, 1] -= row_offset * mats[:, 2]
+        lines = axial_lines(mats, slice_)
+        if lines is None:
+            reason = (
+                "ASTRA's 3D CUDA path is not implemented in this version"
+                if self._astra.use_cuda()
+                else "that needs ASTRA's 3D CUDA code, and no GPU is available"
+            )
+            raise ConfigError(
+                "ASTRA on the CPU reconstructs only slices with a constant detector row "
+                f"(axial parallel-beam slices without tilt); {reason}. Use backend='numba' "
+                "or backend='torch'."
+            )
+        q = interpolate_rows(data, lines.row)
+        return _bp_2d(self._astra, q, lines, slice_.shape, self.projector) * np.float32(
+            window_weight(len(geometry))
+        )
+
+
+def _bp_2d(astra, q: np.ndarray, lines, shape, projector: str) -> np.ndarray:
+    """ASTRA 2D BP on our image grid: pixel (i, j) at (x, y) = (j - (cols-1)/2, i - (rows-1)/2)."""
+    rows, cols = shape
+    det = q.shape[1]
+    c, s = lines.step_col, lines.step_row
+    # detector column of pixel (x, y): cc + x c + y s
+    cc = lines.b0 + (rows - 1) / 2 * s + (cols - 1) / 2 * c
+    norm2 = c**2 + s**2
+    u = np.stack([c, s], 1) / norm2[:, None]
+    ray = np.stack([-s, c], 1) / np.sqrt(norm2)[:, None]
+    centre = ((det - 1) / 2 - cc)[:, None] * u
+    vectors = np.concatenate([ray, centre, u], 1)
+    proj_geom = astra.create_proj_geom("parallel_vec", det, vectors)
+    vol_geom = astra.create_vol_geom(rows, cols)
+    proj_id = astra.create_projector(projector, proj_geom, vol_geom)
+    # ASTRA's weights are path lengths in image pixels, i.e. scale with the image
+    # pixel / detector pixel ratio; the detector pixel width |u| undoes that
+    weighted = (q / np.sqrt(norm2)[:, None]).astype(np.float32)
+    sino_id = astra.data2d.create("-sino", proj_geom, weighted)
+    rec_id = astra.data2d.create("-vol", vol_geom, 0.0)
+    cfg = astra.astra_dict("BP")
+    cfg["ProjectionDataId"] = sino_id
+    cfg["ReconstructionDataId"] = rec_id
+    cfg["ProjectorId"] = proj_id
+    alg_id = astra.algorithm.create(cfg)
+    try:
+        astra.algorithm.run(alg_id)
+        image = astra.data2d.get(rec_id)
+    finally:
+        astra.algorithm.delete(alg_id)
+        astra.data2d.delete([sino_id, rec_id])
+        astra.projector.delete(proj_id)
+    return np.ascontiguousarray(np.flipud(image), dtype=np.float32)

@@ -1,38 +1,50 @@
 """The streaming slice reconstructor: frames in, slices and training pairs out.
 
 Works on arrays only; :mod:`bluesky_jit.ingest` feeds it from documents.
-Each frame is corrected and filtered once on arrival; every ``refresh_every``
-projections the slice is reconstructed from the last full rotation, as even
-and odd halves (Noise2Inverse, seed 000) whose weighted mean is the full FBP.
+Each frame is corrected, (cone beam) FDK-weighted and ramp filtered once on
+arrival (:class:`~bluesky_jit.projections.ProjectionFilter`); every
+``refresh_every`` projections the slices are reconstructed from the last full
+rotation, as even and odd halves (Noise2Inverse, seed 000) whose weighted mean
+is the full FBP/FDK. Slices are values (:class:`~bluesky_jit.geometry.Slice`)
+at any position and orientation: one axial slice at ``slice_row`` for
+:meth:`StreamingReconstructor.reconstruct`, three orthogonal ones (RECAST3D's
+default, movable between refreshes) for
+:meth:`StreamingReconstructor.reconstruct_slices`.
+
+Scale: slices are attenuation coefficients in 1/unit of length (1/mm), see
+:mod:`bluesky_jit.projections`.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, GeometryError, ScanDataError
-from ..geometry import ScanGeometry
-from ..projections import FlatField, ProjectionBuffer, RampFilter, split_subsets
-from .grids import patch_grid, slice_grid
-from .torch_backend import TorchBackprojector
+from ..errors import ConfigError, ScanDataError
+from ..geometry import ProjectionGeometry, ScanGeometry, Slice, orthogonal_slices
+from ..projections import FlatField, ProjectionBuffer, ProjectionFilter, split_subsets
+from .backends import make_backend
 
 
 @dataclass(frozen=True)
 class SliceSet:
-    """One refresh: the full FBP and its Noise2Inverse halves.
+    """One refresh of one slice: the full reconstruction and its Noise2Inverse halves.
 
     Attributes
     ----------
-    full, even, odd : ndarray, shape (n, n)
-        FBP from all projections of the window, from even and from odd indices.
+    full, even, odd : ndarray, shape (rows, cols)
+        FBP/FDK from all projections of the window, from even and from odd indices.
     indices : ndarray, shape (m,)
         Global projection indices of the window.
     row : int
-        Detector row of the slice.
+        Detector row nearest to the slice centre.
+    slice : Slice or None
+        The reconstructed plane.
     """
 
     full: np.ndarray
@@ -40,6 +52,7 @@ class SliceSet:
     odd: np.ndarray
     indices: np.ndarray
     row: int
+    slice: Slice | None = None
 
 
 class StreamingReconstructor:
@@ -48,13 +61,23 @@ class StreamingReconstructor:
     Parameters
     ----------
     geometry : ScanGeometry
-        Parallel beam (cone beam is not supported by this reconstructor yet).
+        Parallel beam (FBP) or circular cone beam over 360 degrees (FDK).
     refresh_every : int
         A slice is due every k projections once a rotation is buffered.
     slice_row : int or None
-        Detector row of the axial slice; the middle row by default.
+        Detector row of the default axial slice; the middle row by default.
     filter_name : str
     device : str or torch.device
+        Where projections are kept and, for the torch backend, reconstructed.
+    backend : {"auto", "numba", "torch", "astra", "cupy"}
+        See :mod:`bluesky_jit.reconstruction.backends`.
+    slices : sequence of Slice or None
+        Planes for :meth:`reconstruct_slices`; three orthogonal slices through
+        the default axial slice's centre by default.
+    threads : int or None
+        CPU threads per kernel call (numba backend). ``None``: serial kernels
+        for small calls (patches, small slices), all cores for large ones;
+        pass 1 to leave the other cores to the trainer and the denoiser.
     """
 
     def __init__(
@@ -65,12 +88,10 @@ class StreamingReconstructor:
         slice_row: int | None = None,
         filter_name: str = "ram-lak",
         device: str | torch.device = "cpu",
+        backend: str = "auto",
+        slices: Sequence[Slice] | None = None,
+        threads: int | None = None,
     ) -> None:
-        if geometry.beam != "parallel":
-            raise GeometryError(
-                f"The streaming reconstructor handles parallel beam; got beam={geometry.beam!r}. "
-                "Cone-beam FDK is not available in this version; use a parallel-beam scan."
-            )
         rows, cols = geometry.detector_shape
         row = rows // 2 if slice_row is None else slice_row
         if not 0 <= row < rows:
@@ -83,18 +104,19 @@ class StreamingReconstructor:
         self.refresh_every = refresh_every
         self.device = torch.device(device)
         self.flatfield: FlatField | None = None
-        self.filter = RampFilter(
-            cols, pixel_size=geometry.pixel_size, filter_name=filter_name, device=self.device
-        )
+        self.prefilter = ProjectionFilter(geometry, filter_name=filter_name, device=self.device)
+        self.filter = self.prefilter.ramp
         self.buffer = ProjectionBuffer(2 * self.window, (rows, cols), device=self.device)
-        self.backprojector = TorchBackprojector(
-            cols=cols,
-            center_of_rotation=geometry.center_of_rotation,
-            pixel_size=geometry.pixel_size,
-        )
+        self.backend = make_backend(backend, device=self.device, threads=threads)
         self.n = geometry.slice_size
-        self._grid = slice_grid(self.n, pixel_size=geometry.pixel_size, device=self.device)
+        self.slices: tuple[Slice, ...] = ()
+        self.set_slices(
+            orthogonal_slices(geometry, center=(0.0, 0.0, geometry.row_to_z(row)))
+            if slices is None
+            else slices
+        )
         self._since_refresh = 0
+        self._geometries: OrderedDict[bytes, ProjectionGeometry] = OrderedDict()
 
     # -- frames in -------------------------------------------------------------
     def set_flatfield(self, darks: np.ndarray, flats: np.ndarray) -> None:
@@ -124,7 +146,9 @@ class StreamingReconstructor:
         if not math.isfinite(angle_deg):
             raise ScanDataError(f"Projection {index} has angle {angle_deg!r}; expected degrees.")
         line_integrals = torch.from_numpy(self.flatfield(frame)).to(self.device)
-        self.buffer.append(self.filter(line_integrals), angle=math.radians(angle_deg), index=index)
+        self.buffer.append(
+            self.prefilter(line_integrals), angle=math.radians(angle_deg), index=index
+        )
         self._since_refresh += 1
         if len(self.buffer) >= self.window and self._since_refresh >= self.refresh_every:
             self._since_refresh = 0
@@ -136,31 +160,73 @@ class StreamingReconstructor:
         """True once a full rotation is buffered."""
         return len(self.buffer) >= self.window
 
-    # -- slices and pairs out ----------------------------------------------------
+    # -- slices ------------------------------------------------------------------
+    def set_slices(self, slices: Sequence[Slice]) -> None:
+        """Replace the planes of :meth:`reconstruct_slices` (takes effect at the next refresh)."""
+        slices = tuple(slices)
+        if not slices or not all(isinstance(s, Slice) for s in slices):
+            raise ConfigError(
+                f"set_slices expects one or more bluesky_jit.geometry.Slice values; got {slices!r}."
+            )
+        self.slices = slices
+
+    def move_slice(self, index: int, slice_: Slice) -> None:
+        """Replace one plane, e.g. ``rec.move_slice(0, rec.slices[0].moved(center=(0, 0, 5)))``."""
+        if not -len(self.slices) <= index < len(self.slices):
+            raise ConfigError(f"There are {len(self.slices)} slices; slice {index} does not exist.")
+        slices = list(self.slices)
+        slices[index] = slice_
+        self.set_slices(slices)
+
     def window_indices(self) -> np.ndarray:
         """Global indices of the last full rotation."""
         return self.buffer.last(self.window)
 
     def reconstruct(self, row: int | None = None) -> SliceSet:
-        """FBP of the last rotation at a detector row (the slice row by default)."""
+        """FBP/FDK of the last rotation on the axial slice at a detector row (default slice_row)."""
         row = self.row if row is None else row
-        indices = self.window_indices()
-        even_idx, odd_idx = split_subsets(indices, 2)
-        x, y = self._grid
-        halves = []
-        for subset in (even_idx, odd_idx):
-            data, angles = self.buffer.select(subset, rows=row)
-            halves.append(self.backprojector.backproject(data, angles, x, y))
-        even, odd = halves
-        full = (even * len(even_idx) + odd * len(odd_idx)) / len(indices)
+        slice_ = self.geometry.axial_slice(row, shape=self.n)
+        result = self.reconstruct_slice(slice_)
         return SliceSet(
-            full=full.cpu().numpy(),
-            even=even.cpu().numpy(),
-            odd=odd.cpu().numpy(),
-            indices=indices,
+            full=result.full,
+            even=result.even,
+            odd=result.odd,
+            indices=result.indices,
             row=row,
+            slice=slice_,
         )
 
+    def reconstruct_slices(self) -> tuple[SliceSet, ...]:
+        """Every plane in :attr:`slices` (three orthogonal ones by default)."""
+        return tuple(self.reconstruct_slice(s) for s in self.slices)
+
+    def reconstruct_slice(self, slice_: Slice) -> SliceSet:
+        """Full, even and odd reconstruction of any plane from the last rotation."""
+        indices = self.window_indices()
+        corners = _corners(slice_.origin[None], slice_)
+        r0, r1 = self._rows(indices, corners)
+        halves = []
+        counts = []
+        for subset in split_subsets(indices, 2):
+            data, _ = self.buffer.select(subset, rows=slice(r0, r1 + 1))
+            geom = self._geometry(subset)
+            halves.append(self.backend.backproject(data, geom, slice_, row_offset=r0))
+            counts.append(len(subset))
+        even, odd = halves
+        full = (even * counts[0] + odd * counts[1]) / len(indices)
+        row = int(
+            np.clip(round(self.geometry.z_to_row(slice_.center[2])), 0, self.geometry.rows - 1)
+        )
+        return SliceSet(
+            full=full.astype(np.float32),
+            even=even,
+            odd=odd,
+            indices=indices,
+            row=row,
+            slice=slice_,
+        )
+
+    # -- training pairs ----------------------------------------------------------
     def patch_pairs(
         self,
         count: int,
@@ -183,8 +249,9 @@ class StreamingReconstructor:
         -------
         u, v : ndarray, shape (count, 1, size, size), float32
         """
-        half = self.n * self.geometry.pixel_size / 2
-        max_r = radius * half - size * self.geometry.pixel_size / math.sqrt(2)
+        voxel = self.geometry.voxel_size
+        half = self.n * voxel / 2
+        max_r = radius * half - size * voxel / math.sqrt(2)
         if max_r <= 0:
             raise ConfigError(
                 f"A {size}x{size} patch does not fit inside the sampling region (radius "
@@ -193,26 +260,63 @@ class StreamingReconstructor:
             )
         r = max_r * np.sqrt(rng.uniform(size=count))
         phi = rng.uniform(0, 2 * np.pi, size=count)
-        centres = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
         rows = np.clip(
             self.row + rng.integers(-neighbourhood, neighbourhood + 1, size=count),
             0,
             self.geometry.rows - 1,
         )
         swap = rng.uniform(size=count) < 0.5
-        subsets = split_subsets(self.window_indices(), 2)
-        u = np.empty((count, 1, size, size), dtype=np.float32)
-        v = np.empty_like(u)
-        centres_t = torch.as_tensor(centres, dtype=torch.float32, device=self.device)
-        for row in np.unique(rows):
-            sel = np.flatnonzero(rows == row)
-            x, y = patch_grid(centres_t[sel], size, pixel_size=self.geometry.pixel_size)
-            recon = []
-            for subset in subsets:
-                data, angles = self.buffer.select(subset, rows=int(row))
-                recon.append(self.backprojector.backproject(data, angles, x, y).cpu().numpy())
-            a, b = recon
-            s = swap[sel][:, None, None]
-            u[sel, 0] = np.where(s, b, a)
-            v[sel, 0] = np.where(s, a, b)
+        like = Slice.axial(shape=(size, size), pixel_size=voxel)
+        offset = (size - 1) / 2 * voxel
+        origins = np.stack(
+            [
+                r * np.cos(phi) - offset,
+                r * np.sin(phi) - offset,
+                (rows - self.geometry.center_row) * voxel,
+            ],
+            axis=1,
+        )
+        indices = self.window_indices()
+        r0, r1 = self._rows(indices, _corners(origins, like))
+        recon = []
+        for subset in split_subsets(indices, 2):
+            data, _ = self.buffer.select(subset, rows=slice(r0, r1 + 1))
+            recon.append(
+                self.backend.backproject_grids(
+                    data, self._geometry(subset), origins, like, row_offset=r0
+                )
+            )
+        a, b = recon
+        s = swap[:, None, None]
+        u = np.where(s, b, a)[:, None].astype(np.float32)
+        v = np.where(s, a, b)[:, None].astype(np.float32)
         return u, v
+
+    # -- internals ---------------------------------------------------------------
+    def _geometry(self, indices: np.ndarray) -> ProjectionGeometry:
+        """The projection geometry of buffered projections (cached: plans key on it)."""
+        key = np.asarray(indices, dtype=np.int64).tobytes()
+        geom = self._geometries.get(key)
+        if geom is None:
+            geom = self.geometry.projection_geometry(self.buffer.angles_of(indices))
+            self._geometries[key] = geom
+            while len(self._geometries) > 8:
+                self._geometries.popitem(last=False)
+        return geom
+
+    def _rows(self, indices: np.ndarray, points: np.ndarray) -> tuple[int, int]:
+        """Detector rows (first, last) that the points need, over the window's projections."""
+        det_rows, _, _ = self._geometry(indices).project(points)
+        last = self.geometry.rows - 1
+        lo = int(np.clip(math.floor(float(det_rows.min())), 0, last))
+        hi = int(np.clip(math.ceil(float(det_rows.max())) + 1, 0, last))
+        return lo, max(lo, hi)
+
+
+def _corners(origins: np.ndarray, like: Slice) -> np.ndarray:
+    """The four corner points of grids with pixel (0, 0) at ``origins`` (g, 3) -> (4 g, 3)."""
+    rows, cols = like.shape
+    du = (cols - 1) * like.step_u
+    dv = (rows - 1) * like.step_v
+    origins = np.asarray(origins, dtype=np.float64).reshape(-1, 3)
+    return np.concatenate([origins, origins + du, origins + dv, origins + du + dv])
