@@ -32,12 +32,14 @@ import event_model
 import numpy as np
 
 from .config import JitConfig
+from .errors import BlueskyJitError, ConfigError
 from .geometry import ScanGeometry
 from .ingest import CalibrationStore, TomoIngest
 
 logger = logging.getLogger(__name__)
 
 FRAME_DOCUMENTS = frozenset({"event", "event_page", "stream_datum"})
+VERTICAL_STREAMS = ("reconstruction_xz", "reconstruction_yz")
 
 
 @dataclass
@@ -100,6 +102,8 @@ class RunPipeline:
         self._t0 = time.monotonic()
         self._first_projection: float | None = None
         self._unrefreshed = 0
+        self._moves: dict = {}
+        self._moves_lock = threading.Lock()
 
     # -- FrameSink -------------------------------------------------------------------
     def begin(self, start: Mapping[str, Any], geometry: ScanGeometry | None) -> None:
@@ -111,12 +115,19 @@ class RunPipeline:
             from .emit import DerivedRun
 
             n = geometry.slice_size if geometry is not None else 1
+            extra = {}
+            if geometry is not None and self.config.vertical_slices:
+                from .geometry import orthogonal_slices
+
+                _, xz, yz = orthogonal_slices(geometry)
+                extra = {VERTICAL_STREAMS[0]: xz.shape, VERTICAL_STREAMS[1]: yz.shape}
             self.derived = DerivedRun(
                 raw_start=start,
                 emit=self.emit,
                 directory=self.directory,
                 image_shape=(n, n),
                 metadata=self._metadata(geometry),
+                extra_images=extra,
             )
             self.derived.start()
             self.summary.derived_uid = self.derived.uid
@@ -139,6 +150,7 @@ class RunPipeline:
             slice_row=cfg.slice_row,
             filter_name=cfg.filter_name,
             device=cfg.device,
+            backend=cfg.backend,
         )
         normalizer = None
         if cfg.warm_start is not None:
@@ -219,6 +231,7 @@ class RunPipeline:
     def refresh(self) -> None:
         """Reconstruct the slice, feed the trainer, denoise, and publish."""
         cfg, recon, trainer = self.config, self.recon, self.trainer
+        self._apply_moves()
         slices = recon.reconstruct()
         self._unrefreshed = 0
         u, v = recon.patch_pairs(
@@ -248,6 +261,10 @@ class RunPipeline:
             self.derived.add_reconstruction(
                 slices.full, num_projections=len(slices.indices), slice_row=slices.row, **common
             )
+            if cfg.vertical_slices:
+                for name, plane in zip(VERTICAL_STREAMS, recon.slices[1:3], strict=True):
+                    image = recon.reconstruct_slice(plane).full
+                    self.derived.add_image(name, image, **common)
         self._emit_metrics()
         if self._network_useful():
             # Noise2Inverse estimate: the mean of the network applied to each half.
@@ -258,6 +275,41 @@ class RunPipeline:
                 self.derived.add_denoised(
                     denoised, train_step=int(self.denoiser.weights_version or 0), **common
                 )
+
+    def move(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
+        """Ask for slices elsewhere from the next refresh on (any thread).
+
+        ``slice_row`` moves the axial (denoised) slice; ``vertical`` maps 1 or
+        2 to a new :class:`~bluesky_jit.geometry.Slice` of the same shape.
+        """
+        with self._moves_lock:
+            if slice_row is not None:
+                self._moves["row"] = slice_row
+            for index, plane in (vertical or {}).items():
+                self._moves[index] = plane
+
+    def _apply_moves(self) -> None:
+        with self._moves_lock:
+            moves, self._moves = self._moves, {}
+        for key, value in moves.items():
+            try:
+                if key == "row":
+                    if not 0 <= int(value) < self.recon.geometry.rows:
+                        raise ConfigError(
+                            f"slice_row {value} is outside the detector rows "
+                            f"0..{self.recon.geometry.rows - 1}."
+                        )
+                    self.recon.row = int(value)
+                else:
+                    old = self.recon.slices[key]
+                    if value.shape != old.shape:
+                        raise ConfigError(
+                            f"A moved vertical slice must keep its shape {old.shape} (the derived "
+                            f"run's stream has it); got {value.shape}."
+                        )
+                    self.recon.move_slice(key, value)
+            except (BlueskyJitError, IndexError, TypeError, AttributeError) as error:
+                self.problem(error)
 
     def _network_useful(self) -> bool:
         """Denoise once the network beats doing nothing on hold-out pairs (alpha < 1).
@@ -518,6 +570,18 @@ class JitCallback:
                 logger.exception("on_run_finished raised")
 
     # -- control ---------------------------------------------------------------------
+    def move_slices(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
+        """Move the slices of the runs in progress from their next refresh on.
+
+        ``slice_row`` moves the axial (denoised) slice to another detector row
+        (seed 000, Fig. 7a: the network then meets new data and recovers);
+        ``vertical`` maps 1 (xz) or 2 (yz) to a new
+        :class:`~bluesky_jit.geometry.Slice` of the same shape. Later runs
+        use ``JitConfig.slice_row``.
+        """
+        for pipeline in list(self.pipelines.values()):
+            pipeline.move(slice_row=slice_row, vertical=vertical)
+
     @property
     def backlog(self) -> int:
         """Documents waiting for the worker."""

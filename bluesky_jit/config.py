@@ -30,7 +30,10 @@ class JitConfig:
     filter_name: str = "ram-lak"
     device: str = "cpu"
     """Torch device for reconstruction, training and inference ("cpu", "cuda")."""
-    backend: str = "torch"
+    backend: str = "auto"
+    """Backprojector: "auto" (numba on CPU, torch on CUDA), "numba", "torch", "astra", "cupy"."""
+    vertical_slices: bool = True
+    """Also reconstruct the two vertical slices (xz, yz through the axis) at each refresh."""
 
     # Noise2Inverse pairs
     patch_size: int = 20

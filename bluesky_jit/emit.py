@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -86,6 +87,10 @@ class DerivedRun:
         by the Tiled server (in its ``readable_storage``).
     image_shape : tuple of int
         (H, W), the shape of every reconstruction and denoised image.
+    extra_images : dict of str to (int, int), optional
+        More image streams and their (H, W), e.g. the two vertical slices
+        ``{"reconstruction_xz": (rows, n), "reconstruction_yz": (rows, n)}``;
+        written with :meth:`add_image`.
     metadata : dict
         JSON-able configuration recorded verbatim in the start document, e.g.
         ``{"config": asdict(jit_config), "geometry": ..., "model": ...,
@@ -136,6 +141,7 @@ class DerivedRun:
         directory: Path,
         image_shape: tuple[int, int],
         metadata: Mapping[str, Any],
+        extra_images: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         if not isinstance(raw_start, Mapping) or not isinstance(raw_start.get("uid"), str):
             raise ConfigError(
@@ -176,6 +182,14 @@ class DerivedRun:
         self._emit = emit
         self._directory = Path(directory)
         self._image_shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self._shapes: dict[str, tuple[int, int]] = dict.fromkeys(IMAGE_STREAMS, self._image_shape)
+        for name, extra in (extra_images or {}).items():
+            if name in STREAMS or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)):
+                raise ConfigError(
+                    f"extra_images names new image streams; got {name!r}. Use a new name of "
+                    f"letters, digits and '_' (not one of {list(STREAMS)})."
+                )
+            self._shapes[name] = (int(extra[0]), int(extra[1]))
         self._bundle = event_model.compose_run(metadata=_start_metadata(raw_start, metadata))
         self._path = self._directory.resolve() / f"{self.uid}.h5"
         self._file: h5py.File | None = None
@@ -250,6 +264,22 @@ class DerivedRun:
             ``weights_version``.
         """
         self._add_image("denoised", image, scalars)
+
+    def add_image(self, stream: str, image: np.ndarray, **scalars: Any) -> None:
+        """Write one image of a stream named in ``extra_images`` (or a standard one).
+
+        Parameters
+        ----------
+        stream : str
+        image : ndarray, shape given for ``stream``
+        **scalars : bool, int, float or str
+        """
+        if stream not in self._shapes:
+            raise ConfigError(
+                f"Unknown image stream {stream!r}; this run has {sorted(self._shapes)}. "
+                "Declare it in DerivedRun(extra_images={...})."
+            )
+        self._add_image(stream, image, scalars)
 
     def add_metrics(self, **scalars: Any) -> None:
         """Emit one event of training metrics.
@@ -347,7 +377,7 @@ class DerivedRun:
         if stream is not None:
             stream.check_keys(scalars)
             return stream
-        image_key = name if name in IMAGE_STREAMS else None
+        image_key = name if name in self._shapes else None
         schema = _declare(name, scalars, image_key=image_key)
         data_keys: dict[str, Any] = {
             key: {"dtype": dtype, "shape": [], "source": PLAN_NAME}
@@ -355,7 +385,7 @@ class DerivedRun:
             for key, dtype in schema.items()
         }
         if image_key is not None:
-            height, width = self._image_shape
+            height, width = self._shapes[name]
             data_keys[image_key] = {
                 "dtype": "array",
                 "dtype_numpy": np.dtype("<f4").str,
@@ -369,7 +399,7 @@ class DerivedRun:
         self._streams[name] = stream
         self._emit("descriptor", descriptor.descriptor_doc)
         if image_key is not None:
-            height, width = self._image_shape
+            height, width = self._shapes[name]
             resource = self._bundle.compose_stream_resource(
                 mimetype=HDF5_MIMETYPE,
                 uri=_file_uri(self._path),
@@ -382,7 +412,7 @@ class DerivedRun:
 
     def _add_image(self, name: str, image: np.ndarray, scalars: dict[str, Any]) -> None:
         self._check_open(f"add_{name}")
-        frame = _as_frame(image, self._image_shape, name)
+        frame = _as_frame(image, self._shapes[name], name)
         stream = self._stream(name, scalars)
         data = stream.coerce(scalars)
         dataset = self._dataset(name)
@@ -413,7 +443,7 @@ class DerivedRun:
 
     def _dataset(self, name: str) -> h5py.Dataset:
         if self._file is None:
-            self._file = _open_swmr_file(self._path, self._image_shape)
+            self._file = _open_swmr_file(self._path, self._shapes)
         return self._file[name]
 
     def _close_file(self) -> None:
@@ -551,9 +581,8 @@ def _as_frame(image: Any, shape: tuple[int, int], stream: str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _open_swmr_file(path: Path, image_shape: tuple[int, int]) -> h5py.File:
+def _open_swmr_file(path: Path, shapes: Mapping[str, tuple[int, int]]) -> h5py.File:
     """Create the run's HDF5 file with growing (N, H, W) datasets, then enter SWMR mode."""
-    height, width = image_shape
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         file = h5py.File(path, "w-", libver="latest")
@@ -563,7 +592,7 @@ def _open_swmr_file(path: Path, image_shape: tuple[int, int]) -> h5py.File:
             "Check that the directory is writable and the file does not exist yet."
         ) from err
     try:
-        for name in IMAGE_STREAMS:
+        for name, (height, width) in shapes.items():
             file.create_dataset(
                 name,
                 shape=(0, height, width),

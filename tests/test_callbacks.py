@@ -118,6 +118,9 @@ def test_live_scan_to_catalog_end_to_end(RE, local_catalog, data_dir):
     assert recs.shape == (summary.slices, SHAPE[1], SHAPE[1])
     np.testing.assert_allclose(recs[-1], summary.last_slice, rtol=1e-5, atol=1e-6)
     assert run.metadata["stop"]["exit_status"] == "success"
+    # the two vertical slices of the three orthogonal ones
+    xz = run["reconstruction_xz"]["reconstruction_xz"].read()
+    assert xz.shape == (summary.slices, SHAPE[0], SHAPE[1])
     assert len(run["metrics"].read()["loss"]) >= 1
     # the raw run is in the catalog too, with its frames
     raw_frames = raw_runs[uid]["primary"]["det"].read()
@@ -333,3 +336,19 @@ def test_warm_start_from_an_earlier_runs_checkpoint(RE, tmp_path):
     assert summary.problems == []
     assert summary.train_steps == 0
     assert summary.denoised == summary.slices > 0
+
+
+def test_moving_the_slice_during_a_run(RE, tmp_path):
+    derived = Collector()
+    jit = JitCallback(config=CONFIG, emit=derived, directory=tmp_path / "derived")
+
+    def move_at_projection_30(name, doc):
+        if name == "event" and doc["seq_num"] == 30 and "rot_stage" in doc["data"]:
+            assert jit.flush(timeout=30)
+            jit.move_slices(slice_row=1)
+
+    RE.subscribe(move_at_projection_30)
+    run_scan(RE, jit, make_hw(tmp_path / "raw", source=source(), frame_rate=20.0))
+    rows = [e["data"]["slice_row"] for e in derived.named("event") if "slice_row" in e["data"]]
+    assert rows[0] == SHAPE[0] // 2 and rows[-1] == 1
+    assert jit.summaries[0].problems == []
