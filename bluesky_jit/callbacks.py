@@ -75,6 +75,15 @@ class RunSummary:
         return {k: getattr(self, k) for k in keys}
 
 
+def is_tomography(start: Mapping[str, Any]) -> bool:
+    """Whether a run's start document describes a tomography scan.
+
+    True with a ``tomo`` block, or with the NSLS-II FXI keys ``num_angles``
+    and ``num_bkg_images``; other runs are left alone.
+    """
+    return start.get("tomo") is not None or ("num_angles" in start and "num_bkg_images" in start)
+
+
 class RunPipeline:
     """Arrays in, derived run out: one run's stages (a :class:`~bluesky_jit.ingest.FrameSink`).
 
@@ -370,19 +379,24 @@ class RunPipeline:
                     "frame rate, refresh less often (refresh_every) or use a GPU (device='cuda')."
                 )
             )
-        if self.recon is not None and summary.slices == 0 and not summary.problems:
+        raw_status = stop.get("exit_status") or "success"
+        if raw_status != "success":
+            summary.exit_status = "abort"
+            summary.reason = (
+                f"the raw run ended with exit_status={raw_status!r}"
+                + (f" ({stop.get('reason')})" if stop.get("reason") else "")
+                + ("; " + "; ".join(_unique(summary.problems)) if summary.problems else "")
+            )[:4000]
+        elif self.recon is not None and summary.slices == 0 and not summary.problems:
             self.problem(
                 RuntimeError(
                     f"No slice was reconstructed: {summary.projections} projections arrived but "
                     f"a full rotation needs {self.recon.window}."
                 )
             )
-        if summary.problems:
+        if summary.problems and summary.exit_status == "success":
             summary.exit_status = "fail"
             summary.reason = "; ".join(_unique(summary.problems))[:4000]
-        if stop.get("exit_status") not in (None, "success") and summary.exit_status == "success":
-            summary.exit_status = "abort"
-            summary.reason = f"the raw run ended with exit_status={stop.get('exit_status')!r}"
         if self.derived is not None:
             self.derived.close(exit_status=summary.exit_status, reason=summary.reason)
 
@@ -519,8 +533,7 @@ class JitCallback:
                 self._queue.task_done()
 
     def _factory(self, name: str, start: dict) -> tuple[list, list]:
-        tomo = start.get("tomo")
-        if tomo is None and not ("num_angles" in start and "num_bkg_images" in start):
+        if not is_tomography(start):
             logger.info(
                 "Run %s is not a tomography scan (no 'tomo' block in its start document); "
                 "bluesky_jit ignores it.",

@@ -448,6 +448,12 @@ def _config_yaml(directory: Path, readable_storage: Sequence[Path]) -> str:
         # Event tables in SQLite: the DuckDB driver aborted the server under
         # concurrent appends from two writers (raw and derived runs) here.
         f"        - {q('sqlite:///' + str(directory / 'tables.sqlite'))}",
+        # catalogs made before the switch keep their DuckDB tables readable
+        *(
+            [f"        - {q('duckdb:///' + str(directory / 'tables.duckdb'))}"]
+            if (directory / "tables.duckdb").exists()
+            else []
+        ),
         "      readable_storage:",
         *(f"        - {q(path)}" for path in readable),
         "media_types:",

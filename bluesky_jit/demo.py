@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class DemoOptions:
     figures: Path | None = None
     progress: bool = True
     config: JitConfig = field(default_factory=JitConfig)
+    on_callback: Callable[[Any], None] | None = None
+    """Called with the ``JitCallback`` before the scan (e.g. to attach a live view)."""
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
@@ -76,6 +79,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         jit = JitCallback(
             config=options.config, emit=cat.tiled_writer(derived_runs), directory=derived_dir
         )
+        if options.on_callback is not None:
+            options.on_callback(jit)
         RE = RunEngine({})
         RE.subscribe(cat.tiled_writer(raw_runs))
         RE.subscribe(jit)

@@ -182,6 +182,9 @@ class TomoIngest(event_model.DocumentRouter):
         self.detector_key = tomo.get("detector_key")
         self.angle_key = tomo.get("angle_key", "rot_stage")
         self._md_angles = list(tomo.get("angles") or [])
+        if self.role == "dark_flat":  # calibration frames only: no rotation, no geometry
+            self.sink.begin(self.start_doc, None)
+            return
         try:
             self.geometry = geometry_from_start(doc, self.overrides)
         except BlueskyJitError as error:

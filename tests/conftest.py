@@ -76,6 +76,7 @@ holdout_size = 8
 patch_size = 8
 max_train_steps_per_s = 20.0
 metrics_every_s = 0.2
+vertical_slices = false
 """
 """Settings file of a tiny, fast pipeline (detector 4 x 32, 16 angles per rotation)."""
 
@@ -143,6 +144,64 @@ def demo_run(jit_catalog, tiny_toml):
     result = json.loads(summary.read_text())
     assert code == 0, result
     return result
+
+
+@pytest.fixture(scope="session")
+def count_run(jit_catalog):
+    """Uid of a plain `count` run (not a tomography scan) in the raw container."""
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from ophyd.sim import det1
+
+    from bluesky_jit.catalog import runs_container, tiled_writer
+
+    RE = RunEngine({})
+    RE.subscribe(tiled_writer(runs_container(jit_catalog.client(), "raw")))
+    (uid,) = RE(count([det1], num=2))
+    return uid
+
+
+@pytest.fixture(scope="session")
+def bad_tomo_run(jit_catalog):
+    """Uid of a tomography scan without darks and flats (its derived run fails), in raw."""
+    from bluesky import RunEngine
+
+    from bluesky_jit.catalog import runs_container, tiled_writer
+    from bluesky_jit.session import simulated_beamline
+    from simulated_devices.plans import tomo_scan
+
+    RE = RunEngine({})
+    RE.subscribe(tiled_writer(runs_container(jit_catalog.client(), "raw")))
+    settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1"}
+    beamline = simulated_beamline(jit_catalog.base / "bad_run", settings)
+    (uid,) = RE(
+        tomo_scan(
+            beamline.det,
+            beamline.rot_stage,
+            beamline.shutter,
+            beamline.sample_stage,
+            num_angles=16,
+            num_darks=0,
+            num_flats=0,
+        )
+    )
+    return uid
+
+
+@pytest.fixture(scope="session")
+def lost_files_run(jit_catalog, demo_run):
+    """The demo's raw run stored again in container ``raw_lost``, its detector files gone."""
+    from bluesky_jit.catalog import documents, runs_container, tiled_writer
+
+    client = jit_catalog.client()
+    original = runs_container(client, "raw")[demo_run["raw_uid"]]
+    writer = tiled_writer(runs_container(client, "raw_lost"))
+    gone = jit_catalog.base / "deleted-detector-files"
+    for name, doc in documents(original):
+        if name == "stream_resource":
+            doc = {**doc, "uri": (gone / f"{doc['uid']}.h5").as_uri()}
+        writer(name, dict(doc))
+    return demo_run["raw_uid"]
 
 
 # -- data ------------------------------------------------------------------------------

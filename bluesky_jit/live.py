@@ -1,0 +1,461 @@
+"""Seeing results: a live figure while runs are processed, and derived runs read back.
+
+Live::
+
+    view = LiveView(jit)      # jit: the JitCallback subscribed to the RunEngine
+    view.start()              # IPython with an interactive backend (%matplotlib)
+    view.stop()
+
+The figure has three panels: the newest reconstructed slice, the newest
+denoised slice (same grey window) and the learning curve (training loss and
+hold-out accuracy alpha, seed 000 eq. 3). It polls the callback's state on a
+GUI timer, so nothing runs on the RunEngine's thread. From the command line,
+``--live`` runs the work in a thread and the figure in the main thread
+(:meth:`LiveView.run_while`).
+
+Read back (two lines)::
+
+    from bluesky_jit.live import show
+    show("http://127.0.0.1:8000", "3f2a", api_key="...")   # derived or raw uid
+
+:func:`export` writes a derived run's slices as PNG (a contact sheet) or GIF
+(an animation), read back from the catalog.
+
+matplotlib is imported only when a function needs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import BlueskyJitError, ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from tiled.client.container import Container
+
+    from .callbacks import JitCallback
+
+__all__ = ["DerivedData", "LiveView", "export", "open_derived", "read_derived", "show"]
+
+
+@dataclass
+class DerivedData:
+    """A derived run's arrays, read back from the catalog.
+
+    Attributes
+    ----------
+    uid, raw_uid : str
+    reconstruction : ndarray, shape (N, H, W)
+    reconstruction_index : ndarray, shape (N,)
+        Last projection index of each reconstruction.
+    denoised : ndarray, shape (M, H, W)
+    denoised_index : ndarray, shape (M,)
+    metrics : dict of str -> ndarray
+        Columns of the ``metrics`` stream (``step``, ``loss``, ``alpha``, ...).
+    start, stop : dict
+        The run's start and stop documents.
+    """
+
+    uid: str
+    raw_uid: str
+    reconstruction: np.ndarray
+    reconstruction_index: np.ndarray
+    denoised: np.ndarray
+    denoised_index: np.ndarray
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    start: dict[str, Any] = field(default_factory=dict)
+    stop: dict[str, Any] = field(default_factory=dict)
+
+
+def open_derived(
+    catalog: str | Container, uid: str, *, api_key: str | None = None, container: str = "derived"
+) -> Container:
+    """The derived run ``uid``, or the newest derived run of the raw run ``uid``.
+
+    Parameters
+    ----------
+    catalog : str or tiled Container
+        A Tiled URI, a data directory (see :func:`bluesky_jit.session.open_catalog`),
+        a catalog root, or a container of derived runs.
+    uid : str
+        Full or partial uid of a derived run, or of a raw run.
+    """
+    from .catalog import derived_runs_for
+    from .replay import RunNotFoundError, lookup_run
+
+    if isinstance(catalog, (str, Path)):
+        from .session import open_catalog
+
+        catalog = open_catalog(catalog, api_key=api_key, create=False).client
+    runs = catalog
+    specs = {spec.name for spec in getattr(catalog, "specs", [])}
+    if "CatalogOfBlueskyRuns" not in specs:
+        from .catalog import runs_container
+
+        runs = runs_container(catalog, container)
+    try:
+        return lookup_run(runs, uid)
+    except RunNotFoundError:
+        derived = derived_runs_for(runs, uid) if len(uid) == 36 else []
+        if derived:
+            return derived[-1]
+        raise
+
+
+def read_derived(run: Container) -> DerivedData:
+    """Read a derived run's slices and metrics (see :class:`DerivedData`)."""
+    start = dict(run.metadata["start"])
+    stop = dict(run.metadata.get("stop") or {})
+    if start.get("plan_name") != "bluesky_jit":
+        raise NotDerivedError(
+            f"Run {start.get('uid')} is not a bluesky_jit derived run (plan_name "
+            f"{start.get('plan_name')!r}); pass a derived run's uid, or a raw uid to get its "
+            "newest derived run."
+        )
+    images = {}
+    for stream in ("reconstruction", "denoised"):
+        if stream in run:
+            table = run[stream].read()
+            images[stream] = (
+                np.asarray(table[stream].values),
+                np.asarray(table["projection_index"].values),
+            )
+        else:
+            images[stream] = (np.empty((0, 1, 1), np.float32), np.empty(0, int))
+    metrics: dict[str, np.ndarray] = {}
+    if "metrics" in run:
+        table = run["metrics"].read()
+        metrics = {str(k): np.asarray(table[k].values) for k in table.data_vars}
+    return DerivedData(
+        uid=start["uid"],
+        raw_uid=start.get("raw_uid", ""),
+        reconstruction=images["reconstruction"][0],
+        reconstruction_index=images["reconstruction"][1],
+        denoised=images["denoised"][0],
+        denoised_index=images["denoised"][1],
+        metrics=metrics,
+        start=start,
+        stop=stop,
+    )
+
+
+class NotDerivedError(BlueskyJitError, ValueError):
+    """The run is not a derived run of bluesky_jit."""
+
+
+def show(catalog: str | Container, uid: str | None = None, *, api_key: str | None = None) -> Figure:
+    """Show a derived run: newest reconstruction, denoised slice and learning curve.
+
+    ``catalog`` may also be a derived run itself (then no ``uid``).
+    """
+    run = catalog if uid is None else open_derived(catalog, uid, api_key=api_key)
+    data = read_derived(run)
+    figure = _new_figure()
+    panels = _Panels(figure)
+    panels.draw(
+        data.reconstruction[-1] if len(data.reconstruction) else None,
+        data.denoised[-1] if len(data.denoised) else None,
+        _metric_rows(data.metrics),
+        title=_title(data.uid, data.raw_uid, data.stop.get("exit_status", "running")),
+    )
+    return figure
+
+
+def export(
+    run: Container | DerivedData,
+    path: str | Path,
+    *,
+    fps: float = 4.0,
+    max_frames: int = 48,
+) -> Path:
+    """Write a derived run's slices for a report: ``.png`` contact sheet or ``.gif`` animation.
+
+    PNG: the learning curve and up to 6 reconstructions with the denoised
+    slice of the same projection index underneath. GIF: one frame per
+    reconstruction (at most ``max_frames``, evenly chosen), reconstruction and
+    denoised slice side by side.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".gif"):
+        raise ConfigError(f"Export to .png or .gif; got {path.name!r}.")
+    data = run if isinstance(run, DerivedData) else read_derived(run)
+    if len(data.reconstruction) == 0:
+        raise NotDerivedError(
+            f"Derived run {data.uid} has no reconstructed slice to export "
+            f"(exit_status {data.stop.get('exit_status')!r}: {data.stop.get('reason', '')})."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".png":
+        return _contact_sheet(data, path)
+    return _animation(data, path, fps=fps, max_frames=max_frames)
+
+
+# ------------------------------------------------------------------------------ live
+class LiveView:
+    """A live figure of the run a :class:`JitCallback` is processing.
+
+    Parameters
+    ----------
+    jit : JitCallback
+    interval_s : float
+        Refresh period.
+    """
+
+    def __init__(self, jit: JitCallback, *, interval_s: float = 0.5) -> None:
+        self.jit = jit
+        self.interval_s = interval_s
+        self.figure: Figure | None = None
+        self._panels: _Panels | None = None
+        self._timer: Any = None
+        self._shown: tuple[Any, ...] = ()
+
+    def update(self) -> bool:
+        """Redraw from the callback's newest state; True if anything changed."""
+        summary = self._current()
+        if summary is None:
+            return False
+        key = (summary.raw_uid, summary.slices, summary.denoised, len(summary.metrics))
+        if key == self._shown:
+            return False
+        if self.figure is None:
+            self.figure = _new_figure()
+            self._panels = _Panels(self.figure)
+        self._shown = key
+        self._panels.draw(
+            summary.last_slice,
+            summary.last_denoised,
+            list(summary.metrics),
+            title=_title(summary.derived_uid or "", summary.raw_uid, f"{summary.slices} slices"),
+        )
+        self.figure.canvas.draw_idle()
+        return True
+
+    def start(self) -> LiveView:
+        """Show the figure and refresh it on a GUI timer (needs an interactive backend)."""
+        import matplotlib.pyplot as plt
+
+        if self.figure is None:
+            self.figure = _new_figure()
+            self._panels = _Panels(self.figure)
+        if self._timer is None:
+            self._timer = self.figure.canvas.new_timer(interval=int(self.interval_s * 1000))
+            self._timer.add_callback(self.update)
+        self._timer.start()
+        if _interactive():
+            plt.show(block=False)
+        return self
+
+    def stop(self) -> None:
+        """Stop refreshing (the figure stays)."""
+        if self._timer is not None:
+            self._timer.stop()
+
+    def run_while(self, busy: Callable[[], bool]) -> None:
+        """Refresh in this (main) thread while ``busy()``; then draw once more."""
+        import time
+
+        import matplotlib.pyplot as plt
+
+        interactive = _interactive()
+        if interactive:
+            plt.ion()
+        while busy():
+            self.update()
+            if interactive and self.figure is not None:
+                plt.pause(self.interval_s)
+            else:
+                time.sleep(self.interval_s)
+        self.update()
+
+    def save(self, path: str | Path) -> Path:
+        """Save the current figure (PNG, PDF, SVG by suffix)."""
+        if self.figure is None:
+            raise ConfigError("Nothing to save yet: no run has produced a slice.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.figure.savefig(path, dpi=110)
+        return path
+
+    def _current(self) -> Any:
+        """The newest scan's RunSummary: running first, else the last finished."""
+        pipelines = list(self.jit.pipelines.values())
+        for pipeline in reversed(pipelines):
+            summary = pipeline.summary
+            if summary is not None and summary.geometry is not None:
+                return summary
+        finished = [s for s in list(self.jit.summaries) if s.last_slice is not None]
+        return finished[-1] if finished else None
+
+
+# --------------------------------------------------------------------------- drawing
+def _interactive() -> bool:
+    import matplotlib
+
+    return matplotlib.get_backend().lower() not in {"agg", "pdf", "svg", "ps", "cairo", "template"}
+
+
+def _new_figure() -> Figure:
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=(11, 3.6))
+
+
+def _title(uid: str, raw_uid: str, status: str) -> str:
+    return f"derived {uid[:8]} of raw run {raw_uid[:8]} ({status})"
+
+
+def _metric_rows(metrics: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
+    steps = metrics.get("train_step", metrics.get("step"))
+    if steps is None:
+        return []
+    rows = []
+    for i, step in enumerate(steps):
+        rows.append(
+            {
+                "step": float(step),
+                "loss": float(metrics["loss"][i]) if "loss" in metrics else math.nan,
+                "alpha": float(metrics["alpha"][i]) if "alpha" in metrics else math.nan,
+            }
+        )
+    return rows
+
+
+class _Panels:
+    """Reconstruction | denoised | learning curve, redrawn in place."""
+
+    def __init__(self, figure: Figure) -> None:
+        self.figure = figure
+        self.ax_rec, self.ax_den, self.ax_loss = figure.subplots(1, 3)
+        self.ax_alpha = self.ax_loss.twinx()
+        self.images: dict[str, Any] = {}
+        for ax, name in ((self.ax_rec, "reconstructed"), (self.ax_den, "denoised")):
+            ax.set_title(name)
+            ax.axis("off")
+        self.ax_loss.set_xlabel("training step")
+        self.ax_loss.set_ylabel("training loss")
+        self.ax_alpha.set_ylabel("hold-out alpha (1: none, ~0.5: ideal)", color="tab:red")
+        (self.loss_line,) = self.ax_loss.plot([], [], ".-", color="tab:blue")
+        (self.alpha_line,) = self.ax_alpha.plot([], [], ".-", color="tab:red")
+        self.ax_alpha.axhline(1.0, color="grey", ls="--", lw=0.8)
+        self.ax_alpha.axhline(0.5, color="grey", ls=":", lw=0.8)
+        figure.tight_layout()
+
+    def draw(
+        self,
+        reconstruction: np.ndarray | None,
+        denoised: np.ndarray | None,
+        metrics: Sequence[Mapping[str, Any]],
+        *,
+        title: str = "",
+    ) -> None:
+        window = _window(reconstruction)
+        for ax, name, image in (
+            (self.ax_rec, "rec", reconstruction),
+            (self.ax_den, "den", denoised),
+        ):
+            if image is None:
+                continue
+            image = np.asarray(image)
+            if name in self.images and self.images[name].get_array().shape == image.shape:
+                self.images[name].set_data(image)
+                self.images[name].set_clim(*window)
+            else:
+                self.images[name] = ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
+        steps = [m.get("step", math.nan) for m in metrics]
+        loss = [m.get("loss", math.nan) for m in metrics]
+        alpha = [m.get("alpha", math.nan) for m in metrics]
+        self.loss_line.set_data(steps, loss)
+        self.alpha_line.set_data(steps, alpha)
+        finite = [v for v in loss if np.isfinite(v) and v > 0]
+        if finite:
+            self.ax_loss.set_yscale("log")
+        for ax in (self.ax_loss, self.ax_alpha):
+            ax.relim()
+            ax.autoscale_view()
+        if title:
+            self.figure.suptitle(title, fontsize=10)
+
+
+def _window(image: np.ndarray | None) -> tuple[float, float]:
+    if image is None or not np.isfinite(image).any():
+        return (0.0, 1.0)
+    lo, hi = np.nanpercentile(image, [1, 99])
+    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+
+
+def _contact_sheet(data: DerivedData, path: Path) -> Path:
+    from matplotlib.figure import Figure  # off-screen, whatever the backend
+
+    n = len(data.reconstruction)
+    picks = sorted(set(np.linspace(0, n - 1, min(n, 6)).round().astype(int).tolist()))
+    denoised_at = {int(i): k for k, i in enumerate(data.denoised_index)}
+    cols = len(picks)
+    fig = Figure(figsize=(2.4 * max(cols, 2), 2.4 * 2 + 2.6))
+    grid = fig.add_gridspec(3, max(cols, 2), height_ratios=[1, 1, 1.1])
+    window = _window(data.reconstruction[picks[-1]])
+    for c, i in enumerate(picks):
+        index = int(data.reconstruction_index[i])
+        ax = fig.add_subplot(grid[0, c])
+        ax.imshow(data.reconstruction[i], cmap="gray", vmin=window[0], vmax=window[1])
+        ax.set_title(f"projection {index}", fontsize=8)
+        ax.axis("off")
+        ax = fig.add_subplot(grid[1, c])
+        ax.axis("off")
+        if index in denoised_at:
+            ax.imshow(
+                data.denoised[denoised_at[index]], cmap="gray", vmin=window[0], vmax=window[1]
+            )
+        else:
+            ax.text(0.5, 0.5, "not trained yet", ha="center", va="center", fontsize=8)
+        if c == 0:
+            ax.set_title("denoised", fontsize=8, loc="left")
+    ax = fig.add_subplot(grid[2, :])
+    rows = _metric_rows(data.metrics)
+    if rows:
+        ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], ".-", color="tab:red")
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("hold-out alpha")
+    fig.suptitle(_title(data.uid, data.raw_uid, data.stop.get("exit_status", "running")))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _animation(data: DerivedData, path: Path, *, fps: float, max_frames: int) -> Path:
+    from PIL import Image
+
+    n = len(data.reconstruction)
+    picks = sorted(set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()))
+    denoised_at = {int(i): k for k, i in enumerate(data.denoised_index)}
+    window = _window(data.reconstruction[-1])
+    frames = []
+    for i in picks:
+        rec = _to_uint8(data.reconstruction[i], window)
+        k = denoised_at.get(int(data.reconstruction_index[i]))
+        den = _to_uint8(data.denoised[k], window) if k is not None else np.zeros_like(rec)
+        gap = np.full((rec.shape[0], 4), 255, np.uint8)
+        frames.append(Image.fromarray(np.hstack([rec, gap, den])).convert("P"))
+    frames[0].save(
+        path,
+        save_all=True,
+        append_images=frames[1:],
+        duration=int(1000 / fps),
+        loop=0,
+    )
+    return path
+
+
+def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    scaled = (np.asarray(image, dtype=np.float64) - lo) / (hi - lo)
+    return (np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)

@@ -1,0 +1,484 @@
+"""Sessions: settings files, opening a catalog, finding derived runs, a simulated beamline.
+
+What the command line (:mod:`bluesky_jit.cli`) and the IPython profile
+(``profiles/profile_jit``) share, so that the profile's startup files stay a
+few lines each:
+
+- :func:`load_settings` reads a TOML or YAML settings file (sections
+  ``[jit]``, ``[catalog]``, ``[beamline]`` and one per subcommand).
+- :func:`open_catalog` gives a :class:`CatalogSession` on a Tiled URI, on a
+  running ``bluesky-jit serve``, or on an embedded catalog it starts itself.
+- :func:`find_derived` searches derived runs by raw uid, model and settings.
+- :func:`simulated_beamline`, :func:`attach` and :func:`tomo_plan` set up
+  the simulated devices, the callback and a plan to run.
+
+Importing this module imports neither tiled, torch nor bluesky.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from .config import JitConfig
+from .errors import CatalogError, ConfigError
+
+if TYPE_CHECKING:
+    from tiled.client.container import Container
+
+    from .callbacks import JitCallback
+    from .catalog import LocalCatalog
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CatalogSession",
+    "SECTIONS",
+    "attach",
+    "find_derived",
+    "jit_config",
+    "load_settings",
+    "open_catalog",
+    "profile_settings",
+    "simulated_beamline",
+    "tomo_plan",
+]
+
+SECTIONS: Final = (
+    "jit",
+    "catalog",
+    "beamline",
+    "demo",
+    "replay",
+    "listen",
+    "serve",
+    "export",
+)
+"""Sections a settings file may have; ``[jit]`` takes any :class:`JitConfig` field."""
+CONNECTION_FILE: Final = "connection.json"
+"""Written by ``bluesky-jit serve`` next to the catalog: its URI and API key (mode 0600)."""
+DEFAULT_DATA_DIR: Final = Path("bluesky_jit_data")
+
+
+# ----------------------------------------------------------------------------- settings
+def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Read a settings file (``.toml``, ``.yaml`` or ``.yml``).
+
+    Parameters
+    ----------
+    path : path or None
+        None returns empty settings.
+
+    Returns
+    -------
+    dict
+        Section name -> {key: value}; every section of :data:`SECTIONS` present
+        (empty when the file has none).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, cannot be parsed, or has an unknown section.
+
+    Examples
+    --------
+    A file ``bluesky-jit.toml``::
+
+        [jit]
+        model = "unet"
+        refresh_every = 10
+        [catalog]
+        uri = "http://tiled.example.org:8000"
+        [listen]
+        kafka = "broker1:9092"
+        topic = "bl.bluesky.runengine.documents"
+        group = "bluesky-jit"
+    """
+    settings: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is None:
+        return settings
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(
+            f"Cannot read the settings file {path}: {err.strerror or err}. Pass an existing "
+            ".toml or .yaml file to --config."
+        ) from err
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(
+                f"The settings file {path} must end in .toml, .yaml or .yml; got {suffix!r}."
+            )
+    except (tomllib.TOMLDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"The settings file {path} is not valid {suffix[1:]}: {err}") from err
+    except Exception as err:  # yaml.YAMLError, without importing yaml up front
+        raise ConfigError(f"The settings file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"The settings file {path} must hold sections ({', '.join(SECTIONS)}); "
+            f"got a {type(data).__name__}."
+        )
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(
+                f"Unknown section {name!r} in {path}; known sections are {list(SECTIONS)}."
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"Section [{name}] of {path} must be a table of key = value; "
+                f"got {type(values).__name__}."
+            )
+        settings[name] = dict(values)
+    return settings
+
+
+def jit_config(settings: Mapping[str, Any] | None = None, **overrides: Any) -> JitConfig:
+    """Return the :class:`JitConfig` of a ``[jit]`` section, with ``overrides`` winning.
+
+    ``None`` overrides are ignored, so unset command-line flags fall through.
+    """
+    values = {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return JitConfig.from_dict(values)
+
+
+def profile_settings(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Settings of the IPython profile: a file named by ``BLUESKY_JIT_CONFIG``, then variables.
+
+    ``BLUESKY_JIT_CATALOG`` (URI or directory), ``BLUESKY_JIT_API_KEY`` and
+    ``BLUESKY_JIT_DATA_DIR`` win over the file's ``[catalog]`` section.
+    """
+    env = os.environ if environ is None else environ
+    settings = load_settings(env.get("BLUESKY_JIT_CONFIG") or None)
+    catalog = settings["catalog"]
+    for key, var in (
+        ("uri", "BLUESKY_JIT_CATALOG"),
+        ("api_key", "BLUESKY_JIT_API_KEY"),
+        ("data_dir", "BLUESKY_JIT_DATA_DIR"),
+    ):
+        if env.get(var):
+            catalog[key] = env[var]
+    return settings
+
+
+# ------------------------------------------------------------------------------ catalog
+@dataclass
+class CatalogSession:
+    """An open catalog: a tiled client, where it is, and the server if this session started it.
+
+    Attributes
+    ----------
+    client : tiled Container
+        The catalog's root.
+    uri : str
+        Where the catalog answers (for logs and for other tools).
+    data_dir : Path
+        Where derived HDF5 files are written; the Tiled server must be able to read it.
+    local : LocalCatalog or None
+        The embedded server when this session started one (stopped by :meth:`close`).
+    """
+
+    client: Container
+    uri: str
+    data_dir: Path
+    api_key: str | None = None
+    local: LocalCatalog | None = None
+    _containers: dict[str, Container] = field(default_factory=dict, repr=False)
+
+    def runs(self, name: str) -> Container:
+        """The container of Bluesky runs ``name`` (``"raw"``, ``"derived"``), created if missing."""
+        if name not in self._containers:
+            from .catalog import runs_container
+
+            self._containers[name] = runs_container(self.client, name)
+        return self._containers[name]
+
+    @property
+    def description(self) -> str:
+        """Where results go, for logs: ``embedded Tiled catalog http://... (data in ...)``."""
+        kind = "embedded Tiled catalog" if self.local is not None else "Tiled catalog"
+        return f"{kind} {self.uri} (derived files in {self.data_dir})"
+
+    def close(self) -> None:
+        """Stop the embedded server if this session started it."""
+        if self.local is not None:
+            self.local.close()
+
+    def __enter__(self) -> CatalogSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_catalog(
+    target: str | Path | None = None,
+    *,
+    api_key: str | None = None,
+    data_dir: str | Path | None = None,
+    create: bool = True,
+    readable_storage: Sequence[str | Path] = (),
+) -> CatalogSession:
+    """Open the catalog named by ``target``.
+
+    Parameters
+    ----------
+    target : str or Path, optional
+        ``http(s)://host:port[/path]``: any Tiled server (``api_key``, else the
+        ``TILED_API_KEY`` variable). A directory: the embedded catalog of a
+        data directory (``DIR/catalog``); if ``bluesky-jit serve`` is running
+        on it (``DIR/catalog/connection.json``), that server is used,
+        otherwise one is started for this session. None: ``data_dir``.
+    api_key : str, optional
+    data_dir : path, optional
+        Where derived files go; for a directory target, the directory itself.
+        Default ``bluesky_jit_data``.
+    create : bool
+        Start a new embedded catalog when the directory has none (False: raise).
+    readable_storage : sequence of path
+        More directories an embedded server may read (detector files).
+
+    Raises
+    ------
+    CatalogError
+        Unreachable server, refused key, or no catalog in the directory.
+    """
+    from . import catalog as cat
+
+    if isinstance(target, str) and target.startswith(("http://", "https://")):
+        key = api_key or os.environ.get("TILED_API_KEY") or None
+        client = cat.connect(target, api_key=key)
+        directory = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+        return CatalogSession(client, target, directory.resolve(), key)
+    if isinstance(target, str) and "://" in target:
+        raise CatalogError(
+            f"A catalog must be an http(s):// URI or a data directory; got {target!r}."
+        )
+    directory = Path(target if target is not None else (data_dir or DEFAULT_DATA_DIR)).resolve()
+    catalog_dir = directory / "catalog"
+    served = _running_server(catalog_dir)
+    if served is not None:
+        uri, key = served
+        return CatalogSession(cat.connect(uri, api_key=key), uri, directory, key)
+    if not create and not (catalog_dir / "catalog.db").exists():
+        raise CatalogError(
+            f"No catalog in {directory}: expected {catalog_dir / 'catalog.db'}, written by "
+            "`bluesky-jit demo` or `bluesky-jit serve`. Pass the data directory you used "
+            "there, or a Tiled URI (http://host:port)."
+        )
+    readable = [directory, *(Path(p).resolve() for p in readable_storage)]
+    local = cat.LocalCatalog(catalog_dir, readable_storage=readable, api_key=api_key)
+    try:
+        client = local.client()
+    except Exception:
+        local.close()
+        raise
+    return CatalogSession(client, local.uri, directory, local.api_key, local)
+
+
+def write_connection_file(local: LocalCatalog) -> Path:
+    """Record a served catalog's URI and API key for other commands (mode 0600)."""
+    path = local.directory / CONNECTION_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.chmod(path, 0o600)
+    with open(fd, "w") as f:
+        json.dump({"uri": local.uri, "api_key": local.api_key, "pid": os.getpid()}, f)
+    return path
+
+
+def _running_server(catalog_dir: Path) -> tuple[str, str] | None:
+    """(uri, api_key) of a ``bluesky-jit serve`` on ``catalog_dir`` that still answers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    path = catalog_dir / CONNECTION_FILE
+    try:
+        info = json.loads(path.read_text())
+        parts = urlsplit(info["uri"])
+        with socket.create_connection((parts.hostname, parts.port), timeout=1.0):
+            pass
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info["uri"], info["api_key"]
+
+
+# ------------------------------------------------------------------------------- search
+def find_derived(
+    container: Container,
+    *,
+    raw_uid: str | None = None,
+    model: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    exit_status: str | None = None,
+) -> list[Container]:
+    """Derived runs matching every criterion given, oldest first (tiled queries on ``start``).
+
+    Parameters
+    ----------
+    container : CatalogOfBlueskyRuns
+        The derived runs (``session.runs("derived")``).
+    raw_uid : str, optional
+        Made from this raw run (``start.raw_uid``).
+    model : str, optional
+        Denoiser name (``start.model.name``).
+    config : mapping, optional
+        :class:`JitConfig` values, e.g. ``{"seed": 0, "refresh_every": 10}``
+        (``start.config.<key>``).
+    exit_status : str, optional
+        ``"success"``, ``"fail"`` or ``"abort"`` (``stop.exit_status``).
+
+    Returns
+    -------
+    list of BlueskyRun
+
+    Examples
+    --------
+    >>> find_derived(session.runs("derived"), model="unet", config={"seed": 0})
+    """
+    from tiled.queries import Key
+
+    results = container
+    if raw_uid is not None:
+        results = results.search(Key("start.raw_uid") == raw_uid)
+    if model is not None:
+        results = results.search(Key("start.model.name") == model)
+    for key, value in (config or {}).items():
+        if key not in JitConfig.__dataclass_fields__:
+            raise ConfigError(
+                f"find_derived: {key!r} is not a JitConfig setting; known: "
+                f"{sorted(JitConfig.__dataclass_fields__)}."
+            )
+        results = results.search(Key(f"start.config.{key}") == value)
+    if exit_status is not None:
+        results = results.search(Key("stop.exit_status") == exit_status)
+    runs = list(results.values())
+    return sorted(runs, key=lambda run: run.metadata["start"]["time"])
+
+
+# ------------------------------------------------------------------------ the beamline
+def simulated_beamline(save_path: str | Path, settings: Mapping[str, Any] | None = None) -> Any:
+    """Simulated devices for a profile: ``hw()`` with a bubble-column phantom.
+
+    ``settings`` (the ``[beamline]`` section) may set ``size`` (detector
+    columns, default 128), ``rows`` (16), ``photons`` (1000), ``frame_rate``
+    (15), ``paced`` (False), ``seed`` (0), ``api`` (``"async"``) and
+    ``external`` (True; ``api="v1"`` only: False puts frames in the events). A
+    RunEngine must exist first (ophyd-async devices connect in its loop).
+    """
+    from simulated_devices import hw
+    from simulated_devices.phantoms import BubbleColumn
+    from simulated_devices.sources import PhantomSource
+
+    s = dict(settings or {})
+    known = {"size", "rows", "photons", "frame_rate", "paced", "seed", "api", "external"}
+    unknown = sorted(set(s) - known)
+    if unknown:
+        raise ConfigError(f"Unknown [beamline] setting(s) {unknown}; known: {sorted(known)}.")
+    seed = int(s.get("seed", 0))
+    phantom = BubbleColumn(
+        detector_shape=(int(s.get("rows", 16)), int(s.get("size", 128))), seed=seed
+    )
+    return hw(
+        save_path,
+        source=PhantomSource(phantom, photons=float(s.get("photons", 1000.0))),
+        api=s.get("api", "async"),
+        external=bool(s.get("external", True)),
+        frame_rate=float(s.get("frame_rate", 15.0)),
+        paced=bool(s.get("paced", False)),
+        seed=seed,
+    )
+
+
+def attach(
+    RE: Any,
+    session: CatalogSession,
+    *,
+    config: JitConfig | None = None,
+    write_raw: bool = True,
+    on_run_finished: Callable[[Any], None] | None = None,
+) -> JitCallback:
+    """Subscribe the just-in-time callback (and a raw-run writer) to ``RE``.
+
+    Parameters
+    ----------
+    RE : RunEngine
+    session : CatalogSession
+        Derived runs go to its ``"derived"`` container, files to
+        ``session.data_dir / "derived"``; raw runs to ``"raw"`` when
+        ``write_raw``.
+    config : JitConfig, optional
+    write_raw : bool
+        Also store the raw runs (a beamline usually has its own writer: False).
+    on_run_finished : callable, optional
+        Called with each run's ``RunSummary``; by default one log line.
+
+    Returns
+    -------
+    JitCallback
+        Subscribed; ``RE.unsubscribe`` with ``jit.token`` to detach.
+    """
+    from .callbacks import JitCallback
+    from .catalog import tiled_writer
+
+    if write_raw:
+        RE.subscribe(tiled_writer(session.runs("raw")))
+    jit = JitCallback(
+        config=config,
+        emit=tiled_writer(session.runs("derived")),
+        directory=session.data_dir / "derived",
+        on_run_finished=on_run_finished or _report(session),
+    )
+    jit.token = RE.subscribe(jit)
+    return jit
+
+
+def _report(session: CatalogSession) -> Callable[[Any], None]:
+    def report(summary: Any) -> None:
+        if summary.derived_uid is None:
+            return
+        print(
+            f"bluesky-jit: run {summary.raw_uid[:8]} -> derived run {summary.derived_uid} "
+            f"({summary.exit_status}; {summary.slices} slices, {summary.train_steps} training "
+            f"steps) in {session.description}",
+            flush=True,
+        )
+
+    return report
+
+
+def tomo_plan(beamline: Any, **defaults: Any) -> Callable[..., Iterator[Any]]:
+    """A continuous tomography plan on ``beamline``: ``RE(tomo(num_angles=90, rotations=2))``.
+
+    ``defaults`` are keyword arguments of
+    :func:`simulated_devices.plans.tomo_continuous` that calls may override.
+    """
+    from simulated_devices.plans import tomo_continuous
+
+    def tomo(*, num_angles: int = 90, rotations: int = 1, **kwargs: Any) -> Iterator[Any]:
+        """A tomography scan: ``num_angles`` projections per 180 degrees, ``rotations`` turns."""
+        return tomo_continuous(
+            beamline.det,
+            beamline.rot_stage,
+            beamline.shutter,
+            beamline.sample_stage,
+            num_angles=num_angles,
+            rotations=rotations,
+            **{**defaults, **kwargs},
+        )
+
+    return tomo

@@ -1,0 +1,292 @@
+"""The command line (bluesky_jit.cli): help, settings precedence, exit codes, each subcommand.
+
+Most tests call ``main(argv)`` in this process against the session's real Tiled server
+(conftest ``jit_catalog``); ``serve`` runs as a subprocess. The ``demo`` subcommand is
+exercised by the conftest ``demo_run`` fixture (tiny scan, settings file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bluesky_jit.catalog import derived_runs_for, runs_container
+from bluesky_jit.cli import COMMANDS, build_parser, main, resolve
+from bluesky_jit.session import load_settings
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ help
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help_with_examples_and_exit_codes(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"bluesky-jit {command}" in out
+    assert "exit codes:" in out and "3 catalog or broker unreachable" in out
+    assert "--config FILE" in out
+
+
+def test_top_level_help_explains_the_settings_file(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+    assert "[jit]" in out and "A flag wins over the file" in out
+
+
+def test_demo_keeps_its_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    for flag in (
+        "--data-dir --catalog --api-key --size --rows --angles --rotations --photons "
+        "--frame-rate --no-pace --seed --model --device --refresh-every --summary --figures "
+        "--no-progress"
+    ).split():
+        assert flag in out
+
+
+# ------------------------------------------------------------------------- settings
+TOML = """\
+[jit]
+refresh_every = 7
+seed = 3
+batch_size = 8
+buffer_capacity = 64
+[demo]
+size = 48
+pace = false
+[catalog]
+data_dir = "from-file"
+"""
+YAML = """\
+jit:
+  refresh_every: 7
+  seed: 3
+  batch_size: 8
+  buffer_capacity: 64
+demo:
+  size: 48
+  pace: false
+catalog:
+  data_dir: from-file
+"""
+
+
+@pytest.mark.parametrize("suffix,text", [(".toml", TOML), (".yaml", YAML)])
+def test_flag_beats_file_beats_default(tmp_path, suffix, text):
+    from bluesky_jit.cli import _jit_config
+
+    path = tmp_path / f"settings{suffix}"
+    path.write_text(text)
+    args = build_parser().parse_args(
+        ["demo", "--config", str(path), "--refresh-every", "5", "--rows", "8"]
+    )
+    settings = load_settings(args.config)
+    values = resolve("demo", args, settings)
+    assert values["refresh_every"] == 5  # flag over file
+    assert values["rows"] == 8  # flag over default
+    assert values["seed"] == 3 and values["size"] == 48  # file over default
+    assert values["paced"] is False  # `--no-pace` is `pace = false` in the file
+    assert values["data_dir"] == Path("from-file")
+    assert values["num_angles"] == 90 and values["model"] == "unet"  # defaults
+    config = _jit_config(settings, values)
+    assert (config.refresh_every, config.seed, config.batch_size) == (5, 3, 8)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[nonsense]\na = 1\n", "Unknown section 'nonsense'"),
+        ("[demo]\nsizee = 3\n", "Unknown setting(s) ['sizee'] in section [demo]"),
+        ("[demo]\nsize = 'big'\n", "Setting size in [demo]"),
+        ("[jit]\nno_such_setting = 1\n", "Unknown JitConfig setting"),
+        ("[jit]\nbatch_size = 0\n", "batch_size must be a positive integer"),
+        ("[demo\n", "is not valid toml"),
+    ],
+)
+def test_a_bad_settings_file_exits_2_with_a_clear_message(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["demo", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_settings_file_and_bad_usage_exit_2(tmp_path, capsys):
+    assert main(["demo", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "Cannot read the settings file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--pace", "slow", "somewhere", "uid"])
+    assert exit_info.value.code == 2
+    assert main(["listen"]) == 2
+    assert "exactly one source" in capsys.readouterr().err
+    assert main(["listen", "--zmq", "h:1", "--kafka", "k:9092"]) == 2
+    assert main(["listen", "--kafka", "k:9092", "--topic", "t", "--write-raw"]) == 2
+    assert "--write-raw cannot be used with --kafka" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- replay
+@pytest.mark.slow
+def test_replay_command_writes_a_derived_run_linked_to_the_raw_run(
+    jit_catalog, demo_run, tiny_toml, tmp_path, capsys
+):
+    summary = tmp_path / "replay.json"
+    code = main(
+        [
+            "replay",
+            jit_catalog.uri,
+            demo_run["raw_uid"][:8],
+            "--api-key",
+            jit_catalog.api_key,
+            "--data-dir",
+            str(jit_catalog.base / "cli"),
+            "--config",
+            str(tiny_toml),
+            "--refresh-every",
+            "16",
+            "--summary",
+            str(summary),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (result,) = json.loads(summary.read_text())
+    assert f"-> derived run {result['derived_uid']} (success" in out
+    assert f"{jit_catalog.uri}/api/v1/metadata/derived" in out  # where it went
+    run = runs_container(jit_catalog.client(), "derived")[result["derived_uid"]]
+    start = run.metadata["start"]
+    assert start["raw_uid"] == demo_run["raw_uid"]
+    assert start["config"]["refresh_every"] == 16  # the flag
+    assert start["config"]["batch_size"] == 8  # the file
+    assert (jit_catalog.base / "cli" / "derived" / f"{result['derived_uid']}.h5").exists()
+
+
+@pytest.mark.slow
+def test_replay_of_a_run_that_fails_exits_1(jit_catalog, bad_tomo_run, tiny_toml, capsys):
+    code = main(
+        [
+            "replay",
+            jit_catalog.uri,
+            bad_tomo_run,
+            "--api-key",
+            jit_catalog.api_key,
+            "--data-dir",
+            str(jit_catalog.base / "cli"),
+            "--config",
+            str(tiny_toml),
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    (run,) = derived_runs_for(runs_container(jit_catalog.client(), "derived"), bad_tomo_run)
+    assert run.metadata["stop"]["exit_status"] == "fail"
+    assert "(fail: " in capsys.readouterr().out
+
+
+def test_replay_bad_input_exits_2_or_3(jit_catalog, count_run, lost_files_run, tmp_path, capsys):
+    key = ["--api-key", jit_catalog.api_key, "--no-progress"]
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        ([jit_catalog.uri, "0123abcd-no-such-run", *key], 2, "No run '0123abcd-no-such-run'"),
+        ([jit_catalog.uri, count_run, *key], 2, "is not a tomography scan"),
+        (
+            [jit_catalog.uri, lost_files_run, "--raw", "raw_lost", *key],
+            2,
+            "the Tiled server could not serve them either",
+        ),
+        ([jit_catalog.uri, "x", "--raw", "nope", *key], 3, "has no container 'nope'"),
+        ([unreachable, "x", "--no-progress"], 3, "Cannot reach the Tiled server"),
+        ([str(tmp_path / "empty"), "x"], 3, "No catalog in"),
+        ([jit_catalog.uri, "x", "--api-key", "wrongkey"], 3, "Check the API key"),
+    ]
+    for argv, expected, message in cases:
+        assert main(["replay", *argv]) == expected, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+
+
+# --------------------------------------------------------------------------- listen
+def test_listen_to_an_unreachable_broker_exits_3(capsys):
+    port = free_port()
+    assert main(["listen", "--zmq", f"127.0.0.1:{port}", "--catalog", "http://x:1"]) == 3
+    assert "Cannot reach the 0MQ proxy" in capsys.readouterr().err  # before the catalog
+    argv = ["listen", "--kafka", f"127.0.0.1:{port}", "--topic", "t", "--catalog", "x"]
+    assert main([*argv, "--connect-timeout", "1"]) == 3
+    assert "Cannot reach the Kafka broker" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- serve
+@pytest.mark.slow
+def test_serve_runs_a_catalog_others_find_and_stops_on_sigterm(tmp_path):
+    from bluesky_jit.session import open_catalog
+
+    data_dir = tmp_path / "served"
+    process = subprocess.Popen(
+        [BIN / "bluesky-jit", "serve", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("API key" in line for line in lines):
+            lines.append(process.stdout.readline())
+        uri = next(line for line in lines if "serving the catalog" in line).split(" at ")[-1]
+        connection = data_dir / "catalog" / "connection.json"
+        assert stat.S_IMODE(connection.stat().st_mode) == 0o600
+        with open_catalog(data_dir, create=False) as session:  # finds the running server
+            assert session.local is None and session.uri == uri.strip()
+            session.runs("derived")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert not connection.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# --------------------------------------------------------------------------- export
+def test_export_writes_a_gif_and_a_png_from_the_catalog(jit_catalog, demo_run, tmp_path, capsys):
+    from PIL import Image
+
+    key = ["--api-key", jit_catalog.api_key]
+    gif = tmp_path / "slices.gif"
+    assert main(["export", jit_catalog.uri, demo_run["derived_uid"], "--out", str(gif), *key]) == 0
+    assert f"written to {gif}" in capsys.readouterr().out
+    with Image.open(gif) as image:
+        assert image.n_frames == demo_run["slices"]
+    png = tmp_path / "report" / "slices.png"
+    assert main(["export", jit_catalog.uri, demo_run["raw_uid"], "--out", str(png), *key]) == 0
+    assert png.stat().st_size > 1000
+    assert main(["export", jit_catalog.uri, "nope", "--out", str(png), *key]) == 2
+    assert "No run 'nope'" in capsys.readouterr().err
+
+
+def test_environment_api_key_is_used(jit_catalog, demo_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILED_API_KEY", jit_catalog.api_key)
+    out = tmp_path / "s.png"
+    assert main(["export", jit_catalog.uri, demo_run["derived_uid"], "--out", str(out)]) == 0
+    assert os.path.exists(out)
