@@ -208,6 +208,7 @@ COMMANDS: dict[str, tuple[str, tuple[Opt, ...]]] = {
             Opt(("--summary",), "demo", "summary", None, "write the summary as JSON", Path),
             Opt(("--figures",), "demo", "figures", None, "write PNG figures here", Path),
             PROGRESS,
+            LIVE,
         ),
     ),
     "replay": (
@@ -579,7 +580,12 @@ def _demo(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int
         progress=v["progress"],
         config=config,
     )
-    result = run_demo(options)
+    if v["live"]:
+        jit_box: list[Any] = []
+        options.on_callback = jit_box.append
+        result = _with_live_view(lambda: run_demo(options), jit_box)
+    else:
+        result = run_demo(options)
     print(format_summary(result))
     return EXIT_OK if result["exit_status"] == "success" else EXIT_RUN_FAILED
 

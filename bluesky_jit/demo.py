@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,7 +82,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         )
         if options.on_callback is not None:
             options.on_callback(jit)
-        RE = RunEngine({})
+        # Ctrl-C handling needs the main thread; with a live view the scan runs in another.
+        in_main = threading.current_thread() is threading.main_thread()
+        RE = RunEngine({}) if in_main else RunEngine({}, context_managers=[])
         RE.subscribe(cat.tiled_writer(raw_runs))
         RE.subscribe(jit)
         phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)

@@ -1,6 +1,7 @@
 """The README's main job, `bluesky-jit demo`, on a tiny configuration."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,8 +18,10 @@ def test_demo_command_end_to_end(tmp_path):
         "--size", "48", "--rows", "8", "--angles", "24", "--rotations", "2",
         "--no-pace", "--no-progress", "--refresh-every", "6",
         "--summary", str(summary), "--figures", str(figures),
+        "--live",  # the live figure, drawn off screen (Agg)
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(summary.read_text())
     assert result["exit_status"] == "success"
