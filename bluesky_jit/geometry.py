@@ -86,18 +86,19 @@ BEAM_TYPES = ("parallel", "cone")
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _shape2(value: Any, what: str) -> tuple[int, int]:
+def _shape2(value: Any, what: str, hint: str = "") -> tuple[int, int]:
     try:
         shape = tuple(value)
     except TypeError:
         shape = ()
+    message = f"{what} must be two positive integers (rows, columns); got {value!r}.{hint}"
     if len(shape) != 2 or any(
         isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating))
         for s in shape
     ):
-        raise GeometryError(f"{what} must be two positive integers (rows, columns); got {value!r}.")
+        raise GeometryError(message)
     if any(int(s) != s or s < 1 for s in shape):
-        raise GeometryError(f"{what} must be two positive integers (rows, columns); got {value!r}.")
+        raise GeometryError(message)
     return int(shape[0]), int(shape[1])
 
 
@@ -435,6 +436,92 @@ class ScanGeometry:
             pixel_size=self.voxel_size if pixel_size is None else pixel_size,
         )
 
+    # -- checks against the data --------------------------------------------------------
+    @property
+    def field_of_view(self) -> tuple[float, float, float]:
+        """The reconstruction volume: (radius, z_min, z_max) in mm.
+
+        A cylinder around the rotation axis: out to the farther detector edge
+        from the centre of rotation, and as tall as the detector, both at the
+        rotation axis (the voxel scale). Points outside it are seen by no
+        projection (parallel beam) or by almost none (cone beam).
+        """
+        half = max(self.center_of_rotation, self.cols - 1 - self.center_of_rotation) + 0.5
+        z0 = self.row_to_z(-0.5)
+        z1 = self.row_to_z(self.rows - 0.5)
+        return half * self.voxel_size, min(z0, z1), max(z0, z1)
+
+    def check_slice(self, slice_: Slice) -> None:
+        """Raise GeometryError if no part of ``slice_`` lies inside :attr:`field_of_view`."""
+        radius, z0, z1 = self.field_of_view
+        rows, cols = slice_.shape
+        # a grid of at most 65 x 65 samples with both edges; the distance to the
+        # volume is 1-Lipschitz, so a slice whose samples are all farther away
+        # than half a sample cell's diagonal misses the volume
+        i = np.unique(np.linspace(0, rows - 1, min(rows, 65)))
+        j = np.unique(np.linspace(0, cols - 1, min(cols, 65)))
+        pts = slice_.origin + i[:, None, None] * slice_.step_v + j[None, :, None] * slice_.step_u
+        outside = np.maximum.reduce(
+            [
+                np.hypot(pts[..., 0], pts[..., 1]) - radius,
+                z0 - pts[..., 2],
+                pts[..., 2] - z1,
+                np.zeros(pts.shape[:-1]),
+            ]
+        )
+        cell = slice_.pixel_size * math.hypot(
+            (rows - 1) / max(len(i) - 1, 1), (cols - 1) / max(len(j) - 1, 1)
+        )
+        if float(outside.min()) > cell / 2 + 1e-9:
+            cx, cy, cz = slice_.center
+            raise GeometryError(
+                f"The slice centred at ({cx:g}, {cy:g}, {cz:g}) mm ({rows}x{cols} pixels of "
+                f"{slice_.pixel_size:g} mm) lies outside the reconstruction volume: a cylinder "
+                f"of radius {radius:.4g} mm around the rotation axis, z from {z0:.4g} to "
+                f"{z1:.4g} mm (its nearest pixel is {float(outside.min()):.4g} mm away). Move "
+                "the slice's centre inside, e.g. center=(0, 0, 0), or check its pixel_size "
+                "(mm, not pixels)."
+            )
+
+    def check_angles(self, angles: Any) -> None:
+        """Raise GeometryError if one rotation's angles (radians) leave part of the range uncovered.
+
+        The angles are folded onto :attr:`angular_range` (modulo 180 degrees
+        for a parallel-beam half rotation, 360 otherwise); the largest gap
+        between neighbours, the wrap-around included, may be at most four
+        nominal steps (``span / num_angles``) or 5 % of the span, whichever is
+        larger, so that a few dropped frames pass and a scan over part of the
+        range (or angles sent in radians as degrees) does not.
+        """
+        deg = np.degrees(np.asarray(angles, dtype=np.float64).reshape(-1))
+        if deg.size == 0:
+            raise GeometryError("No projection angle to check; expected one rotation's angles.")
+        span = self.angular_span
+        period = 180.0 if self.beam == "parallel" and span <= 180.0 + 1e-9 else 360.0
+        folded = np.sort(np.mod(deg - self.angular_range[0], period))
+        inside = folded[folded < span + 1e-9] if span < period else folded
+        step = span / self.num_angles
+        allowed = max(4 * step, 0.05 * span)
+        if inside.size:
+            edges = np.concatenate([[0.0], inside, [span]]) if span < period else inside
+            gaps = np.diff(edges)
+            wrap = (
+                0.0 if span < period else period - (inside[-1] - inside[0])
+            )  # full circle: last to first
+            largest = float(max(gaps.max(initial=0.0), wrap))
+        else:
+            largest = span
+        if largest > allowed:
+            lo, hi = float(deg.min()), float(deg.max())
+            raise GeometryError(
+                f"The {deg.size} projection angles of the last rotation run from {lo:.4g} to "
+                f"{hi:.4g} degrees and leave a gap of {largest:.4g} degrees in the range the "
+                f"geometry claims, angular_range={self.angular_range} with num_angles="
+                f"{self.num_angles} (at most {allowed:.3g} degrees allowed). Set "
+                "tomo['angular_range'] and tomo['num_angles'] to what the scan covers, or check "
+                "the rotation stage readback (degrees expected, not radians)."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the keys of the ``tomo`` start-document block)."""
         return {
@@ -541,7 +628,13 @@ class ProjectionGeometry(_Projections):
         object.__setattr__(self, "shape", (rows, cols))
         object.__setattr__(self, "pixel_size", _positive(self.pixel_size, "pixel_size"))
         cor = (cols - 1) / 2 if self.center_of_rotation is None else self.center_of_rotation
-        object.__setattr__(self, "center_of_rotation", _finite(cor, "center_of_rotation"))
+        cor = _finite(cor, "center_of_rotation")
+        if not 0 <= cor <= cols - 1:
+            raise GeometryError(
+                f"center_of_rotation {cor!r} lies outside the detector (columns 0..{cols - 1}). "
+                f"Give it in detector pixels, e.g. {(cols - 1) / 2} for the middle column."
+            )
+        object.__setattr__(self, "center_of_rotation", cor)
         crow = (rows - 1) / 2 if self.center_row is None else self.center_row
         object.__setattr__(self, "center_row", _finite(crow, "center_row"))
         object.__setattr__(self, "tilt", _finite(self.tilt, "tilt"))
@@ -766,7 +859,16 @@ class Slice:
     axis_v: tuple[float, float, float] = (0.0, 1.0, 0.0)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", _shape2(self.shape, "Slice shape"))
+        object.__setattr__(
+            self,
+            "shape",
+            _shape2(
+                self.shape,
+                "Slice shape",
+                " A slice or region of interest needs at least one pixel each way, e.g. "
+                "shape=(20, 20).",
+            ),
+        )
         object.__setattr__(self, "pixel_size", _positive(self.pixel_size, "Slice pixel_size"))
         object.__setattr__(self, "center", _vec3(self.center, "Slice center"))
         axes = []

@@ -236,3 +236,59 @@ def test_new_scan_fields_come_from_the_start_document():
     g = geometry_from_start(start)
     assert g.center_row == 2.5 and g.detector_tilt == 0.3
     assert g.to_dict()["center_row"] == 2.5
+
+
+# -- bad input named in issue 3: what came, what was expected, how to fix -------------------
+def test_centre_of_rotation_outside_the_detector_is_refused_by_the_factories_too():
+    with pytest.raises(GeometryError, match=r"center_of_rotation 20.0 lies outside.*0\.\.15.*7\.5"):
+        parallel(angles=4, shape=(4, 16), center_of_rotation=20.0)
+    with pytest.raises(GeometryError, match="center_of_rotation -3.0 lies outside"):
+        cone(angles=4, shape=(4, 16), source_origin=100, origin_detector=50, center_of_rotation=-3)
+    with pytest.raises(GeometryError, match=r"center_of_rotation 40 lies outside.*e\.g\. 15\.5"):
+        ScanGeometry(detector_shape=(4, 32), center_of_rotation=40)
+
+
+def test_angles_must_cover_the_claimed_range():
+    g = ScanGeometry(detector_shape=(4, 16), num_angles=90, angular_range=(0, 180))
+    g.check_angles(np.radians(np.arange(90) * 2.0))  # the nominal rotation
+    g.check_angles(np.radians(np.arange(90, 180) * 2.0))  # the second half-turn of 360
+    g.check_angles(np.radians(np.delete(np.arange(90) * 2.0, [10, 11, 40])))  # dropped frames
+    with pytest.raises(GeometryError, match=r"from 0 to 89 degrees.*angular_range=\(0.0, 180.0\)"):
+        g.check_angles(np.radians(np.arange(90) * 1.0))  # half the range
+    with pytest.raises(GeometryError, match="degrees expected, not radians"):
+        g.check_angles(np.radians(np.radians(np.arange(90) * 2.0)))  # radians sent as degrees
+    c = ScanGeometry(
+        detector_shape=(4, 16),
+        beam="cone",
+        source_origin=100,
+        origin_detector=50,
+        angular_range=(0, 360),
+        num_angles=60,
+    )
+    c.check_angles(np.radians(np.arange(60) * 6.0 + 720))  # a later rotation
+    with pytest.raises(GeometryError, match="0 to 177 degrees and leave a gap of 183 degrees"):
+        c.check_angles(np.radians(np.arange(60) * 3.0))  # 180 degrees of a 360 degree claim
+
+
+def test_slice_outside_the_reconstruction_volume_is_named():
+    g = ScanGeometry(detector_shape=(16, 64), pixel_size=0.5)
+    radius, z0, z1 = g.field_of_view
+    assert radius == pytest.approx(16.0) and (z0, z1) == pytest.approx((-4.0, 4.0))
+    g.check_slice(Slice.axial(shape=(8, 8), z=3.9, pixel_size=0.5))
+    g.check_slice(Slice.axial(shape=(8, 8), z=0.0, pixel_size=0.5, center_xy=(17.0, 0.0)))
+    with pytest.raises(
+        GeometryError,
+        match=r"centred at \(0, 0, 50\) mm.*radius 16 mm.*z from -4 to 4 mm.*center=\(0, 0, 0\)",
+    ):
+        g.check_slice(Slice.axial(shape=(8, 8), z=50.0))
+    with pytest.raises(GeometryError, match="outside the reconstruction volume"):
+        g.check_slice(Slice.xz(shape=(8, 8), y=30.0, pixel_size=0.5))
+
+
+def test_zero_size_roi_says_how_to_fix():
+    with pytest.raises(GeometryError, match=r"got \(0, 20\).*at least one pixel"):
+        Slice(shape=(0, 20))
+    with pytest.raises(GeometryError, match=r"non-empty.*\(4, 4\) image.*slice\(3, 1"):
+        Slice.axial(shape=(4, 4)).crop(slice(0, 4), slice(3, 1))
+    with pytest.raises(GeometryError, match="zoom factor must be a positive number; got 0"):
+        Slice.axial(shape=(4, 4)).zoom(0)

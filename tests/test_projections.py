@@ -115,3 +115,35 @@ def test_select_takes_rows_first_and_angles_come_in_double_precision():
     assert data.shape == (2, 2, 2)
     assert data[0].tolist() == [[12.0, 13.0], [14.0, 15.0]]
     assert buf.angles_of([2]).dtype == np.float64 and buf.angles_of([2])[0] == 0.2 + 1e-9
+
+
+def test_fft_length_is_even_long_enough_and_does_not_change_the_ram_lak_filter():
+    from bluesky_jit.projections import fft_length
+
+    for cols in (1, 7, 64, 607, 768, 2048):
+        length = fft_length(cols)
+        assert length % 2 == 0 and length >= 2 * cols - 1
+    f = RampFilter(768)
+    assert f.pad == 1536
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 768)).astype(np.float32))
+    wide = RampFilter(768)
+    wide.pad = 2048  # the power of two used before: the same linear convolution
+    n = np.arange(-1024, 1024)
+    kernel = np.zeros(2048)
+    kernel[n == 0] = 0.25
+    kernel[n % 2 == 1] = -1.0 / (np.pi * n[n % 2 == 1]) ** 2
+    wide._response_np = np.real(np.fft.rfft(np.fft.ifftshift(kernel))).astype(np.float32)
+    torch.testing.assert_close(f(x), wide(x), atol=1e-5, rtol=1e-4)
+
+
+def test_skipped_frames_leave_a_gap_in_the_indices_not_a_shift():
+    """A rejected frame (NaN, wrong shape) is never appended; later indices still find theirs."""
+    buf = ProjectionBuffer(4, (1, 2))
+    for i in (0, 1, 3, 4, 5, 7):  # 2 and 6 were skipped
+        buf.append(torch.full((1, 2), float(i)), angle=0.1 * i, index=i)
+    assert list(buf.last(4)) == [3, 4, 5, 7]
+    data, _ = buf.select([7, 3])
+    assert data[:, 0, 0].tolist() == [7.0, 3.0]
+    np.testing.assert_allclose(buf.angles_of([5]), [0.5])
+    with pytest.raises(ScanDataError, match=r"Projections 1\.\.2 were requested.*holds 3\.\.7"):
+        buf.select([1, 2])

@@ -70,3 +70,11 @@ def test_sirt_rejects_cone_and_bad_settings():
         StreamingSIRT(cone_scan)
     with pytest.raises(ConfigError, match="window >= 1"):
         StreamingSIRT(ScanGeometry(detector_shape=(4, 8)), window=0)
+
+
+def test_sirt_flat_fields_must_match_the_detector():
+    from bluesky_jit.errors import ScanDataError
+
+    rec = StreamingSIRT(ScanGeometry(detector_shape=(3, 48), num_angles=60), window=8)
+    with pytest.raises(ScanDataError, match=r"shape \(3, 40\).*detector is \(3, 48\)"):
+        rec.set_flatfield(np.zeros((1, 3, 40)), np.ones((1, 3, 40)))

@@ -124,10 +124,12 @@ class AstraBackend:
     def backproject(self, filtered, geometry, slice_, *, row_offset: int = 0) -> np.ndarray:
         from ..errors import ConfigError
         from ..geometry import window_weight
+        from .backends import check_projections
         from .plans import axial_lines, interpolate_rows
 
         data = filtered.detach().cpu().numpy() if hasattr(filtered, "detach") else filtered
         data = np.ascontiguousarray(data, dtype=np.float32)
+        check_projections(data.shape, geometry, row_offset=row_offset)
         mats = np.array(geometry.matrices())
         mats[:, 1] -= row_offset * mats[:, 2]
         lines = axial_lines(mats, slice_)

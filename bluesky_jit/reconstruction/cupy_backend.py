@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..geometry import Slice, window_weight
+from .backends import check_projections
 
 _SOURCE = r"""
 extern "C" __global__
@@ -109,6 +110,7 @@ class CupyBackend:
         mats[:, 1] -= row_offset * mats[:, 2]
         with self.device:
             data = cp.ascontiguousarray(cp.asarray(filtered, dtype=cp.float32))
+            check_projections(tuple(data.shape), geometry, row_offset=row_offset)
             n, det_rows, det_cols = data.shape
             m = len(points)
             out = cp.zeros(m, dtype=cp.float32)

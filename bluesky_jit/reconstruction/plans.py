@@ -173,16 +173,21 @@ class PlanCache:
         return value
 
 
-def interpolate_rows(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def interpolate_rows(
+    data: np.ndarray, rows: np.ndarray, slots: np.ndarray | None = None
+) -> np.ndarray:
     """Per projection a, the detector row ``rows[a]`` of ``data[a]`` (linear, zero outside).
 
-    data : (n, det_rows, cols); rows : (n,) -> (n, cols) float32.
+    data : (m, det_rows, cols); rows : (n,); slots : (n,) optional, projection a
+    is ``data[slots[a]]`` (default: ``n == m``, projection a is ``data[a]``) -> (n, cols)
+    float32.
     """
-    n, det_rows, cols = data.shape
+    _, det_rows, cols = data.shape
+    n = len(rows)
     base = np.floor(rows).astype(np.int64)
     frac = (rows - base).astype(np.float32)[:, None]
     out = np.zeros((n, cols), dtype=np.float32)
-    a = np.arange(n)
+    a = np.arange(n) if slots is None else np.asarray(slots, dtype=np.int64)
     for offset, weight in ((0, 1.0 - frac), (1, frac)):
         idx = base + offset
         ok = (idx >= 0) & (idx < det_rows)

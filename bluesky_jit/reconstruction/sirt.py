@@ -209,7 +209,21 @@ class StreamingSIRT:
         self._operators = PlanCache(maxsize=4)
 
     def set_flatfield(self, darks: np.ndarray, flats: np.ndarray) -> None:
-        self.flatfield = FlatField(darks, flats)
+        """Dark (n, rows, cols) and flat (m, rows, cols) fields for all later frames.
+
+        Raises
+        ------
+        ScanDataError
+            If the fields do not have the geometry's detector shape.
+        """
+        flatfield = FlatField(darks, flats)
+        if flatfield.shape != self.geometry.detector_shape:
+            raise ScanDataError(
+                f"Dark/flat fields have shape {flatfield.shape}; the scan metadata says the "
+                f"detector is {self.geometry.detector_shape}. Fix tomo['detector_shape'] or the "
+                "detector ROI."
+            )
+        self.flatfield = flatfield
 
     def add_frame(self, frame: np.ndarray, *, angle_deg: float, index: int) -> bool:
         """Correct and keep one frame's slice row; True when a window is complete."""

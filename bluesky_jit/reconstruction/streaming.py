@@ -11,6 +11,23 @@ at any position and orientation: one axial slice at ``slice_row`` for
 default, movable between refreshes) for
 :meth:`StreamingReconstructor.reconstruct_slices`.
 
+Refresh modes (RECAST3D's two): ``mode="sliding"`` (default) reconstructs the
+last full rotation every ``refresh_every`` projections; ``mode="alternating"``
+(double buffer) reconstructs each completed rotation once, from disjoint
+consecutive rotations, while the next one fills the other half of the buffer.
+
+Incremental refresh: FBP/FDK is linear in the projections, so with
+``incremental=True`` (default; numba backend on the CPU) every slice keeps the
+unweighted sums of its even and odd halves, and a sliding refresh adds the
+projections that entered the window and subtracts those that left it instead
+of backprojecting the whole rotation again: its cost is that of ``2 k``
+projections for ``refresh_every=k``, not of a rotation. The sums are float32
+(rounding grows like the square root of the number of updates: about 1e-6 of
+the values after ten rotations) and are rebuilt from scratch after ten
+rotations' worth of updates, for a new or moved slice, and when the window
+jumped by a rotation or more. Other backends, and the GPU, backproject the
+whole window at every refresh.
+
 Scale: slices are attenuation coefficients in 1/unit of length (1/mm), see
 :mod:`bluesky_jit.projections`.
 """
@@ -18,6 +35,7 @@ Scale: slices are attenuation coefficients in 1/unit of length (1/mm), see
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +44,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ScanDataError
-from ..geometry import ProjectionGeometry, ScanGeometry, Slice, orthogonal_slices
+from ..geometry import ProjectionGeometry, ScanGeometry, Slice, orthogonal_slices, window_weight
 from ..projections import FlatField, ProjectionBuffer, ProjectionFilter, split_subsets
 from .backends import make_backend
+
+MODES = ("sliding", "alternating")
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,14 @@ class StreamingReconstructor:
         CPU threads per kernel call (numba backend). ``None``: serial kernels
         for small calls (patches, small slices), all cores for large ones;
         pass 1 to leave the other cores to the trainer and the denoiser.
+    mode : {"sliding", "alternating"}
+        Sliding window (a refresh every ``refresh_every`` projections from the
+        last full rotation) or alternating double buffer (a refresh per
+        completed rotation, from disjoint rotations; ``refresh_every`` is not
+        used). See the module notes.
+    incremental : bool
+        Update slices by the projections that entered and left the window
+        (module notes); False: backproject the whole window at every refresh.
     """
 
     def __init__(
@@ -91,7 +119,23 @@ class StreamingReconstructor:
         backend: str = "auto",
         slices: Sequence[Slice] | None = None,
         threads: int | None = None,
+        mode: str = "sliding",
+        incremental: bool = True,
     ) -> None:
+        if mode not in MODES:
+            raise ConfigError(
+                f"Unknown refresh mode {mode!r}; expected one of {MODES}: 'sliding' refreshes "
+                "every refresh_every projections, 'alternating' once per completed rotation."
+            )
+        if (
+            isinstance(refresh_every, bool)
+            or not isinstance(refresh_every, (int, np.integer))
+            or refresh_every < 1
+        ):
+            raise ConfigError(
+                f"refresh_every must be a whole number of projections >= 1; got "
+                f"{refresh_every!r} (seed 000 refreshes every 60 of 150 projections)."
+            )
         rows, cols = geometry.detector_shape
         row = rows // 2 if slice_row is None else slice_row
         if not 0 <= row < rows:
@@ -115,8 +159,14 @@ class StreamingReconstructor:
             if slices is None
             else slices
         )
+        self.mode = mode
+        self.incremental = incremental
         self._since_refresh = 0
+        self._completed: np.ndarray | None = None  # alternating: the last whole rotation
         self._geometries: OrderedDict[bytes, ProjectionGeometry] = OrderedDict()
+        self._checked_windows: OrderedDict[bytes, None] = OrderedDict()
+        self._sums: OrderedDict[Slice, _Sums] = OrderedDict()
+        self._lock = threading.RLock()
 
     # -- frames in -------------------------------------------------------------
     def set_flatfield(self, darks: np.ndarray, flats: np.ndarray) -> None:
@@ -150,6 +200,12 @@ class StreamingReconstructor:
             self.prefilter(line_integrals), angle=math.radians(angle_deg), index=index
         )
         self._since_refresh += 1
+        if self.mode == "alternating":
+            if self._since_refresh >= self.window:
+                self._since_refresh = 0
+                self._completed = self.buffer.last(self.window)
+                return True
+            return False
         if len(self.buffer) >= self.window and self._since_refresh >= self.refresh_every:
             self._since_refresh = 0
             return True
@@ -162,12 +218,23 @@ class StreamingReconstructor:
 
     # -- slices ------------------------------------------------------------------
     def set_slices(self, slices: Sequence[Slice]) -> None:
-        """Replace the planes of :meth:`reconstruct_slices` (takes effect at the next refresh)."""
+        """Replace the planes of :meth:`reconstruct_slices` (takes effect at the next refresh).
+
+        Raises
+        ------
+        ConfigError
+            If an entry is not a :class:`~bluesky_jit.geometry.Slice`.
+        GeometryError
+            If a slice lies outside the reconstruction volume
+            (:meth:`~bluesky_jit.geometry.ScanGeometry.check_slice`).
+        """
         slices = tuple(slices)
         if not slices or not all(isinstance(s, Slice) for s in slices):
             raise ConfigError(
                 f"set_slices expects one or more bluesky_jit.geometry.Slice values; got {slices!r}."
             )
+        for slice_ in slices:
+            self.geometry.check_slice(slice_)
         self.slices = slices
 
     def move_slice(self, index: int, slice_: Slice) -> None:
@@ -179,7 +246,9 @@ class StreamingReconstructor:
         self.set_slices(slices)
 
     def window_indices(self) -> np.ndarray:
-        """Global indices of the last full rotation."""
+        """Global indices of the last full rotation (alternating mode: the last completed one)."""
+        if self.mode == "alternating" and self._completed is not None:
+            return self._completed.copy()
         return self.buffer.last(self.window)
 
     def reconstruct(self, row: int | None = None) -> SliceSet:
@@ -197,12 +266,186 @@ class StreamingReconstructor:
         )
 
     def reconstruct_slices(self) -> tuple[SliceSet, ...]:
-        """Every plane in :attr:`slices` (three orthogonal ones by default)."""
-        return tuple(self.reconstruct_slice(s) for s in self.slices)
+        """Every plane in :attr:`slices` (three orthogonal ones by default), in one pass."""
+        return self._reconstruct(self.slices)
 
     def reconstruct_slice(self, slice_: Slice) -> SliceSet:
-        """Full, even and odd reconstruction of any plane from the last rotation."""
+        """Full, even and odd reconstruction of any plane from the last rotation.
+
+        Raises
+        ------
+        GeometryError
+            If the slice lies outside the reconstruction volume, or the
+            window's angles do not cover the geometry's angular range.
+        """
+        self.geometry.check_slice(slice_)
+        return self._reconstruct((slice_,))[0]
+
+    def reconstruct_subsets(
+        self, slice_: Slice, subsets: Sequence[Sequence[int] | np.ndarray]
+    ) -> np.ndarray:
+        """FBP/FDK of one plane from each subset of the buffered, already filtered projections.
+
+        Parameters
+        ----------
+        slice_ : Slice
+        subsets : sequence of index arrays
+            Global projection indices, e.g. ``split_subsets(rec.window_indices(), 4)``
+            (``j::4``), ``[rec.window_indices()[-60:]]`` (a window) or any lists;
+            they may overlap.
+
+        Returns
+        -------
+        ndarray, shape (len(subsets), rows, cols), float32
+            Each with its own weight ``pi / n_j``: every image is an FBP/FDK.
+
+        Raises
+        ------
+        ScanDataError
+            If a subset is empty or an index is no longer buffered.
+        """
+        from .backends import backproject_split
+
+        self.geometry.check_slice(slice_)
+        parts = [np.asarray(subset, dtype=np.int64).reshape(-1) for subset in subsets]
+        if not parts or any(part.size == 0 for part in parts):
+            raise ScanDataError(
+                f"reconstruct_subsets needs one or more non-empty index lists; got sizes "
+                f"{[part.size for part in parts]}. Take them from window_indices()."
+            )
+        indices = np.concatenate(parts)
+        groups = np.repeat(np.arange(len(parts)), [part.size for part in parts])
+        geometry = self.geometry.projection_geometry(self.buffer.angles_of(indices))
+        storage = self.buffer.storage
+        if storage is None:  # on a GPU: copy the frames of the subsets
+            data, _ = self.buffer.select(indices)
+            return backproject_split(self.backend, data, geometry, [slice_], groups=groups)[0]
+        with self._lock:
+            count = self.buffer.count
+            slots = self.buffer.slots_of(indices)
+            images = backproject_split(
+                self.backend, storage, geometry, [slice_], slots=slots, groups=groups
+            )[0]
+            written = np.arange(count, self.buffer.count) % self.buffer.capacity
+        if np.intersect1d(slots, written).size:  # pragma: no cover - appends from a thread
+            data, _ = self.buffer.select(indices)
+            return backproject_split(self.backend, data, geometry, [slice_], groups=groups)[0]
+        return images
+
+    def _reconstruct(self, planes: Sequence[Slice]) -> tuple[SliceSet, ...]:
         indices = self.window_indices()
+        self._check_window(indices)
+        storage = self.buffer.storage
+        if storage is None or not hasattr(self.backend, "backproject_split"):
+            return tuple(self._reconstruct_copy(p, indices) for p in planes)
+        with self._lock:
+            for _ in range(3):
+                count = self.buffer.count
+                sums, used = self._update_sums(planes, indices, storage)
+                # frames appended meanwhile (another thread) overwrote slots count, count + 1, ...
+                written = np.arange(count, self.buffer.count) % self.buffer.capacity
+                if not np.intersect1d(used, written).size:
+                    break
+                for p in planes:
+                    self._sums.pop(p, None)
+            else:  # pragma: no cover - needs a rotation of frames during one refresh
+                return tuple(self._reconstruct_copy(p, indices) for p in planes)
+        n = len(indices)
+        counts = [int(np.count_nonzero(indices % 2 == j)) for j in (0, 1)]
+        results = []
+        for plane, total in zip(planes, sums, strict=True):
+            even = (total[0] * window_weight(counts[0])).astype(np.float32)
+            odd = (total[1] * window_weight(counts[1])).astype(np.float32)
+            full = ((total[0] + total[1]) * window_weight(n)).astype(np.float32)
+            results.append(
+                SliceSet(
+                    full=full,
+                    even=even,
+                    odd=odd,
+                    indices=indices,
+                    row=self._row_of(plane),
+                    slice=plane,
+                )
+            )
+        return tuple(results)
+
+    def _update_sums(
+        self, planes: Sequence[Slice], indices: np.ndarray, storage: np.ndarray
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Unweighted even/odd sums (2, rows, cols) of every plane over ``indices``.
+
+        Returns the sums and the buffer slots read.
+        """
+        from .backends import backproject_split
+
+        buffer = self.buffer
+        # planes whose sums can be moved along share one call per previous window
+        plans: OrderedDict[bytes | None, list[tuple[Slice, _Sums | None]]] = OrderedDict()
+        for plane in planes:
+            state = self._sums.get(plane) if self.incremental else None
+            key = None
+            if state is not None:
+                added = np.setdiff1d(indices, state.indices)
+                removed = np.setdiff1d(state.indices, indices)
+                if (
+                    len(added) + len(removed) < len(indices)
+                    and state.fresh + len(added) <= 10 * self.window
+                    and _all_held(buffer, removed)
+                ):
+                    key = state.indices.tobytes()
+            plans.setdefault(key, []).append((plane, state if key is not None else None))
+        used = [buffer.slots_of(indices)]
+        totals: dict[Slice, np.ndarray] = {}
+        for key, members in plans.items():
+            group_planes = [plane for plane, _ in members]
+            if key is None:
+                out = backproject_split(
+                    self.backend,
+                    storage,
+                    self._geometry(indices),
+                    group_planes,
+                    slots=used[0],
+                    groups=indices % 2,
+                    normalize=False,
+                )
+                for plane, total in zip(group_planes, out, strict=True):
+                    totals[plane] = total
+                    self._keep(plane, _Sums(indices.copy(), total, 0))
+                continue
+            previous = members[0][1].indices
+            added = np.setdiff1d(indices, previous)
+            removed = np.setdiff1d(previous, indices)
+            out = None
+            if added.size or removed.size:
+                delta = np.concatenate([added, removed])
+                slots = buffer.slots_of(delta)
+                used.append(slots)
+                out = backproject_split(
+                    self.backend,
+                    storage,
+                    self._geometry(delta),
+                    group_planes,
+                    slots=slots,
+                    groups=delta % 2 + 2 * (np.arange(len(delta)) >= len(added)),
+                    normalize=False,
+                    num_groups=4,
+                )
+            for q, (plane, state) in enumerate(members):
+                total = state.sums.copy()
+                if out is not None:
+                    total += out[q][0:2] - out[q][2:4]
+                totals[plane] = total
+                self._keep(plane, _Sums(indices.copy(), total, state.fresh + len(added)))
+        return [totals[p] for p in planes], np.concatenate(used)
+
+    def _keep(self, plane: Slice, sums: _Sums) -> None:
+        self._sums[plane] = sums
+        self._sums.move_to_end(plane)
+        while len(self._sums) > 8:
+            self._sums.popitem(last=False)
+
+    def _reconstruct_copy(self, slice_: Slice, indices: np.ndarray) -> SliceSet:
+        """Backends without in-place subsets: copy each half's detector rows, then backproject."""
         corners = _corners(slice_.origin[None], slice_)
         r0, r1 = self._rows(indices, corners)
         halves = []
@@ -214,17 +457,31 @@ class StreamingReconstructor:
             counts.append(len(subset))
         even, odd = halves
         full = (even * counts[0] + odd * counts[1]) / len(indices)
-        row = int(
-            np.clip(round(self.geometry.z_to_row(slice_.center[2])), 0, self.geometry.rows - 1)
-        )
         return SliceSet(
             full=full.astype(np.float32),
             even=even,
             odd=odd,
             indices=indices,
-            row=row,
+            row=self._row_of(slice_),
             slice=slice_,
         )
+
+    def _row_of(self, slice_: Slice) -> int:
+        return int(
+            np.clip(round(self.geometry.z_to_row(slice_.center[2])), 0, self.geometry.rows - 1)
+        )
+
+    def _check_window(self, indices: np.ndarray) -> None:
+        """Once per full window: do its angles cover the geometry's angular range?"""
+        if len(indices) < self.window:
+            return
+        key = indices.tobytes()
+        if key in self._checked_windows:
+            return
+        self.geometry.check_angles(self.buffer.angles_of(indices))
+        self._checked_windows[key] = None
+        while len(self._checked_windows) > 8:
+            self._checked_windows.popitem(last=False)
 
     # -- training pairs ----------------------------------------------------------
     def patch_pairs(
@@ -311,6 +568,24 @@ class StreamingReconstructor:
         lo = int(np.clip(math.floor(float(det_rows.min())), 0, last))
         hi = int(np.clip(math.ceil(float(det_rows.max())) + 1, 0, last))
         return lo, max(lo, hi)
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """Unweighted even/odd sums (2, rows, cols) of one slice over a window of projections."""
+
+    indices: np.ndarray
+    sums: np.ndarray
+    fresh: int  # projections added since the sums were last computed from scratch
+
+
+def _all_held(buffer: ProjectionBuffer, indices: np.ndarray) -> bool:
+    """True if every global index is still in the buffer."""
+    try:
+        buffer.slots_of(indices)
+    except ScanDataError:
+        return False
+    return True
 
 
 def _corners(origins: np.ndarray, like: Slice) -> np.ndarray:

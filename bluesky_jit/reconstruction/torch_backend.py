@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import window_weight
+from .backends import check_projections
 
 
 class TorchBackprojector:
@@ -112,6 +113,7 @@ class TorchBackend:
         from .plans import axial_lines
 
         data = torch.as_tensor(filtered, dtype=torch.float32, device=self.device)
+        check_projections(tuple(data.shape), geometry, row_offset=row_offset)
         mats = _offset_rows(geometry.matrices(), row_offset)
         lines = axial_lines(mats, slice_)
         if lines is not None:
@@ -126,6 +128,7 @@ class TorchBackend:
         import numpy as np
 
         data = torch.as_tensor(filtered, dtype=torch.float32, device=self.device)
+        check_projections(tuple(data.shape), geometry, row_offset=row_offset)
         mats = _offset_rows(geometry.matrices(), row_offset)
         local = like.points() - like.origin
         pts = np.asarray(origins, dtype=np.float64).reshape(-1, 1, 1, 3) + local[None]
