@@ -132,3 +132,59 @@ def test_channels_and_bad_inputs():
         Denoiser(lambda: "not a model")
     with pytest.raises(ConfigError, match="pad_multiple"):
         Denoiser(model, pad_multiple=0)
+
+
+# -- precision, stacks and the Noise2Inverse mean ------------------------------------------
+
+
+def test_bfloat16_inference_is_close_to_float32(trained):
+    rng = np.random.default_rng(6)
+    truth = blobs(rng, 1, 48)[0]
+    image = noisy(rng, truth)
+    exact = Denoiser(build_model("unet"), source=trained)(image)
+    fast = Denoiser(build_model("unet"), source=trained, precision="bfloat16")
+    low = fast(image)
+    assert low.dtype == np.float32 and low.shape == image.shape
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    clean = (0.02 + 0.01 * truth).astype(np.float32)
+    # the rounding is far below the error left by denoising
+    assert np.sqrt(np.mean((low - exact) ** 2)) < 0.1 * np.sqrt(np.mean((exact - clean) ** 2))
+    with pytest.raises(ConfigError, match="precision"):
+        Denoiser(build_model("unet"), precision="int8")
+
+
+def test_stack_networks_take_frames_and_return_the_middle_one():
+    model = build_model("unet3d", {"features": 2, "frames": 3, "residual": True}, seed=0)
+    denoiser = Denoiser(model, normalizer=Normalizer(offset=0.01, scale=0.02))
+    stack = np.random.default_rng(7).normal(size=(3, 21, 30)).astype(np.float32)
+    out = denoiser(stack)  # residual network with zero head: the identity on the middle frame
+    np.testing.assert_allclose(out, stack[1], atol=1e-6)
+    with pytest.raises(ScanDataError, match=r"\(3, H, W\)"):
+        denoiser(stack[:2])
+    untrained = Denoiser(model)  # no normaliser: the middle frame, unchanged
+    np.testing.assert_array_equal(untrained(stack), stack[1])
+
+
+def test_denoise_mean_averages_the_split_inputs(trained):
+    rng = np.random.default_rng(8)
+    truth = blobs(rng, 1, 40)[0]
+    halves = np.stack([noisy(rng, truth), noisy(rng, truth)])
+    denoiser = Denoiser(build_model("unet"), source=trained)
+    mean = denoiser.denoise_mean(halves)
+    np.testing.assert_allclose(mean, 0.5 * (denoiser(halves[0]) + denoiser(halves[1])), rtol=1e-6)
+    with pytest.raises(ScanDataError, match="denoise_mean"):
+        denoiser.denoise_mean(halves[0])
+
+
+def test_self_ensemble_averages_the_eight_symmetries(trained):
+    rng = np.random.default_rng(9)
+    truth = blobs(rng, 1, 32)[0]
+    image = noisy(rng, truth)[:32, :24]  # not square; multiples of 8: no padding
+    plain = Denoiser(build_model("unet"), source=trained)
+    both = Denoiser(build_model("unet"), source=trained, self_ensemble=True)
+    manual = np.mean(
+        [np.rot90(plain(np.rot90(image[:, ::-1] if k >= 4 else image, k % 4)), -(k % 4))
+         [:, ::-1 if k >= 4 else 1] for k in range(8)],
+        axis=0,
+    )  # fmt: skip
+    np.testing.assert_allclose(both(image), manual, rtol=1e-4, atol=1e-6)

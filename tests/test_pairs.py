@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from bluesky_jit.errors import ConfigError, ScanDataError
-from bluesky_jit.pairs import EmptyBufferError, ReplayBuffer
+from bluesky_jit.pairs import (
+    EmptyBufferError,
+    ReplayBuffer,
+    SamplingRegion,
+    SequentialBuffer,
+    combine_splits,
+    split_inputs,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +181,113 @@ def test_push_and_sample_from_two_threads():
     assert not errors
     assert buf.pushed == total + 4
     assert ids_of(buf.snapshot()[0]) == list(range(total - 16, total))
+
+
+# -- the no-buffer baseline, shape changes -------------------------------------------------
+
+
+def test_sequential_buffer_hands_out_every_pair_once_in_order():
+    buf = SequentialBuffer(10, rng=np.random.default_rng(0))
+    buf.push(*tagged(range(6)))
+    assert len(buf) == 6
+    u, v = buf.sample(4)
+    assert ids_of(u) == [0, 1, 2, 3] and torch.equal(v - u, torch.full_like(u, 0.5))
+    assert len(buf) == 2
+    with pytest.raises(EmptyBufferError, match="unused pairs"):
+        buf.sample(4)  # only 2 waiting: the optimizer idles (seed 000, Topic III)
+    buf.push(*tagged(range(6, 20)))  # 16 waiting > capacity 10: the oldest drop out
+    assert len(buf) == 10 and buf.pushed == 20
+    assert ids_of(buf.sample(5)[0]) == [10, 11, 12, 13, 14]
+    assert ids_of(buf.snapshot()[0]) == [15, 16, 17, 18, 19]  # what still waits
+
+
+def test_buffer_can_start_over_when_the_patch_size_changes():
+    buf = ReplayBuffer(8, on_shape_change="clear")
+    buf.push(*tagged(range(5), p=4))
+    buf.push(*tagged(range(5, 7), p=6))  # the patch size was changed during the run
+    assert len(buf) == 2 and buf.item_shapes == ((1, 6, 6), (1, 6, 6))
+    assert ids_of(buf.snapshot()[0]) == [5, 6]
+    with pytest.raises(ConfigError, match="on_shape_change"):
+        ReplayBuffer(8, on_shape_change="ignore")
+
+
+def test_stacks_with_one_target_frame():
+    buf = ReplayBuffer(4, item_ndim=4)
+    buf.push(np.zeros((3, 1, 5, 8, 8)), np.ones((3, 1, 1, 8, 8)))  # Z5 / T5 pairs
+    u, v = buf.sample(2)
+    assert u.shape == (2, 1, 5, 8, 8) and v.shape == (2, 1, 1, 8, 8)
+
+
+# -- Noise2Inverse splits: X:1 and 1:X -------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_combine_splits_x1_and_1x(k):
+    m = 400
+    recons = np.arange(k, dtype=np.float32)[:, None, None, None] * np.ones((k, m, 2, 2))
+    u, v = combine_splits(recons, "X:1", np.random.default_rng(0))
+    total = k * (k - 1) / 2
+    # target: one split j; input: the mean of the other K - 1
+    np.testing.assert_allclose(u * (k - 1) + v, total)
+    assert set(np.unique(v)) == set(range(k))  # every split serves as target
+    u2, v2 = combine_splits(recons, "1:X", np.random.default_rng(0))
+    np.testing.assert_allclose(u2, v)  # the same j: roles swapped
+    np.testing.assert_allclose(v2, u)
+    with pytest.raises(ConfigError, match="strategy"):
+        combine_splits(recons, "2:2", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="at least 2"):
+        combine_splits(recons[:1], "X:1", np.random.default_rng(0))
+
+
+def test_split_inputs():
+    r = np.stack([np.full((3, 3), float(j)) for j in range(4)])
+    x1 = split_inputs(r, "X:1")
+    np.testing.assert_allclose(x1[:, 0, 0], [(6 - j) / 3 for j in range(4)])
+    np.testing.assert_allclose(split_inputs(r, "1:X"), r)
+    # with K = 2 both give the even/odd halves of seed 000, swapped for X:1
+    np.testing.assert_allclose(split_inputs(r[:2], "X:1"), r[:2][::-1])
+
+
+# -- the sampling region ---------------------------------------------------------------------
+
+
+def test_disc_region_keeps_whole_patches_inside():
+    region = SamplingRegion.disc(30.0, center=(5.0, -3.0))
+    c = region.centers(2000, size=10, pixel_size=1.0, rng=np.random.default_rng(0))
+    half = 4.5
+    corners = [(sx * half, sy * half) for sx in (-1, 1) for sy in (-1, 1)]
+    for dx, dy in corners:
+        r = np.hypot(c[:, 0] + dx - 5.0, c[:, 1] + dy + 3.0)
+        assert r.max() <= 30.0
+    assert np.hypot(c[:, 0] - 5, c[:, 1] + 3).max() > 15  # and they use the disc
+    with pytest.raises(ConfigError, match="does not fit"):
+        region.centers(1, size=50, pixel_size=1.0, rng=np.random.default_rng(0))
+
+
+def test_mask_region_is_changeable_and_respected():
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 40:60] = True  # a 20 x 20 pixel box in one corner
+    region = SamplingRegion.from_mask(mask, pixel_size=1.0)
+    c = region.centers(500, size=8, pixel_size=1.0, rng=np.random.default_rng(1))
+    cols = c[:, 0] + 31.5  # back to mask pixel indices
+    rows = c[:, 1] + 31.5
+    assert cols.min() - 3.5 >= 40 and cols.max() + 3.5 <= 59
+    assert rows.min() - 3.5 >= 10 and rows.max() + 3.5 <= 29
+    with pytest.raises(ConfigError, match="does not fit"):
+        region.centers(1, size=24, pixel_size=1.0, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"radius": 3.0, "mask": np.ones((4, 4), bool)},
+        {"radius": -1.0},
+        {"mask": np.zeros((4, 4), bool)},
+        {"mask": np.ones((4, 4))},
+        {"radius": 3.0, "pixel_size": 0.0},
+    ],
+)
+def test_bad_regions(kwargs):
+    with pytest.raises(ConfigError):
+        SamplingRegion(**kwargs)

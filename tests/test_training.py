@@ -251,3 +251,145 @@ def test_throttled_loop_and_save(tmp_path):
     path = trainer.save(tmp_path / "manual.pt")
     _, extra = load_checkpoint(path, expected_name="unet")
     assert extra["step"] == trainer.steps and extra["batch_size"] == 4
+
+
+# -- strategies, precision, warm start ----------------------------------------------------
+
+
+def test_buffer_smaller_than_a_batch_is_refused():
+    with pytest.raises(ConfigError, match="N_buffer"):
+        Trainer(build_model("unet", {"features": 2}), ReplayBuffer(16), batch_size=32)
+
+
+def test_bfloat16_training_lowers_holdout_alpha():
+    rng = np.random.default_rng(10)
+    trainer = make_trainer(rng, features=4, learning_rate=3e-3, batch_size=16, precision="bfloat16")
+    before = trainer.evaluate()
+    for _ in range(80):
+        trainer.step()
+    assert trainer.evaluate() < 0.8 < before
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights
+    with pytest.raises(ConfigError, match="precision"):
+        make_trainer(rng, precision="float16")
+
+
+def test_augmentation_keeps_pairs_aligned_and_covers_the_eight_symmetries():
+    from bluesky_jit.training import _dihedral
+
+    u = torch.arange(16.0).reshape(1, 1, 4, 4)
+    seen = set()
+    for k in range(8):
+        a, b = _dihedral(u, u + 100, k)
+        assert torch.equal(b - a, torch.full_like(a, 100.0))
+        seen.add(tuple(a.flatten().tolist()))
+    assert len(seen) == 8
+    rng = np.random.default_rng(11)
+    trainer = make_trainer(rng, features=4, learning_rate=3e-3, batch_size=16, augment=True)
+    for _ in range(80):
+        trainer.step()
+    assert trainer.evaluate() < 0.8
+
+
+@pytest.mark.timeout(30)
+def test_sequential_buffer_trains_on_every_pair_once():
+    from bluesky_jit.pairs import SequentialBuffer
+
+    rng = np.random.default_rng(12)
+    buffer = SequentialBuffer(64, rng=np.random.default_rng(0))
+    trainer = Trainer(build_model("unet", {"features": 2}, seed=0), buffer, batch_size=8)
+    buffer.push(*noise2noise_pairs(rng, 36)[1:])
+    trainer.start()
+    assert wait_for(lambda: trainer.steps == 4)  # 36 pairs: 4 full batches
+    time.sleep(0.2)
+    assert trainer.steps == 4 and len(buffer) == 4  # the optimizer waits for new pairs
+    buffer.push(*noise2noise_pairs(rng, 4)[1:])
+    assert wait_for(lambda: trainer.steps == 5)
+    trainer.stop()
+    assert trainer.error is None
+
+
+@pytest.mark.timeout(30)
+def test_warm_start_and_the_frozen_baseline(tmp_path):
+    rng = np.random.default_rng(13)
+    first = make_trainer(rng, features=4, learning_rate=1e-3, batch_size=16)
+    for _ in range(20):
+        first.step()
+    path = first.save(tmp_path / "run1.pt")
+
+    buffer = ReplayBuffer(320)
+    warm = Trainer.from_checkpoint(path, buffer, batch_size=16, expected_name="unet")
+    assert warm.normalizer == first.normalizer  # the weights keep their meaning
+    assert warm.warm_start == {"path": str(path), "step": 20}
+    for k, t in first.weights()[1].items():
+        assert torch.equal(warm.model.state_dict()[k], t)
+    buffer.push(*noise2noise_pairs(rng, 64)[1:])
+    warm.step()  # continues training
+    assert warm.steps == 1
+
+    frozen = Trainer.from_checkpoint(
+        path, ReplayBuffer(320), batch_size=16, frozen=True, metrics_every_s=0.05
+    )
+    frozen.buffer.push(*noise2noise_pairs(rng, 64)[1:])
+    frozen.add_holdout(*noise2noise_pairs(rng, 16)[1:])
+    with pytest.raises(ConfigError, match="frozen"):
+        frozen.step()
+    before = {k: t.clone() for k, t in frozen.model.state_dict().items()}
+    frozen.start()
+    assert wait_for(lambda: len(frozen.metrics()) >= 2)
+    frozen.stop()
+    assert frozen.steps == 0 and frozen.error is None
+    assert all(torch.equal(t, before[k]) for k, t in frozen.model.state_dict().items())
+    assert all(0 < row["alpha"] < 10 for row in frozen.metrics())  # evaluated all along
+
+
+def test_evaluate_details_and_stacks():
+    rng = np.random.default_rng(14)
+    model = build_model("unet3d", {"features": 2, "frames": 3, "residual": True}, seed=0)
+    buffer = ReplayBuffer(64, item_ndim=4)
+    trainer = Trainer(model, buffer, batch_size=8)
+    clean, u, v = noise2noise_pairs(rng, 16)
+    stack_u = np.repeat(u[:, :, None], 3, axis=2)  # (16, 1, 3, 20, 20)
+    trainer.add_holdout(stack_u, v[:, :, None])
+    details = trainer.evaluate_details()
+    assert details["alpha"] == pytest.approx(1.0, abs=1e-6)  # residual + zero head: identity
+    assert details["mse_input"] == pytest.approx(float(np.mean((u - v) ** 2)), rel=1e-3)
+    assert details["mse_output"] == pytest.approx(details["mse_input"], rel=1e-3)
+    buffer.push(stack_u, v[:, :, None])
+    trainer.step()
+    assert trainer.steps == 1
+
+
+@pytest.mark.timeout(30)
+def test_loop_threads_quality_and_final_row():
+    rng = np.random.default_rng(15)
+    before = torch.get_num_threads()
+    trainer = make_trainer(rng, features=2, batch_size=8, num_threads=1, metrics_every_s=0.05)
+    trainer.start()
+    assert wait_for(lambda: len(trainer.metrics()) >= 2)
+    trainer.stop()
+    assert torch.get_num_threads() == before  # set in the loop's thread only
+    quality = trainer.latest_quality
+    assert set(quality) == {"step", "time", "alpha", "mse_input", "mse_output"}
+    row = trainer.final_row(elapsed_s=1.0)
+    assert set(row) == set(trainer.metrics()[-1])  # same keys as the loop's rows
+    with pytest.raises(ConfigError, match="num_threads"):
+        make_trainer(rng, num_threads=0)
+
+
+def test_weight_averaging_publishes_and_evaluates_the_average():
+    rng = np.random.default_rng(16)
+    trainer = make_trainer(rng, features=2, batch_size=8, learning_rate=1e-2, average=0.9)
+    first = {k: t.clone() for k, t in trainer.model.state_dict().items()}
+    trainer.step()
+    version, state = trainer.weights()
+    live = trainer.model.state_dict()
+    key = "head.weight"
+    assert version == 1 and not torch.equal(state[key], live[key])  # the average, not the live
+    # after n steps the decay is min(0.9, (1 + n) / (10 + n)): a plain mean of the start
+    for _ in range(5):
+        trainer.step()
+    w = trainer.weights()[1][key]
+    assert not torch.equal(w, first[key]) and not torch.equal(w, trainer.model.state_dict()[key])
+    assert 0 < trainer.evaluate() < 10
+    with pytest.raises(ConfigError, match="average"):
+        make_trainer(rng, average=1.0)

@@ -28,12 +28,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODELS",
+    "VARIANTS",
     "ModelFamily",
+    "Variant",
     "available_models",
     "build_model",
     "default_config",
     "describe_model",
     "resolve_config",
+    "variant",
 ]
 
 
@@ -68,9 +71,96 @@ MODELS: Mapping[str, ModelFamily] = MappingProxyType(
             "Standard U-Net of seed 000: 3 levels, 8 features doubling per level, "
             "strided-conv down, transposed-conv up",
         ),
+        "unet3d": ModelFamily(
+            "unet3d",
+            "bluesky_jit.models.unet3d",
+            "Zx / Tx networks of seed 000: the Standard U-Net with 3D convolutions on a stack "
+            "of `frames` slices or time frames, predicting the middle one",
+        ),
+        "msdnet": ModelFamily(
+            "msdnet",
+            "bluesky_jit.models.msdnet",
+            "Mixed-scale dense network (Pelt & Sethian, seed 002): dilated 3x3 layers, each "
+            "fed by all earlier ones",
+        ),
+        "tunet": ModelFamily(
+            "tunet",
+            "bluesky_jit.models.tunable_unet",
+            "Tunable U-Net of DLSIA (seed 003): depth, base channels, growth rate, hidden rate",
+        ),
+        "smsnet": ModelFamily(
+            "smsnet",
+            "bluesky_jit.models.smsnet",
+            "Sparse mixed-scale network of DLSIA (seed 003): a random sparse graph of dilated "
+            "convolutions, drawn from graph_seed",
+        ),
     }
 )
 """Registered network families by name."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named network of seed 000's Table 1: a model and how its pairs are made.
+
+    Parameters
+    ----------
+    model : str
+        Registry name.
+    config : mapping
+        Model settings that differ from the family defaults.
+    patch_size : int
+        Side of the training patches (Vx: ``x``).
+    stack : {None, "z", "t"}
+        Input stack: None for single slices, ``"z"`` for nearby slices (Zx),
+        ``"t"`` for time frames (Tx); the target is the middle one.
+    frames : int
+        Slices or frames in the stack (1 without a stack).
+    """
+
+    model: str
+    config: Mapping[str, Any]
+    patch_size: int = 20
+    stack: str | None = None
+    frames: int = 1
+
+
+VARIANTS: Mapping[str, Variant] = MappingProxyType(
+    {
+        # seed 000, Table 1 and "Results II": the Standard network trains on 20x20 patches;
+        # Cx: x feature maps after the first layer; Vx: x-by-x patches; Zx: x nearby
+        # slices; Tx: x time frames, middle frame as target (3D convolutions for both).
+        "standard": Variant("unet", {}),
+        "C16": Variant("unet", {"features": 16}),
+        "C32": Variant("unet", {"features": 32}),
+        "V30": Variant("unet", {}, patch_size=30),
+        "V60": Variant("unet", {}, patch_size=60),
+        "V150": Variant("unet", {}, patch_size=150),
+        "Z3": Variant("unet3d", {"frames": 3}, stack="z", frames=3),
+        "Z5": Variant("unet3d", {"frames": 5}, stack="z", frames=5),
+        "Z7": Variant("unet3d", {"frames": 7}, stack="z", frames=7),
+        "T3": Variant("unet3d", {"frames": 3}, stack="t", frames=3),
+        "T5": Variant("unet3d", {"frames": 5}, stack="t", frames=5),
+        "T7": Variant("unet3d", {"frames": 7}, stack="t", frames=7),
+    }
+)
+"""Seed 000's Table 1 networks by name (``variant("Z7")``)."""
+
+
+def variant(name: str) -> Variant:
+    """A Table 1 network of seed 000 by name (see :data:`VARIANTS`).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name.
+    """
+    found = VARIANTS.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise ConfigError(
+            f"Unknown seed-000 variant {name!r}; known variants are {list(VARIANTS)}."
+        )
+    return found
 
 
 def available_models() -> list[str]:

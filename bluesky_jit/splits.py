@@ -1,0 +1,389 @@
+"""Noise2Inverse pairs straight from the projection buffer: K splits, Z and T stacks.
+
+A :class:`PairMaker` reads filtered projections from a
+:class:`~bluesky_jit.projections.ProjectionBuffer` (anything with ``last(n)``
+and ``select(indices, rows=...)``) and reconstructs small patches from each
+of K disjoint projection subsets ``J_j = {i : i mod K == j}`` of a window,
+with a row backprojector such as
+:meth:`bluesky_jit.reconstruction.TorchBackprojector.backproject`. The splits
+become input-target pairs by :func:`bluesky_jit.pairs.combine_splits` (X:1
+or 1:X). Input and target are made from disjoint subsets, so they never share
+a projection, also across the rows of a Z stack and the windows of a T stack
+(split membership is by global projection index).
+
+Stacks (seed 000, Table 1): ``stack="z"`` makes inputs of ``frames`` nearby
+detector rows (clipped at the detector edges) around the target row;
+``stack="t"`` makes inputs of ``frames`` consecutive windows, each
+``frame_step`` projections after the previous, whose middle window is the
+target's (so a Tx network denoises the frame ``(frames // 2) * frame_step``
+projections back).
+
+Everything here works on arrays; parallel beam (one detector row per axial
+slice). Thread-safe: the patch size, the sampling region and the slice row
+may be changed from another thread while pairs are made.
+
+References
+----------
+.. [1] Hendriksen, Pelt, Batenburg, "Noise2Inverse", IEEE TCI 6 (2020).
+.. [2] Graas et al., "Just-in-time deep learning for real-time X-ray computed
+   tomography", Sci. Rep. (2023) (seed 000).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, ScanDataError
+from .pairs import SamplingRegion, check_strategy, split_inputs
+from .reconstruction import patch_grid, slice_grid
+
+RowBackprojector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``backproject(filtered (n, cols), angles (n,), x, y) -> values at (x, y)``, one detector row."""
+
+
+class ProjectionSource(Protocol):
+    """What a :class:`PairMaker` needs from a projection buffer."""
+
+    def last(self, n: int) -> np.ndarray: ...
+
+    def select(
+        self, indices: np.ndarray, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __len__(self) -> int: ...
+
+
+STACKS = (None, "z", "t")
+
+
+def split_indices(indices: np.ndarray, splits: int) -> list[np.ndarray]:
+    """``J_j = {i in indices : i mod K == j}`` for j < K (by global projection index)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return [indices[indices % splits == j] for j in range(splits)]
+
+
+class PairMaker:
+    """Make Noise2Inverse training pairs (and inference inputs) from buffered projections.
+
+    Parameters
+    ----------
+    source : ProjectionSource
+        Filtered projections with global indices, e.g. a ``ProjectionBuffer``.
+    backproject : RowBackprojector
+        Parallel-beam backprojection of one detector row onto points (mm).
+    window : int
+        Projections per reconstruction (one rotation).
+    rows : int
+        Detector rows (stacks and neighbourhoods are clipped to them).
+    pixel_size : float
+        Pixel size of patches and slices (mm).
+    row : int
+        Detector row of the slice.
+    splits : int
+        K, the number of disjoint projection subsets (2: even/odd).
+    strategy : {"X:1", "1:X"}
+    patch_size : int
+        Patch side (pixels); 20 in seed 000.
+    region : SamplingRegion, optional
+        Where patch centres may lie; by default the disc inscribed in a
+        ``slice_size`` slice, shrunk to 90 %.
+    slice_size : int, optional
+        Side of full slices (:meth:`slice_splits`); default the number of
+        detector columns the source holds.
+    neighbourhood : int
+        Target rows are drawn up to this many rows from ``row`` (seed 000:
+        "from a slice as well as its spatial neighbourhood").
+    stack : {None, "z", "t"}
+    frames : int
+        Slices or windows per stack (odd; 1 without a stack).
+    frame_step : int, optional
+        Projections between the windows of a T stack; default ``window // 2``.
+    rng : numpy.random.Generator, optional
+    """
+
+    def __init__(
+        self,
+        source: ProjectionSource,
+        backproject: RowBackprojector,
+        *,
+        window: int,
+        rows: int,
+        pixel_size: float,
+        row: int,
+        splits: int = 2,
+        strategy: str = "X:1",
+        patch_size: int = 20,
+        region: SamplingRegion | None = None,
+        slice_size: int | None = None,
+        neighbourhood: int = 0,
+        stack: str | None = None,
+        frames: int = 1,
+        frame_step: int | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        check_strategy(strategy, splits)
+        for key, value, low in (
+            ("window", window, 2),
+            ("rows", rows, 1),
+            ("frames", frames, 1),
+            ("neighbourhood", neighbourhood, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"PairMaker {key} must be an integer >= {low}; got {value!r}.")
+        if window < splits:
+            raise ConfigError(
+                f"A window of {window} projections cannot be split {splits} ways; expected "
+                "window >= splits."
+            )
+        if stack not in STACKS:
+            raise ConfigError(f"PairMaker stack must be one of {STACKS}; got {stack!r}.")
+        if stack is None and frames != 1:
+            raise ConfigError(f"frames={frames} needs stack='z' or 't'; got stack=None.")
+        if stack is not None and frames % 2 == 0:
+            raise ConfigError(f"Stacks need an odd number of frames (a middle one); got {frames}.")
+        if not (np.isfinite(pixel_size) and pixel_size > 0):
+            raise ConfigError(f"PairMaker pixel_size must be > 0 mm; got {pixel_size!r}.")
+        step = window // 2 if frame_step is None else frame_step
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ConfigError(f"PairMaker frame_step must be a positive integer; got {step!r}.")
+        self.source = source
+        self.backproject = backproject
+        self.window = window
+        self.rows = rows
+        self.pixel_size = float(pixel_size)
+        self.splits = splits
+        self.strategy = strategy
+        self.neighbourhood = neighbourhood
+        self.stack = stack
+        self.frames = frames
+        self.frame_step = step
+        self.slice_size = slice_size
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._lock = threading.Lock()
+        self._row = 0
+        self._patch_size = 0
+        self._region: SamplingRegion | None = None
+        self.set_row(row)
+        self.set_patch_size(patch_size)
+        if region is not None:
+            self.set_region(region)
+
+    # -- settings that may change during the run ------------------------------------
+    @property
+    def row(self) -> int:
+        """Detector row of the slice (target rows are drawn around it)."""
+        return self._row
+
+    @property
+    def patch_size(self) -> int:
+        return self._patch_size
+
+    @property
+    def region(self) -> SamplingRegion | None:
+        """The sampling region; ``None`` is the default disc (see the class docstring)."""
+        return self._region
+
+    def set_row(self, row: int) -> None:
+        """Move the slice to another detector row (seed 000, Fig. 7a: repositioning)."""
+        if not isinstance(row, (int, np.integer)) or not 0 <= int(row) < self.rows:
+            raise ConfigError(f"Slice row must be an integer in [0, {self.rows}); got {row!r}.")
+        with self._lock:
+            self._row = int(row)
+
+    def set_patch_size(self, size: int) -> None:
+        """Change the patch side; pairs made afterwards have the new size."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"patch_size must be a positive integer; got {size!r}.")
+        n = self._slice_size()
+        if n is not None and size > n:
+            raise ConfigError(
+                f"A {size}x{size} patch is larger than the {n}x{n} slice; use patch_size <= {n}."
+            )
+        with self._lock:
+            self._patch_size = size
+
+    def set_region(self, region: SamplingRegion | None) -> None:
+        """Change where patches are drawn (``None``: the default disc)."""
+        if region is not None and not isinstance(region, SamplingRegion):
+            raise ConfigError(
+                f"set_region expects a SamplingRegion or None; got {type(region).__name__}."
+            )
+        with self._lock:
+            self._region = region
+
+    # -- readiness and windows -----------------------------------------------------------
+    @property
+    def span(self) -> int:
+        """Projections one pair needs: a window, plus the steps of a T stack."""
+        extra = (self.frames - 1) * self.frame_step if self.stack == "t" else 0
+        return self.window + extra
+
+    @property
+    def ready(self) -> bool:
+        """Whether the source holds enough projections for :meth:`pairs`."""
+        return len(self.source) >= self.span
+
+    def windows(self, *, end: int | None = None) -> list[np.ndarray]:
+        """Global projection indices of the window(s) of the newest pair, oldest first.
+
+        One window, or ``frames`` windows for a T stack.
+
+        Parameters
+        ----------
+        end : int, optional
+            Global index of the last projection to use; the newest by default.
+
+        Raises
+        ------
+        ScanDataError
+            If the source does not hold :attr:`span` projections (up to ``end``).
+        """
+        # one read of the buffered indices: projections may arrive meanwhile
+        held = np.asarray(self.source.last(len(self.source)), dtype=np.int64)
+        if end is not None:
+            if held.size and int(end) > int(held[-1]):
+                raise ScanDataError(
+                    f"Projection {end} was requested as the last one; the newest is "
+                    f"{int(held[-1])}."
+                )
+            held = held[held <= int(end)]
+        if held.size < self.span:
+            raise ScanDataError(
+                f"PairMaker needs {self.span} buffered projections"
+                + (f" up to projection {end}" if end is not None else "")
+                + f"; the buffer holds {held.size}. Wait for a full rotation (and the "
+                "frames of a T stack), or enlarge the projection buffer."
+            )
+        newest = held[-self.span :]
+        if self.stack != "t":
+            return [newest[-self.window :]]
+        return [
+            newest[k * self.frame_step : k * self.frame_step + self.window]
+            for k in range(self.frames)
+        ]
+
+    # -- training pairs --------------------------------------------------------------------
+    def pairs(
+        self, count: int, *, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` Noise2Inverse pairs from the newest window(s).
+
+        Returns
+        -------
+        u, v : ndarray, float32
+            Without a stack (count, 1, p, p) each; with a stack u is
+            (count, 1, frames, p, p) and v (count, 1, 1, p, p).
+        """
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"pairs() count must be a positive integer; got {count!r}.")
+        rng = rng if rng is not None else self._rng
+        with self._lock:
+            row, size, region = self._row, self._patch_size, self._region
+        region = region if region is not None else self._default_region()
+        centers = torch.as_tensor(
+            region.centers(count, size=size, pixel_size=self.pixel_size, rng=rng),
+            dtype=torch.float32,
+        )
+        x, y = patch_grid(centers, size, pixel_size=self.pixel_size)
+        lo, hi = max(0, row - self.neighbourhood), min(self.rows - 1, row + self.neighbourhood)
+        target_rows = rng.integers(lo, hi + 1, size=count)
+        windows = self.windows()
+        mid = self.frames // 2
+        # target: the middle row / window; (K, count, p, p)
+        target_splits = self._patches(windows[mid if self.stack == "t" else 0], target_rows, x, y)
+        j = rng.integers(self.splits, size=count)
+        one = target_splits[j, np.arange(count)]
+        rest = (target_splits.sum(axis=0) - one) / (self.splits - 1)
+        if self.stack is None:
+            u, v = (rest, one) if self.strategy == "X:1" else (one, rest)
+            return u[:, None], v[:, None]
+        # stacks: the input side of every frame uses the same split choice j per pair
+        frames = []
+        for k in range(self.frames):
+            if self.stack == "z":
+                rows_k = np.clip(target_rows + k - mid, 0, self.rows - 1)
+                recon = target_splits if k == mid else self._patches(windows[0], rows_k, x, y)
+            else:
+                recon = target_splits if k == mid else self._patches(windows[k], target_rows, x, y)
+            one_k = recon[j, np.arange(count)]
+            rest_k = (recon.sum(axis=0) - one_k) / (self.splits - 1)
+            frames.append(rest_k if self.strategy == "X:1" else one_k)
+        u = np.stack(frames, axis=1)[:, None]  # (count, 1, frames, p, p)
+        v = (one if self.strategy == "X:1" else rest)[:, None, None]
+        return u.astype(np.float32), v.astype(np.float32)
+
+    # -- full slices for inference -------------------------------------------------------
+    def slice_splits(self, *, row: int | None = None, end: int | None = None) -> np.ndarray:
+        """Full slices from each split of the newest window(s), for inference.
+
+        ``end``: the last projection to use (see :meth:`windows`).
+
+        Returns
+        -------
+        ndarray, float32
+            (K, n, n); with a stack (K, frames, n, n), where split j of every
+            frame holds the projections ``i mod K == j``.
+        """
+        n = self._slice_size()
+        if n is None:
+            raise ConfigError("PairMaker needs slice_size (or a source with .shape) for slices.")
+        row = self._row if row is None else row
+        x, y = slice_grid(n, pixel_size=self.pixel_size)
+        x, y = x[None], y[None]
+        windows = self.windows(end=end)
+        mid = self.frames // 2
+        if self.stack is None:
+            return self._patches(windows[0], np.array([row]), x, y)[:, 0]
+        frames = []
+        for k in range(self.frames):
+            if self.stack == "z":
+                rows_k = np.array([min(max(row + k - mid, 0), self.rows - 1)])
+                frames.append(self._patches(windows[0], rows_k, x, y)[:, 0])
+            else:
+                frames.append(self._patches(windows[k], np.array([row]), x, y)[:, 0])
+        return np.stack(frames, axis=1)
+
+    def inference_inputs(self, *, row: int | None = None, end: int | None = None) -> np.ndarray:
+        """The K network inputs whose denoised outputs, averaged, give the slice.
+
+        Returns
+        -------
+        ndarray, float32
+            (K, n, n), or (K, frames, n, n) with a stack; see
+            :func:`bluesky_jit.pairs.split_inputs`.
+        """
+        return split_inputs(self.slice_splits(row=row, end=end), self.strategy)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _slice_size(self) -> int | None:
+        if self.slice_size is not None:
+            return self.slice_size
+        shape = getattr(self.source, "shape", None)
+        return int(shape[-1]) if shape is not None else None
+
+    def _default_region(self) -> SamplingRegion:
+        n = self._slice_size()
+        if n is None:
+            raise ConfigError("PairMaker needs a region or slice_size to place patches.")
+        return SamplingRegion.disc(0.9 * n * self.pixel_size / 2)
+
+    def _patches(
+        self, window: np.ndarray, rows: np.ndarray, x: torch.Tensor, y: torch.Tensor
+    ) -> np.ndarray:
+        """Reconstruct patch i at detector row ``rows[i]`` from each split: (K, m, p, p)."""
+        m = x.shape[0]
+        out = np.empty((self.splits, m, *x.shape[1:]), dtype=np.float32)
+        r0, r1 = int(rows.min()), int(rows.max())
+        for j, subset in enumerate(split_indices(window, self.splits)):
+            data, angles = self.source.select(subset, rows=slice(r0, r1 + 1))
+            for r in np.unique(rows):
+                sel = np.nonzero(rows == r)[0]
+                idx = torch.as_tensor(sel)
+                values = self.backproject(data[:, r - r0], angles, x[idx], y[idx])
+                out[j, sel] = values.detach().to("cpu", torch.float32).numpy()
+        return out

@@ -1,0 +1,554 @@
+"""Online-learning strategies (seed 000, Topic III and Fig. 10) around the one Trainer.
+
+Seed 000 compares, on a stream of Noise2Inverse pairs:
+
+- the just-in-time capacity queue: the newest ``N_buffer`` pairs, sampled
+  uniformly while new ones arrive (:class:`~bluesky_jit.pairs.ReplayBuffer`);
+- training without a buffer, every pair used once in arrival order
+  (:class:`~bluesky_jit.pairs.SequentialBuffer`);
+- a frozen, pretrained network (``Trainer.from_checkpoint(..., frozen=True)``).
+
+:func:`make_trainer` builds any of them by name with the same
+:class:`~bluesky_jit.training.Trainer`; the strategies differ only in the
+buffer they hand it or in ``frozen``. :class:`ProcessTrainer` runs that same
+Trainer in a process of its own (``torch.multiprocessing``, spawned), so
+training does not share the GIL with reconstruction and inference; its
+weights reach the inference side through shared memory without a lock that
+inference could wait on (a two-slot sequence lock, see
+:meth:`ProcessTrainer.snapshot`).
+
+References
+----------
+.. [1] Graas et al., "Just-in-time deep learning for real-time X-ray computed
+   tomography", Sci. Rep. (2023) (seed 000), Topic III, Fig. 6 and Fig. 10.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BlueskyJitError, ConfigError
+from .models import build_model, resolve_config
+from .models.checkpoint import save_checkpoint
+from .pairs import ReplayBuffer, SequentialBuffer
+from .training import PRECISIONS, Normalizer, Trainer, WeightsSnapshot
+
+logger = logging.getLogger(__name__)
+
+BUFFER_STRATEGIES = ("queue", "sequential", "frozen")
+"""``queue``: capacity queue of N_buffer pairs (seed 000's just-in-time strategy);
+``sequential``: no buffer, every pair trained on once; ``frozen``: a pretrained
+model that is never trained (needs a checkpoint)."""
+
+
+def make_buffer(
+    strategy: str, capacity: int, *, rng: np.random.Generator | None = None, item_ndim: int = 3
+) -> ReplayBuffer:
+    """The pair buffer of a strategy (see :data:`BUFFER_STRATEGIES`).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown strategy or a bad capacity.
+    """
+    if strategy not in BUFFER_STRATEGIES:
+        raise ConfigError(
+            f"Unknown online-learning strategy {strategy!r}; expected one of {BUFFER_STRATEGIES}."
+        )
+    cls = SequentialBuffer if strategy == "sequential" else ReplayBuffer
+    return cls(capacity, rng=rng, item_ndim=item_ndim, on_shape_change="clear")
+
+
+def make_trainer(
+    strategy: str,
+    *,
+    model: str = "unet",
+    model_config: Mapping[str, Any] | None = None,
+    capacity: int = 320,
+    checkpoint: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """A :class:`~bluesky_jit.training.Trainer` following an online-learning strategy.
+
+    Parameters
+    ----------
+    strategy : {"queue", "sequential", "frozen"}
+    model, model_config : registry name and config of a fresh network
+        (ignored when ``checkpoint`` is given).
+    capacity : int
+        N_buffer (seed 000: 32 or 320).
+    checkpoint : path-like, optional
+        Warm start from an earlier run's checkpoint; required for ``"frozen"``.
+    seed : int
+        Seeds the weights of a fresh network and the sampling.
+    **trainer_kwargs
+        Further Trainer settings (batch_size, learning_rate, precision, ...).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown strategy, ``"frozen"`` without a checkpoint, or a
+        capacity below the batch size.
+    CheckpointError
+        If the checkpoint cannot be loaded.
+    """
+    frozen = strategy == "frozen"
+    if frozen and checkpoint is None:
+        raise ConfigError(
+            "The 'frozen' strategy is a pretrained model: pass checkpoint=<path of an earlier "
+            "run's checkpoint>."
+        )
+    if checkpoint is not None:
+        from .models.checkpoint import load_checkpoint
+
+        network, _ = load_checkpoint(checkpoint)  # to size the buffer's pairs
+    else:
+        network = build_model(model, model_config, seed=seed)
+    item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
+    buffer = make_buffer(
+        strategy, capacity, rng=np.random.default_rng(seed + 1), item_ndim=item_ndim
+    )
+    if checkpoint is not None:
+        return Trainer.from_checkpoint(
+            checkpoint, buffer, seed=seed, frozen=frozen, **trainer_kwargs
+        )
+    return Trainer(network, buffer, seed=seed, **trainer_kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer in its own process
+# ---------------------------------------------------------------------------------------
+class TrainerProcessError(BlueskyJitError, RuntimeError):
+    """The training process failed (its traceback is in the message)."""
+
+
+class _RemoteBuffer:
+    """Parent-side face of the child's buffer: pushes go through a queue."""
+
+    def __init__(self, owner: ProcessTrainer, capacity: int, item_ndim: int) -> None:
+        self._owner = owner
+        self.capacity = capacity
+        self.item_ndim = item_ndim
+        self._pushed = 0
+
+    def push(self, u: Any, v: Any) -> None:
+        u = np.ascontiguousarray(u, dtype=np.float32)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        self._owner._send(("train", u, v))
+        self._pushed += u.shape[0] if u.ndim == self.item_ndim + 1 else 1
+
+    def clear(self) -> None:
+        self._owner._send(("clear",))
+        self._pushed = 0
+
+    @property
+    def pushed(self) -> int:
+        """Pairs pushed from this side."""
+        return self._pushed
+
+    def __len__(self) -> int:
+        child = self._owner._shared["buffer_len"].value
+        if self._owner._process is None or child < 0:  # child not reporting yet
+            return min(self._pushed, self.capacity)
+        return int(child)
+
+
+class ProcessTrainer:
+    """The :class:`~bluesky_jit.training.Trainer` in a spawned process of its own.
+
+    Same face as a Trainer for the pipeline: ``buffer.push``, ``add_holdout``,
+    ``start``, ``stop``, ``running``, ``snapshot`` / ``weights`` (for the
+    :class:`~bluesky_jit.inference.Denoiser`), ``normalizer``, ``steps``,
+    ``steps_per_second``, ``evaluate``, ``metrics`` / ``pop_metrics``,
+    ``save`` and ``error``. Pairs travel to the child through a queue
+    (pickled arrays); weights come back through shared memory.
+
+    Parameters
+    ----------
+    model : str
+        Registry name; the child builds the network (or loads ``warm_start``).
+    model_config : mapping, optional
+    capacity : int
+        N_buffer.
+    strategy : {"queue", "sequential", "frozen"}
+    warm_start : path-like, optional
+        Checkpoint to continue from (required for ``"frozen"``).
+    num_threads : int
+        Intra-op threads of the training process (1 is as fast as 2 for
+        20x20 patches on 2 cores, and leaves a core to the pipeline).
+    seed : int
+    publish_every_s : float
+        Least time between two weight publications (0: after every step).
+    start_method : str
+        ``"spawn"`` (default; safe with threads in the parent) or ``"forkserver"``.
+    **trainer_kwargs
+        batch_size, learning_rate, holdout_size, precision, metrics_every_s,
+        checkpoint_dir, checkpoint_every_s, max_steps_per_s, channels_last.
+
+    Notes
+    -----
+    :meth:`evaluate` returns the newest hold-out alpha the child reported (in
+    its metric rows), not a fresh evaluation. Call :meth:`stop` (or use the
+    object as a context manager) to end the process.
+    """
+
+    def __init__(
+        self,
+        model: str = "unet",
+        model_config: Mapping[str, Any] | None = None,
+        *,
+        capacity: int = 320,
+        strategy: str = "queue",
+        warm_start: str | os.PathLike[str] | None = None,
+        num_threads: int = 1,
+        seed: int = 0,
+        publish_every_s: float = 0.0,
+        start_method: str = "spawn",
+        **trainer_kwargs: Any,
+    ) -> None:
+        if strategy not in BUFFER_STRATEGIES:
+            raise ConfigError(
+                f"Unknown online-learning strategy {strategy!r}; expected one of "
+                f"{BUFFER_STRATEGIES}."
+            )
+        if strategy == "frozen" and warm_start is None:
+            raise ConfigError("The 'frozen' strategy needs warm_start=<checkpoint path>.")
+        allowed = {
+            "batch_size",
+            "learning_rate",
+            "holdout_size",
+            "precision",
+            "metrics_every_s",
+            "checkpoint_dir",
+            "checkpoint_every_s",
+            "max_steps_per_s",
+            "channels_last",
+        }
+        unknown = sorted(set(trainer_kwargs) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"ProcessTrainer got unknown setting(s) {unknown}; known: {sorted(allowed)}."
+            )
+        if trainer_kwargs.get("precision", "float32") not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {PRECISIONS}; got {trainer_kwargs['precision']!r}."
+            )
+        batch_size = trainer_kwargs.get("batch_size", 32)
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < batch_size:
+            raise ConfigError(
+                f"ProcessTrainer capacity (N_buffer) must be an integer >= batch_size "
+                f"({batch_size}); got {capacity!r}."
+            )
+        if "checkpoint_dir" in trainer_kwargs and trainer_kwargs["checkpoint_dir"] is not None:
+            trainer_kwargs["checkpoint_dir"] = str(trainer_kwargs["checkpoint_dir"])
+        # the parent's copy of the architecture: shapes of the shared weights, save()
+        if warm_start is not None:
+            from .models.checkpoint import load_checkpoint
+
+            template, extra = load_checkpoint(warm_start)
+            model, model_config = template.model_name, dict(template.model_config)
+        else:
+            model_config = resolve_config(model, model_config)
+            template = build_model(model, model_config, seed=seed)
+        self.model_name = model
+        self.model_config = dict(model_config)
+        self.batch_size = int(batch_size)
+        self.learning_rate = float(trainer_kwargs.get("learning_rate", 1e-4))
+        self.error: BaseException | None = None
+        self._spec = {
+            "model": model,
+            "model_config": self.model_config,
+            "capacity": capacity,
+            "strategy": strategy,
+            "warm_start": None if warm_start is None else str(warm_start),
+            "num_threads": int(num_threads),
+            "seed": int(seed),
+            "publish_every_s": float(publish_every_s),
+            "trainer": dict(trainer_kwargs),
+        }
+        self._ctx = torch.multiprocessing.get_context(start_method)
+        state = template.state_dict()
+        self._slots = [
+            {k: t.detach().to("cpu", copy=True).share_memory_() for k, t in state.items()}
+            for _ in range(2)
+        ]
+        ctx = self._ctx
+        self._shared = {
+            "slot_version": ctx.Array("q", [0, -1], lock=False),
+            "current": ctx.Value("i", 0, lock=False),
+            "normalizer": ctx.Array("d", [math.nan, math.nan], lock=False),
+            "steps": ctx.Value("q", 0, lock=False),
+            "steps_per_second": ctx.Value("d", 0.0, lock=False),
+            "buffer_len": ctx.Value("q", -1, lock=False),
+        }
+        if warm_start is not None and extra.get("normalizer") is not None:
+            norm = Normalizer.from_dict(extra["normalizer"])
+            self._shared["normalizer"][0] = norm.offset
+            self._shared["normalizer"][1] = norm.scale
+        self._inbox = ctx.Queue()
+        self._outbox = ctx.Queue()
+        self._process: Any = None
+        self._cache = WeightsSnapshot(-1, {}, None)
+        self._metrics: list[dict[str, Any]] = []
+        self._quality: dict[str, float] = {}
+        self._popped = 0
+        self._stopped = False
+        item_ndim = 4 if getattr(template, "spatial_dims", 2) == 3 else 3
+        self.buffer = _RemoteBuffer(self, capacity, item_ndim)
+        self.holdout_pushed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the training process (once); it trains whenever a full batch is buffered."""
+        if self._process is not None or self._stopped:
+            return
+        self._process = self._ctx.Process(
+            target=_child_main,
+            args=(self._spec, self._slots, self._shared, self._inbox, self._outbox),
+            name="bluesky-jit-trainer",
+            daemon=True,
+        )
+        self._process.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the training process is alive."""
+        return self._process is not None and self._process.is_alive()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the process (it writes its last checkpoint if configured) and wait for it."""
+        if self._process is None:
+            self._stopped = True
+            return
+        if self._process.is_alive():
+            self._send(("stop",))
+            self._process.join(timeout)
+        if self._process.is_alive():
+            logger.warning("The training process did not stop within %s s; terminating", timeout)
+            self._process.terminate()
+            self._process.join(5)
+        self._drain()
+        if self._process.exitcode not in (0, None) and self.error is None:
+            self.error = TrainerProcessError(
+                f"The training process exited with code {self._process.exitcode}."
+            )
+        self._stopped = True
+
+    def __enter__(self) -> ProcessTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _send(self, message: tuple) -> None:
+        if self._stopped:
+            return
+        self._inbox.put(message)
+
+    # -- pairs ---------------------------------------------------------------------------------
+    def add_holdout(self, u: Any, v: Any) -> None:
+        """Hold-out pairs for the child's alpha (never trained on)."""
+        self._send(
+            ("holdout", np.ascontiguousarray(u, np.float32), np.ascontiguousarray(v, np.float32))
+        )
+        self.holdout_pushed += 1
+
+    # -- weights -------------------------------------------------------------------------------
+    def snapshot(self) -> WeightsSnapshot:
+        """The newest published weights, read without waiting on the training process.
+
+        The child writes into the slot that readers are not pointed at, then
+        flips the pointer; a read copies the current slot and accepts the copy
+        if the slot's version did not change meanwhile (a sequence lock). A
+        reader never blocks: after three unlucky tries it keeps the previous
+        weights. Unchanged weights are not copied again.
+        """
+        shared = self._shared
+        for _ in range(3):
+            s = shared["current"].value
+            version = shared["slot_version"][s]
+            if version < 0:
+                continue
+            if version == self._cache.version:
+                break
+            state = {k: t.clone() for k, t in self._slots[s].items()}
+            if shared["slot_version"][s] == version:
+                self._cache = WeightsSnapshot(version, state, self.normalizer)
+                break
+        if self._cache.normalizer is None and self.normalizer is not None:
+            self._cache = self._cache._replace(normalizer=self.normalizer)
+        return self._cache
+
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """The newest published weights and their version (steps)."""
+        snap = self.snapshot()
+        return snap.version, snap.state_dict
+
+    @property
+    def normalizer(self) -> Normalizer | None:
+        """The child's frozen normaliser; None before its first step (or warm start)."""
+        offset, scale = self._shared["normalizer"][0], self._shared["normalizer"][1]
+        if math.isnan(offset) or math.isnan(scale):
+            return None
+        return Normalizer(offset=offset, scale=scale)
+
+    # -- progress --------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return int(self._shared["steps"].value)
+
+    @property
+    def steps_per_second(self) -> float:
+        return float(self._shared["steps_per_second"].value)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, payload = self._outbox.get_nowait()
+            except (queue.Empty, EOFError, OSError):
+                return
+            if kind == "metrics":
+                self._metrics.append(payload)
+            elif kind == "quality":
+                self._quality = payload
+            elif kind == "error":
+                self.error = TrainerProcessError(payload)
+                logger.error("The training process failed:\n%s", payload)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every metric row the child reported so far (copies), oldest first."""
+        self._drain()
+        return [dict(r) for r in self._metrics]
+
+    def pop_metrics(self) -> list[dict[str, Any]]:
+        """Rows reported since the previous call."""
+        self._drain()
+        rows = self._metrics[self._popped :]
+        self._popped = len(self._metrics)
+        return [dict(r) for r in rows]
+
+    @property
+    def latest_quality(self) -> dict[str, float]:
+        """The child's ``Trainer.latest_quality`` at its newest metric row (empty before)."""
+        self._drain()
+        return dict(self._quality)
+
+    def evaluate(self) -> float:
+        """The newest hold-out alpha reported by the child (NaN before the first row)."""
+        self._drain()
+        for row in reversed(self._metrics):
+            if math.isfinite(row.get("alpha", math.nan)):
+                return float(row["alpha"])
+        return math.nan
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the newest published weights as a checkpoint (from this process)."""
+        version, state, normalizer = self.snapshot()
+        extra = {
+            "step": max(version, 0),
+            "normalizer": normalizer.to_dict() if normalizer is not None else None,
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+        }
+        return save_checkpoint(
+            path, name=self.model_name, config=self.model_config, model=state, extra=extra
+        )
+
+
+def _child_main(spec, slots, shared, inbox, outbox) -> None:  # pragma: no cover - subprocess
+    """The training process: a Trainer thread, this thread moving pairs, weights and rows."""
+    import traceback
+
+    try:
+        torch.set_num_threads(spec["num_threads"])
+        kwargs = dict(spec["trainer"])
+        kwargs["num_threads"] = spec["num_threads"]
+        trainer = make_trainer(
+            spec["strategy"],
+            model=spec["model"],
+            model_config=spec["model_config"],
+            capacity=spec["capacity"],
+            checkpoint=spec["warm_start"],
+            seed=spec["seed"],
+            **kwargs,
+        )
+        if trainer.normalizer is None and not math.isnan(shared["normalizer"][0]):
+            trainer.normalizer = Normalizer(shared["normalizer"][0], shared["normalizer"][1])
+    except Exception:  # noqa: BLE001 - reported to the parent
+        outbox.put(("error", traceback.format_exc()))
+        return
+
+    published = -1
+    last_publish = 0.0
+
+    def publish(force: bool = False) -> None:
+        nonlocal published, last_publish
+        version, state, normalizer = trainer.snapshot()
+        now = time.monotonic()
+        if version == published or (not force and now - last_publish < spec["publish_every_s"]):
+            return
+        if normalizer is not None:
+            shared["normalizer"][0] = normalizer.offset
+            shared["normalizer"][1] = normalizer.scale
+        s = 1 - shared["current"].value
+        shared["slot_version"][s] = -1  # being written
+        for key, tensor in slots[s].items():
+            tensor.copy_(state[key])
+        shared["slot_version"][s] = version
+        shared["current"].value = s
+        published, last_publish = version, now
+
+    started = False
+    try:
+        while True:
+            try:
+                message = inbox.get(timeout=0.005)
+            except queue.Empty:
+                message = None
+            if message is not None:
+                kind = message[0]
+                if kind == "stop":
+                    break
+                if kind == "train":
+                    trainer.buffer.push(message[1], message[2])
+                elif kind == "holdout":
+                    trainer.add_holdout(message[1], message[2])
+                elif kind == "clear":
+                    trainer.buffer.clear()
+            if not started:
+                trainer.start()
+                started = True
+            shared["buffer_len"].value = len(trainer.buffer)
+            shared["steps"].value = trainer.steps
+            shared["steps_per_second"].value = trainer.steps_per_second
+            publish()
+            rows = trainer.pop_metrics()
+            for row in rows:
+                outbox.put(("metrics", row))
+            if rows:
+                outbox.put(("quality", trainer.latest_quality))
+            if trainer.error is not None:
+                break  # reported below
+    except Exception:  # noqa: BLE001 - reported to the parent
+        outbox.put(("error", traceback.format_exc()))
+    finally:
+        trainer.stop()
+        publish(force=True)
+        shared["steps"].value = trainer.steps
+        for row in trainer.pop_metrics():
+            outbox.put(("metrics", row))
+        if trainer.error is not None:
+            outbox.put(("error", repr(trainer.error)))
+        outbox.close()
+        outbox.join_thread()
