@@ -97,8 +97,10 @@ class RunPipeline:
         emit: Callable[[str, dict], None] | None,
         directory: Path,
         dropped: Callable[[], int] = lambda: 0,
+        quality: Any = None,
     ) -> None:
         self.config = config
+        self.quality = quality
         self.emit = emit
         self.directory = Path(directory)
         self.dropped = dropped
@@ -348,11 +350,28 @@ class RunPipeline:
                     "pairs_pushed": self.trainer.buffer.pushed,
                 }
             )
+        levels = self._publish_quality() if rows else {}
         for row in rows:
             row.pop("time", None)
+            row["sigma_fbp"] = levels.get("sigma_fbp", math.nan)
+            row["sigma_denoised"] = levels.get("sigma_denoised", math.nan)
             self.summary.metrics.append(row)
             if self.derived is not None:
                 self.derived.add_metrics(**row)
+
+    def _publish_quality(self) -> dict[str, float]:
+        """Noise estimates of the newest hold-out evaluation; put them on the ophyd signals."""
+        from .steering import noise_levels
+
+        details = self.trainer.latest_quality
+        if "mse_input" not in details:
+            return {}
+        if self.quality is not None:
+            try:
+                self.quality.publish(details, step=self.trainer.steps)
+            except Exception as error:  # noqa: BLE001 - a signal must not stop the pipeline
+                logger.warning("Could not publish the quality signals: %s", error)
+        return noise_levels(details)
 
     def _finish(self, stop: Mapping[str, Any]) -> None:
         summary = self.summary
@@ -451,6 +470,10 @@ class JitCallback:
         Called on the worker thread with each run's :class:`RunSummary`.
     keep_summaries : int
         How many recent :class:`RunSummary` objects :attr:`summaries` keeps.
+    quality : bluesky_jit.steering.QualitySignals, optional
+        Ophyd signals that get alpha and the noise estimates after every
+        metric row, for plans that stop or adapt a scan
+        (:func:`bluesky_jit.steering.until_quality`).
 
     Notes
     -----
@@ -471,7 +494,9 @@ class JitCallback:
         root_map: Mapping[str, str] | None = None,
         on_run_finished: Callable[[RunSummary], None] | None = None,
         keep_summaries: int = 20,
+        quality: Any = None,
     ) -> None:
+        self.quality = quality
         self.config = config or JitConfig()
         self.emit = emit
         self.directory = Path(directory)
@@ -546,6 +571,7 @@ class JitCallback:
             emit=self.emit,
             directory=self.directory,
             dropped=lambda: self._dropped.pop(uid, 0),
+            quality=self.quality,
         )
         ingest = TomoIngest(
             pipeline,

@@ -352,3 +352,38 @@ def test_moving_the_slice_during_a_run(RE, tmp_path):
     rows = [e["data"]["slice_row"] for e in derived.named("event") if "slice_row" in e["data"]]
     assert rows[0] == SHAPE[0] // 2 and rows[-1] == 1
     assert jit.summaries[0].problems == []
+
+
+def test_scan_stops_once_the_denoiser_is_good_enough(RE, tmp_path):
+    """Closed loop: JitCallback publishes alpha on ophyd signals; the plan stops on it."""
+    from bluesky_jit.steering import QualitySignals, until_quality
+
+    quality = QualitySignals(name="jit_quality")
+    jit = JitCallback(config=CONFIG, directory=tmp_path / "derived", quality=quality)
+    beamline = make_hw(tmp_path / "raw", source=source(), frame_rate=20.0, paced=True)
+    RE.subscribe(jit)
+    report = {}
+    planned = 20 * ANGLES
+    plan = tomo_continuous(
+        beamline.det,
+        beamline.rot_stage,
+        beamline.shutter,
+        beamline.sample_stage,
+        num_angles=ANGLES,
+        rotations=20,
+        num_darks=3,
+        num_flats=3,
+    )
+    RE(
+        until_quality(
+            plan, quality, alpha_below=0.9, skip_motors=(beamline.rot_stage,), report=report
+        )
+    )
+    assert jit.flush(timeout=60)
+    jit.close()
+    assert report["good_at"] is not None, report
+    assert report["events"] < planned
+    assert quality.alpha.get() <= 0.9
+    summary = jit.summaries[0]
+    assert summary.projections == report["events"]
+    assert summary.exit_status == "success", summary.reason
