@@ -65,8 +65,7 @@ def record_scan(directory: Path, *, shape, num_angles: int, rotations: int):
 def ingest_rate(docs, *, config: JitConfig, train: bool, directory: Path) -> dict:
     from bluesky_jit.callbacks import JitCallback
 
-    if not train:
-        config = config.replace(batch_size=1, buffer_capacity=10**9)  # never fills: no steps
+    config = config.replace(train=train)
     jit = JitCallback(config=config, directory=directory)
     t0 = time.perf_counter()
     for name, doc in docs:
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--size", type=int, default=256, help="detector width (px)")
-    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--angles", type=int, default=180, help="projections per rotation")
     parser.add_argument("--rotations", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)

@@ -194,7 +194,8 @@ class ProcessTrainer:
         ``"spawn"`` (default; safe with threads in the parent) or ``"forkserver"``.
     **trainer_kwargs
         batch_size, learning_rate, holdout_size, precision, metrics_every_s,
-        checkpoint_dir, checkpoint_every_s, max_steps_per_s, channels_last.
+        checkpoint_dir, checkpoint_every_s, max_steps_per_s, channels_last,
+        augment, average.
 
     Notes
     -----
@@ -234,6 +235,8 @@ class ProcessTrainer:
             "checkpoint_every_s",
             "max_steps_per_s",
             "channels_last",
+            "augment",
+            "average",
         }
         unknown = sorted(set(trainer_kwargs) - allowed)
         if unknown:

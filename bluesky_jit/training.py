@@ -204,8 +204,9 @@ class Trainer:
     precision : {"float32", "bfloat16"}
         ``"bfloat16"`` runs forward and backward under ``torch.autocast`` in
         bfloat16 (weights, optimizer state and loss stay float32). On a CPU
-        with AVX512-BF16 this trained the Standard U-Net 1.1-5x faster
-        (batches of 32 20x20 patches; see ``benchmarks/learning.py``).
+        with AVX512-BF16 (one thread, batches of 32 20x20 patches) the
+        Standard U-Net trained at about 55 steps/s against 45 in float32;
+        quality held (``benchmarks/learning.py``).
     num_threads : int, optional
         Intra-op threads of the background loop (set in its own thread, so
         inference and reconstruction keep theirs). One thread trained the
