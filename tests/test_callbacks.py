@@ -387,3 +387,14 @@ def test_scan_stops_once_the_denoiser_is_good_enough(RE, tmp_path):
     summary = jit.summaries[0]
     assert summary.projections == report["events"]
     assert summary.exit_status == "success", summary.reason
+
+
+@pytest.mark.parametrize("model", ["msdnet", "tunet", "smsnet"])
+def test_other_2d_models_run_live_by_name(RE, tmp_path, model):
+    derived = Collector()
+    jit = JitCallback(config=CONFIG.replace(model=model), emit=derived, directory=tmp_path)
+    run_scan(RE, jit, make_hw(tmp_path / "raw", source=source(), frame_rate=20.0))
+    summary = jit.summaries[0]
+    assert summary.exit_status == "success", summary.reason
+    assert summary.slices > 0
+    assert derived.named("start")[0]["model"]["name"] == model
