@@ -164,7 +164,7 @@ def test_settings_may_change_from_another_thread():
     stop = threading.Event()
 
     def fiddle():
-        while not stop.is_set():
+        while not stop.wait(0.0005):
             pm.set_patch_size(4)
             pm.set_patch_size(5)
 
