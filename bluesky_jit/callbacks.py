@@ -39,6 +39,7 @@ from .ingest import CalibrationStore, TomoIngest
 logger = logging.getLogger(__name__)
 
 FRAME_DOCUMENTS = frozenset({"event", "event_page", "stream_datum"})
+_KEEP = object()
 VERTICAL_STREAMS = ("reconstruction_xz", "reconstruction_yz")
 
 
@@ -64,6 +65,7 @@ class RunSummary:
     last_slice: np.ndarray | None = None
     last_denoised: np.ndarray | None = None
     last_indices: np.ndarray | None = None
+    last_denoised_indices: np.ndarray | None = None
     derived_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +109,7 @@ class RunPipeline:
         self.rng = np.random.default_rng(config.seed)
         self.derived = None
         self.recon = None
+        self.pairs = None
         self.trainer = None
         self.denoiser = None
         self.summary: RunSummary | None = None
@@ -150,11 +153,15 @@ class RunPipeline:
     def _build(self, geometry: ScanGeometry) -> None:
         from .inference import Denoiser
         from .models import build_model
-        from .pairs import ReplayBuffer
+        from .pairs import SamplingRegion
         from .reconstruction.streaming import StreamingReconstructor
-        from .training import Trainer
+        from .splits import PairMaker
+        from .training import resolve_precision
 
         cfg = self.config
+        window = geometry.num_angles
+        frame_step = cfg.frame_step or max(1, window // 2)
+        reach = (cfg.frames - 1) * frame_step if cfg.stack == "t" else 0  # T stacks look back
         self.recon = StreamingReconstructor(
             geometry,
             refresh_every=cfg.refresh_every,
@@ -162,47 +169,103 @@ class RunPipeline:
             filter_name=cfg.filter_name,
             device=cfg.device,
             backend=cfg.backend,
+            capacity=max(2 * window, window + reach + cfg.refresh_every),
         )
-        normalizer = None
-        if cfg.warm_start is not None:
-            from .models.checkpoint import load_checkpoint
-            from .training import Normalizer
+        voxel = geometry.voxel_size
+        region = SamplingRegion.disc(cfg.sampling_radius * self.recon.n * voxel / 2)
+        region.centers(1, size=cfg.patch_size, pixel_size=voxel, rng=self.rng)  # fits at all?
+        self.pairs = PairMaker.from_reconstructor(
+            self.recon,
+            splits=cfg.splits,
+            strategy=cfg.n2i_strategy,
+            patch_size=cfg.patch_size,
+            region=region,
+            neighbourhood=cfg.neighbourhood_rows,
+            stack=cfg.stack,
+            frames=cfg.frames,
+            frame_step=frame_step,
+            rng=self.rng,
+        )
+        self.trainer = self._make_trainer()
+        self.denoiser = Denoiser(
+            build_model(cfg.model, cfg.model_config),
+            source=self.trainer,
+            device=cfg.device,
+            precision=resolve_precision(cfg.infer_precision, cfg.device),
+            num_threads=cfg.infer_threads,
+        )
 
-            model, extra = load_checkpoint(
+    def _make_trainer(self) -> Any:
+        """The trainer of ``config.online_strategy``, in a thread or its own process."""
+        from .strategies import ProcessTrainer, make_trainer
+        from .training import resolve_precision
+
+        cfg = self.config
+        if cfg.warm_start is not None:  # a checkpoint of another network is a clear error
+            from .models.checkpoint import load_checkpoint
+
+            load_checkpoint(
                 cfg.warm_start, expected_name=cfg.model, expected_config=cfg.model_config
             )
-            if extra.get("normalizer"):
-                normalizer = Normalizer.from_dict(extra["normalizer"])
-        else:
-            model = build_model(cfg.model, cfg.model_config, seed=cfg.seed)
-        buffer = ReplayBuffer(cfg.buffer_capacity, rng=np.random.default_rng(cfg.seed + 1))
         checkpoint_dir = None
         if cfg.checkpoint_dir is not None:
             checkpoint_dir = Path(cfg.checkpoint_dir) / self.summary.raw_uid
-        self.trainer = Trainer(
-            model,
-            buffer,
-            learning_rate=cfg.learning_rate,
-            batch_size=cfg.batch_size,
-            device=cfg.device,
+        settings = {
+            "learning_rate": cfg.learning_rate,
+            "batch_size": cfg.batch_size,
+            "holdout_size": cfg.holdout_size,
+            "metrics_every_s": cfg.metrics_every_s,
+            "max_steps_per_s": cfg.max_train_steps_per_s,
+            "precision": resolve_precision(cfg.train_precision, cfg.device),
+            "augment": cfg.augment,
+            "average": cfg.average_weights,
+            "checkpoint_dir": checkpoint_dir,
+            "checkpoint_every_s": cfg.checkpoint_every_s,
+        }
+        if cfg.trainer_process:
+            return ProcessTrainer(
+                cfg.model,
+                cfg.model_config,
+                capacity=cfg.buffer_capacity,
+                strategy=cfg.online_strategy,
+                warm_start=cfg.warm_start,
+                num_threads=cfg.train_threads or 1,
+                seed=cfg.seed,
+                **settings,
+            )
+        return make_trainer(
+            cfg.online_strategy,
+            model=cfg.model,
+            model_config=cfg.model_config,
+            capacity=cfg.buffer_capacity,
+            checkpoint=cfg.warm_start,
             seed=cfg.seed,
-            holdout_size=cfg.holdout_size,
-            metrics_every_s=cfg.metrics_every_s,
-            max_steps_per_s=cfg.max_train_steps_per_s,
-            normalizer=normalizer,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every_s=cfg.checkpoint_every_s,
+            device=cfg.device,
+            num_threads=cfg.train_threads,
+            **settings,
         )
-        self.denoiser = Denoiser(model, source=self.trainer, device=cfg.device)
 
     def _metadata(self, geometry: ScanGeometry | None) -> dict[str, Any]:
         cfg = self.config
+        from .models import resolve_config
+        from .training import resolve_precision
+
         return {
             "config": cfg.to_dict(),
             "geometry": geometry.to_dict() if geometry is not None else None,
-            "model": {"name": cfg.model, "config": dict(cfg.model_config)},
+            "model": {"name": cfg.model, "config": resolve_config(cfg.model, cfg.model_config)},
             "backend": {"reconstruction": cfg.backend, "device": cfg.device},
             "buffer_capacity": cfg.buffer_capacity,
+            "noise2inverse": {
+                "splits": cfg.splits,
+                "strategy": cfg.n2i_strategy,
+                "stack": cfg.stack,
+                "frames": cfg.frames,
+            },
+            "precision": {
+                "train": resolve_precision(cfg.train_precision, cfg.device),
+                "inference": resolve_precision(cfg.infer_precision, cfg.device),
+            },
         }
 
     def calibration(self, darks: np.ndarray, flats: np.ndarray) -> None:
@@ -234,33 +297,21 @@ class RunPipeline:
             self.trainer.stop()
             if self.trainer.error is not None:
                 self.problem(self.trainer.error)
-            if self.recon is not None and self.recon.ready and self.trainer.steps:
+            rated = self.trainer.steps or self.config.online_strategy == "frozen"
+            if self.recon is not None and self.recon.ready and rated:
                 self._emit_metrics(final=True)
         self._finish(stop)
 
     # -- the work ---------------------------------------------------------------------
     def refresh(self) -> None:
         """Reconstruct the slice, feed the trainer, denoise, and publish."""
-        cfg, recon, trainer = self.config, self.recon, self.trainer
+        cfg, recon, trainer, pairs = self.config, self.recon, self.trainer, self.pairs
         self._apply_moves()
         slices = recon.reconstruct()
         self._unrefreshed = 0
-        u, v = recon.patch_pairs(
-            cfg.pairs_per_refresh,
-            size=cfg.patch_size,
-            rng=self.rng,
-            radius=cfg.sampling_radius,
-            neighbourhood=cfg.neighbourhood_rows,
-        )
-        trainer.buffer.push(u, v)
-        hu, hv = recon.patch_pairs(
-            cfg.holdout_per_refresh,
-            size=cfg.patch_size,
-            rng=self.rng,
-            radius=cfg.sampling_radius,
-            neighbourhood=cfg.neighbourhood_rows,
-        )
-        trainer.add_holdout(hu, hv)
+        if pairs.ready:  # T stacks wait for their earlier windows
+            trainer.buffer.push(*pairs.pairs(cfg.pairs_per_refresh))
+            trainer.add_holdout(*pairs.pairs(cfg.holdout_per_refresh))
         if cfg.train and not trainer.running and len(trainer.buffer) >= cfg.batch_size:
             trainer.start()
         first, last = int(slices.indices[0]), int(slices.indices[-1])
@@ -277,15 +328,30 @@ class RunPipeline:
                     image = recon.reconstruct_slice(plane).full
                     self.derived.add_image(name, image, **common)
         self._emit_metrics()
-        if self._network_useful():
-            # Noise2Inverse estimate: the mean of the network applied to each half.
-            denoised = 0.5 * (self.denoiser(slices.even) + self.denoiser(slices.odd))
-            self.summary.denoised += 1
-            self.summary.last_denoised = denoised
-            if self.derived is not None:
-                self.derived.add_denoised(
-                    denoised, train_step=int(self.denoiser.weights_version or 0), **common
-                )
+        if pairs.ready and self._network_useful():
+            self._denoise(slices)
+
+    def _denoise(self, slices: Any) -> None:
+        """The Noise2Inverse estimate: the mean of the network over its K inputs."""
+        cfg, pairs = self.config, self.pairs
+        if cfg.splits == 2 and cfg.stack is None:
+            inputs = np.stack([slices.even, slices.odd])  # the refresh's halves: no new FBP
+            window = slices.indices
+        else:
+            inputs = pairs.inference_inputs()
+            windows = pairs.windows()
+            window = windows[len(windows) // 2]  # a T stack denoises its middle window
+        denoised = self.denoiser.denoise_mean(inputs)
+        self.summary.denoised += 1
+        self.summary.last_denoised = denoised
+        self.summary.last_denoised_indices = window
+        if self.derived is not None:
+            self.derived.add_denoised(
+                denoised,
+                train_step=int(self.denoiser.weights_version or 0),
+                projection_index=int(window[-1]),
+                first_projection_index=int(window[0]),
+            )
 
     def move(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
         """Ask for slices elsewhere from the next refresh on (any thread).
@@ -299,6 +365,21 @@ class RunPipeline:
             for index, plane in (vertical or {}).items():
                 self._moves[index] = plane
 
+    def set_sampling(self, *, patch_size: int | None = None, region: Any = _KEEP) -> None:
+        """Change the training patches from the next refresh on (any thread).
+
+        ``patch_size``: the patch side in pixels; ``region``: a
+        :class:`~bluesky_jit.pairs.SamplingRegion` (mm, slice coordinates)
+        where patch centres may lie, or ``None`` for the whole reconstruction
+        circle. Pairs of the old size leave the buffer, and hold-out pairs are
+        renewed so alpha rates the new patches.
+        """
+        with self._moves_lock:
+            if patch_size is not None:
+                self._moves["patch_size"] = patch_size
+            if region is not _KEEP:
+                self._moves["region"] = region
+
     def _apply_moves(self) -> None:
         with self._moves_lock:
             moves, self._moves = self._moves, {}
@@ -311,6 +392,13 @@ class RunPipeline:
                             f"0..{self.recon.geometry.rows - 1}."
                         )
                     self.recon.row = int(value)
+                    self.pairs.set_row(int(value))
+                    self.trainer.clear_holdout()  # alpha rates the new place (seed 000 Fig. 7a)
+                elif key == "patch_size":
+                    self.pairs.set_patch_size(value)
+                    self.trainer.clear_holdout()
+                elif key == "region":
+                    self.pairs.set_region(value)
                 else:
                     old = self.recon.slices[key]
                     if value.shape != old.shape:
@@ -339,17 +427,7 @@ class RunPipeline:
     def _emit_metrics(self, final: bool = False) -> None:
         rows = self.trainer.pop_metrics()
         if final:
-            rows.append(
-                {
-                    "step": self.trainer.steps,
-                    "elapsed_s": time.monotonic() - self._t0,
-                    "loss": rows[-1]["loss"] if rows else math.nan,
-                    "steps_per_second": self.trainer.steps_per_second,
-                    "alpha": self.trainer.evaluate(),
-                    "buffer_size": len(self.trainer.buffer),
-                    "pairs_pushed": self.trainer.buffer.pushed,
-                }
-            )
+            rows.append(self.trainer.final_row(elapsed_s=time.monotonic() - self._t0))
         levels = self._publish_quality() if rows else {}
         for row in rows:
             row.pop("time", None)
@@ -366,12 +444,13 @@ class RunPipeline:
         details = self.trainer.latest_quality
         if "mse_input" not in details:
             return {}
+        n2i = {"splits": self.config.splits, "strategy": self.config.n2i_strategy}
         if self.quality is not None:
             try:
-                self.quality.publish(details, step=self.trainer.steps)
+                self.quality.publish(details, step=self.trainer.steps, **n2i)
             except Exception as error:  # noqa: BLE001 - a signal must not stop the pipeline
                 logger.warning("Could not publish the quality signals: %s", error)
-        return noise_levels(details)
+        return noise_levels(details, **n2i)
 
     def _finish(self, stop: Mapping[str, Any]) -> None:
         summary = self.summary
@@ -620,6 +699,18 @@ class JitCallback:
         """
         for pipeline in list(self.pipelines.values()):
             pipeline.move(slice_row=slice_row, vertical=vertical)
+
+    def set_sampling(self, *, patch_size: int | None = None, region: Any = _KEEP) -> None:
+        """Change the training patches of the runs in progress (seed 000: "the
+        patch-sampling region is adjustable during the experiment").
+
+        ``patch_size`` in pixels; ``region`` a
+        :class:`~bluesky_jit.pairs.SamplingRegion` (e.g. a disc inside the
+        container, or a mask), ``None`` for the whole reconstruction circle.
+        A bad value is recorded in the run's derived stop document.
+        """
+        for pipeline in list(self.pipelines.values()):
+            pipeline.set_sampling(patch_size=patch_size, region=region)
 
     @property
     def backlog(self) -> int:

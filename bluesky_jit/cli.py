@@ -138,6 +138,7 @@ def _list(value: Any) -> list[str]:
 
 JIT_OPTS = (
     Opt(("--model",), "jit", "model", "unet", "denoiser by name"),
+    Opt(("--variant",), "jit", "variant", None, "seed-000 network instead of --model: Z3, T3, ..."),
     Opt(("--device",), "jit", "device", "cpu", "torch device: cpu or cuda"),
     Opt(("--seed",), "jit", "seed", 0, "random seed (same seed + settings = same results)", int),
     Opt(
@@ -504,13 +505,18 @@ def resolve(
 def _jit_config(settings: Mapping[str, Mapping[str, Any]], values: Mapping[str, Any]) -> Any:
     from .session import jit_config
 
-    return jit_config(
-        settings.get("jit", {}),
-        model=values["model"],
-        device=values["device"],
-        seed=values["seed"],
-        refresh_every=values["refresh_every"],
-    )
+    section = dict(settings.get("jit", {}))
+    overrides = {
+        "device": values["device"],
+        "seed": values["seed"],
+        "refresh_every": values["refresh_every"],
+    }
+    if values["variant"] is not None:  # the variant names the network (and its patch size)
+        section.pop("model", None)
+        overrides["variant"] = values["variant"]
+    else:
+        overrides["model"] = values["model"]
+    return jit_config(section, **overrides)
 
 
 # ----------------------------------------------------------------------------- main

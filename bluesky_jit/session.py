@@ -152,8 +152,13 @@ def jit_config(settings: Mapping[str, Any] | None = None, **overrides: Any) -> J
     """Return the :class:`JitConfig` of a ``[jit]`` section, with ``overrides`` winning.
 
     ``None`` overrides are ignored, so unset command-line flags fall through.
+    ``variant = "T3"`` (a seed-000 Table 1 network) stands for its model,
+    model config, patch size and stack (:meth:`JitConfig.for_variant`).
     """
     values = {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    variant = values.pop("variant", None)
+    if variant is not None:
+        return JitConfig.for_variant(variant, **values)
     return JitConfig.from_dict(values)
 
 

@@ -18,9 +18,13 @@ detector rows (clipped at the detector edges) around the target row;
 target's (so a Tx network denoises the frame ``(frames // 2) * frame_step``
 projections back).
 
-Everything here works on arrays; parallel beam (one detector row per axial
-slice). Thread-safe: the patch size, the sampling region and the slice row
-may be changed from another thread while pairs are made.
+Everything here works on arrays. Patches are reconstructed either by a
+parallel-beam row backprojector (one detector row per axial slice) or, with
+:meth:`PairMaker.from_reconstructor`, by a
+:class:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor` on its
+own backend and geometry (parallel or cone beam): the path the live pipeline
+takes. Thread-safe: the patch size, the sampling region and the slice row may
+be changed from another thread while pairs are made.
 
 References
 ----------
@@ -40,10 +44,20 @@ import torch
 
 from .errors import ConfigError, ScanDataError
 from .pairs import SamplingRegion, check_strategy, split_inputs
-from .reconstruction import patch_grid, slice_grid
+from .projections import split_subsets
+from .reconstruction import patch_grid
 
 RowBackprojector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``backproject(filtered (n, cols), angles (n,), x, y) -> values at (x, y)``, one detector row."""
+
+SubsetSlices = Callable[[list[np.ndarray], int], np.ndarray]
+"""``slices(subsets, row) -> (K, n, n)``: the axial slice at a detector row from each subset,
+e.g. :meth:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor.subset_slices`."""
+
+SubsetPatches = Callable[..., np.ndarray]
+"""``patches(subsets, centers (m, 2), rows (m,), *, size) -> (K, m, size, size)``: one
+FBP per subset of global projection indices, e.g.
+:meth:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor.subset_patches`."""
 
 
 class ProjectionSource(Protocol):
@@ -63,8 +77,7 @@ STACKS = (None, "z", "t")
 
 def split_indices(indices: np.ndarray, splits: int) -> list[np.ndarray]:
     """``J_j = {i in indices : i mod K == j}`` for j < K (by global projection index)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    return [indices[indices % splits == j] for j in range(splits)]
+    return split_subsets(np.asarray(indices, dtype=np.int64), splits)
 
 
 class PairMaker:
@@ -74,8 +87,14 @@ class PairMaker:
     ----------
     source : ProjectionSource
         Filtered projections with global indices, e.g. a ``ProjectionBuffer``.
-    backproject : RowBackprojector
+    backproject : RowBackprojector, optional
         Parallel-beam backprojection of one detector row onto points (mm).
+    patches : SubsetPatches, optional
+        Instead of ``backproject``: reconstructs patches from subsets of
+        projections in any geometry (see :meth:`from_reconstructor`).
+    slices : SubsetSlices, optional
+        Full slices for :meth:`slice_splits`; by default one patch of side
+        ``slice_size`` from ``patches`` or ``backproject``.
     window : int
         Projections per reconstruction (one rotation).
     rows : int
@@ -109,7 +128,7 @@ class PairMaker:
     def __init__(
         self,
         source: ProjectionSource,
-        backproject: RowBackprojector,
+        backproject: RowBackprojector | None = None,
         *,
         window: int,
         rows: int,
@@ -125,7 +144,14 @@ class PairMaker:
         frames: int = 1,
         frame_step: int | None = None,
         rng: np.random.Generator | None = None,
+        patches: SubsetPatches | None = None,
+        slices: SubsetSlices | None = None,
     ) -> None:
+        if (backproject is None) == (patches is None):
+            raise ConfigError(
+                "PairMaker needs exactly one of backproject= (a parallel-beam row "
+                "backprojector) or patches= (e.g. StreamingReconstructor.subset_patches)."
+            )
         check_strategy(strategy, splits)
         for key, value, low in (
             ("window", window, 2),
@@ -153,6 +179,8 @@ class PairMaker:
             raise ConfigError(f"PairMaker frame_step must be a positive integer; got {step!r}.")
         self.source = source
         self.backproject = backproject
+        self.subset_patches = patches
+        self.subset_slices = slices
         self.window = window
         self.rows = rows
         self.pixel_size = float(pixel_size)
@@ -172,6 +200,33 @@ class PairMaker:
         self.set_patch_size(patch_size)
         if region is not None:
             self.set_region(region)
+
+    @classmethod
+    def from_reconstructor(cls, reconstructor, **settings) -> PairMaker:
+        """Pairs reconstructed by a streaming reconstructor, on its backend and geometry.
+
+        Source, window, detector rows, pixel size, slice size and the slice
+        row come from ``reconstructor`` (a
+        :class:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor`);
+        ``settings`` are the other parameters (``splits``, ``strategy``,
+        ``patch_size``, ``region``, ``neighbourhood``, ``stack``, ``frames``,
+        ``frame_step``, ``rng``). Works for cone beam too: patches lie in
+        axial planes at the height of their detector row.
+        """
+        geometry = reconstructor.geometry
+        base = {
+            "window": reconstructor.window,
+            "rows": geometry.rows,
+            "pixel_size": geometry.voxel_size,
+            "row": reconstructor.row,
+            "slice_size": reconstructor.n,
+        }
+        return cls(
+            reconstructor.buffer,
+            patches=reconstructor.subset_patches,
+            slices=reconstructor.subset_slices,
+            **(base | settings),
+        )
 
     # -- settings that may change during the run ------------------------------------
     @property
@@ -285,17 +340,14 @@ class PairMaker:
         with self._lock:
             row, size, region = self._row, self._patch_size, self._region
         region = region if region is not None else self._default_region()
-        centers = torch.as_tensor(
-            region.centers(count, size=size, pixel_size=self.pixel_size, rng=rng),
-            dtype=torch.float32,
-        )
-        x, y = patch_grid(centers, size, pixel_size=self.pixel_size)
+        centers = region.centers(count, size=size, pixel_size=self.pixel_size, rng=rng)
         lo, hi = max(0, row - self.neighbourhood), min(self.rows - 1, row + self.neighbourhood)
         target_rows = rng.integers(lo, hi + 1, size=count)
         windows = self.windows()
         mid = self.frames // 2
         # target: the middle row / window; (K, count, p, p)
-        target_splits = self._patches(windows[mid if self.stack == "t" else 0], target_rows, x, y)
+        target_window = windows[mid if self.stack == "t" else 0]
+        target_splits = self._patches(target_window, target_rows, centers, size)
         j = rng.integers(self.splits, size=count)
         one = target_splits[j, np.arange(count)]
         rest = (target_splits.sum(axis=0) - one) / (self.splits - 1)
@@ -305,11 +357,13 @@ class PairMaker:
         # stacks: the input side of every frame uses the same split choice j per pair
         frames = []
         for k in range(self.frames):
-            if self.stack == "z":
+            if k == mid:
+                recon = target_splits
+            elif self.stack == "z":
                 rows_k = np.clip(target_rows + k - mid, 0, self.rows - 1)
-                recon = target_splits if k == mid else self._patches(windows[0], rows_k, x, y)
+                recon = self._patches(windows[0], rows_k, centers, size)
             else:
-                recon = target_splits if k == mid else self._patches(windows[k], target_rows, x, y)
+                recon = self._patches(windows[k], target_rows, centers, size)
             one_k = recon[j, np.arange(count)]
             rest_k = (recon.sum(axis=0) - one_k) / (self.splits - 1)
             frames.append(rest_k if self.strategy == "X:1" else one_k)
@@ -333,19 +387,18 @@ class PairMaker:
         if n is None:
             raise ConfigError("PairMaker needs slice_size (or a source with .shape) for slices.")
         row = self._row if row is None else row
-        x, y = slice_grid(n, pixel_size=self.pixel_size)
-        x, y = x[None], y[None]
         windows = self.windows(end=end)
         mid = self.frames // 2
         if self.stack is None:
-            return self._patches(windows[0], np.array([row]), x, y)[:, 0]
+            return self._slices(windows[0], row, n)
         frames = []
         for k in range(self.frames):
             if self.stack == "z":
-                rows_k = np.array([min(max(row + k - mid, 0), self.rows - 1)])
-                frames.append(self._patches(windows[0], rows_k, x, y)[:, 0])
+                frames.append(
+                    self._slices(windows[0], min(max(row + k - mid, 0), self.rows - 1), n)
+                )
             else:
-                frames.append(self._patches(windows[k], np.array([row]), x, y)[:, 0])
+                frames.append(self._slices(windows[k], row, n))
         return np.stack(frames, axis=1)
 
     def inference_inputs(self, *, row: int | None = None, end: int | None = None) -> np.ndarray:
@@ -372,14 +425,28 @@ class PairMaker:
             raise ConfigError("PairMaker needs a region or slice_size to place patches.")
         return SamplingRegion.disc(0.9 * n * self.pixel_size / 2)
 
+    def _slices(self, window: np.ndarray, row: int, n: int) -> np.ndarray:
+        """The n x n axial slice at ``row`` from each split of ``window``: (K, n, n)."""
+        subsets = split_indices(window, self.splits)
+        if self.subset_slices is not None:
+            return np.asarray(self.subset_slices(subsets, row), dtype=np.float32)
+        center = np.zeros((1, 2))  # a whole slice is one patch of side n around the axis
+        return self._patches(window, np.array([row]), center, n)[:, 0]
+
     def _patches(
-        self, window: np.ndarray, rows: np.ndarray, x: torch.Tensor, y: torch.Tensor
+        self, window: np.ndarray, rows: np.ndarray, centers: np.ndarray, size: int
     ) -> np.ndarray:
         """Reconstruct patch i at detector row ``rows[i]`` from each split: (K, m, p, p)."""
+        subsets = split_indices(window, self.splits)
+        if self.subset_patches is not None:
+            return self.subset_patches(subsets, centers, rows, size=size)
+        x, y = patch_grid(
+            torch.as_tensor(centers, dtype=torch.float32), size, pixel_size=self.pixel_size
+        )
         m = x.shape[0]
         out = np.empty((self.splits, m, *x.shape[1:]), dtype=np.float32)
         r0, r1 = int(rows.min()), int(rows.max())
-        for j, subset in enumerate(split_indices(window, self.splits)):
+        for j, subset in enumerate(subsets):
             data, angles = self.source.select(subset, rows=slice(r0, r1 + 1))
             for r in np.unique(rows):
                 sel = np.nonzero(rows == r)[0]

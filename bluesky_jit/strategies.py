@@ -367,6 +367,10 @@ class ProcessTrainer:
         )
         self.holdout_pushed += 1
 
+    def clear_holdout(self) -> None:
+        """Forget the child's hold-out pairs (e.g. after the slice moved)."""
+        self._send(("clear_holdout",))
+
     # -- weights -------------------------------------------------------------------------------
     def snapshot(self) -> WeightsSnapshot:
         """The newest published weights, read without waiting on the training process.
@@ -455,6 +459,24 @@ class ProcessTrainer:
                 return float(row["alpha"])
         return math.nan
 
+    def final_row(self, *, elapsed_s: float) -> dict[str, Any]:
+        """A metric row of the state after :meth:`stop`, like ``Trainer.final_row``.
+
+        ``alpha`` and ``loss`` are the child's newest reported values.
+        """
+        self._drain()
+        last = self._metrics[-1] if self._metrics else {}
+        return {
+            "step": self.steps,
+            "time": time.time(),
+            "elapsed_s": float(elapsed_s),
+            "loss": float(last.get("loss", math.nan)),
+            "steps_per_second": self.steps_per_second,
+            "alpha": self.evaluate(),
+            "buffer_size": len(self.buffer),
+            "pairs_pushed": self.buffer.pushed,
+        }
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the newest published weights as a checkpoint (from this process)."""
         version, state, normalizer = self.snapshot()
@@ -529,6 +551,8 @@ def _child_main(spec, slots, shared, inbox, outbox) -> None:  # pragma: no cover
                     trainer.add_holdout(message[1], message[2])
                 elif kind == "clear":
                     trainer.buffer.clear()
+                elif kind == "clear_holdout":
+                    trainer.clear_holdout()
             if not started:
                 trainer.start()
                 started = True

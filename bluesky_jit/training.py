@@ -461,6 +461,10 @@ class Trainer:
             self._snapshot = snapshot
 
     # -- hold-out accuracy ----------------------------------------------------------------
+    def clear_holdout(self) -> None:
+        """Forget the hold-out pairs, e.g. after the slice moved (alpha then rates the new one)."""
+        self.holdout.clear()
+
     def add_holdout(self, u: np.ndarray | torch.Tensor, v: np.ndarray | torch.Tensor) -> None:
         """Keep hold-out pairs (the most recent ``holdout_size``), never trained on.
 
@@ -738,6 +742,21 @@ class Trainer:
 
 PRECISIONS = ("float32", "bfloat16")
 """Training / inference precisions (bfloat16: autocast for training, bf16 weights for inference)."""
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``"auto"``: bfloat16 on a CPU with native bfloat16 (AVX512-BF16 or AMX), else float32.
+
+    Without native support bfloat16 is emulated and slower than float32; on
+    CUDA float32 is kept (bfloat16 there is unmeasured). Other values pass
+    through after a check.
+    """
+    if precision == "auto":
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bfloat16" if torch.device(device).type == "cpu" and native else "float32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be 'auto' or one of {PRECISIONS}; got {precision!r}.")
+    return precision
 
 
 def memory_format_for(model: nn.Module, channels_last: bool) -> torch.memory_format:

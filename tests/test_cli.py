@@ -114,6 +114,20 @@ def test_flag_beats_file_beats_default(tmp_path, suffix, text):
     assert (config.refresh_every, config.seed, config.batch_size) == (5, 3, 8)
 
 
+def test_a_variant_names_the_network_from_the_flag_or_the_file(tmp_path):
+    from bluesky_jit.cli import _jit_config
+
+    path = tmp_path / "settings.toml"
+    path.write_text('[jit]\nvariant = "T3"\nsplits = 3\n')
+    args = build_parser().parse_args(["demo", "--config", str(path)])
+    settings = load_settings(args.config)
+    config = _jit_config(settings, resolve("demo", args, settings))
+    assert (config.model, config.stack, config.frames, config.splits) == ("unet3d", "t", 3, 3)
+    args = build_parser().parse_args(["demo", "--config", str(path), "--variant", "C16"])
+    config = _jit_config(settings, resolve("demo", args, settings))
+    assert (config.model, config.model_config, config.stack) == ("unet", {"features": 16}, None)
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

@@ -106,6 +106,9 @@ class StreamingReconstructor:
     incremental : bool
         Update slices by the projections that entered and left the window
         (module notes); False: backproject the whole window at every refresh.
+    capacity : int or None
+        Filtered projections kept (default two rotations); more for
+        Noise2Inverse T stacks, which reach back over several windows.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class StreamingReconstructor:
         threads: int | None = None,
         mode: str = "sliding",
         incremental: bool = True,
+        capacity: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(
@@ -150,7 +154,15 @@ class StreamingReconstructor:
         self.flatfield: FlatField | None = None
         self.prefilter = ProjectionFilter(geometry, filter_name=filter_name, device=self.device)
         self.filter = self.prefilter.ramp
-        self.buffer = ProjectionBuffer(2 * self.window, (rows, cols), device=self.device)
+        capacity = 2 * self.window if capacity is None else capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+            raise ConfigError(f"capacity must be a whole number of projections; got {capacity!r}.")
+        if capacity < self.window:
+            raise ConfigError(
+                f"capacity {capacity} cannot hold a rotation of {self.window} projections; "
+                f"use capacity >= {self.window} (default {2 * self.window})."
+            )
+        self.buffer = ProjectionBuffer(int(capacity), (rows, cols), device=self.device)
         self.backend = make_backend(backend, device=self.device, threads=threads)
         self.n = geometry.slice_size
         self.slices: tuple[Slice, ...] = ()
@@ -523,31 +535,75 @@ class StreamingReconstructor:
             self.geometry.rows - 1,
         )
         swap = rng.uniform(size=count) < 0.5
-        like = Slice.axial(shape=(size, size), pixel_size=voxel)
-        offset = (size - 1) / 2 * voxel
-        origins = np.stack(
-            [
-                r * np.cos(phi) - offset,
-                r * np.sin(phi) - offset,
-                (rows - self.geometry.center_row) * voxel,
-            ],
-            axis=1,
+        centers = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
+        a, b = self.subset_patches(
+            split_subsets(self.window_indices(), 2), centers, rows, size=size
         )
-        indices = self.window_indices()
-        r0, r1 = self._rows(indices, _corners(origins, like))
-        recon = []
-        for subset in split_subsets(indices, 2):
-            data, _ = self.buffer.select(subset, rows=slice(r0, r1 + 1))
-            recon.append(
-                self.backend.backproject_grids(
-                    data, self._geometry(subset), origins, like, row_offset=r0
-                )
-            )
-        a, b = recon
         s = swap[:, None, None]
         u = np.where(s, b, a)[:, None].astype(np.float32)
         v = np.where(s, a, b)[:, None].astype(np.float32)
         return u, v
+
+    def subset_slices(self, subsets: Sequence[np.ndarray], row: int) -> np.ndarray:
+        """The axial slice at a detector row from each subset: (len(subsets), n, n).
+
+        :meth:`reconstruct_subsets` on ``geometry.axial_slice(row)``: the
+        inference inputs of Noise2Inverse with K splits and stacks.
+        """
+        return self.reconstruct_subsets(self.geometry.axial_slice(row, shape=self.n), subsets)
+
+    def subset_patches(
+        self,
+        subsets: Sequence[np.ndarray],
+        centers: np.ndarray,
+        rows: np.ndarray,
+        *,
+        size: int,
+    ) -> np.ndarray:
+        """Axial patches reconstructed from each of several subsets of buffered projections.
+
+        The building block of Noise2Inverse pairs with K splits and Z/T stacks
+        (:class:`bluesky_jit.splits.PairMaker`), for any geometry this
+        reconstructor handles (parallel and cone beam), on its backend.
+
+        Parameters
+        ----------
+        subsets : sequence of index arrays
+            Global projection indices, e.g. ``split_subsets(window, K)``.
+        centers : ndarray, shape (m, 2)
+            Patch centres (x, y), mm, in the axial plane.
+        rows : ndarray, shape (m,)
+            Detector row (height) of each patch.
+        size : int
+            Patch side, pixels of ``geometry.voxel_size``.
+
+        Returns
+        -------
+        ndarray, shape (len(subsets), m, size, size), float32
+            Each an FBP/FDK with its own weight ``pi / n_j``.
+        """
+        voxel = self.geometry.voxel_size
+        centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1)
+        like = Slice.axial(shape=(size, size), pixel_size=voxel)
+        offset = (size - 1) / 2 * voxel
+        origins = np.stack(
+            [
+                centers[:, 0] - offset,
+                centers[:, 1] - offset,
+                (rows - self.geometry.center_row) * voxel,
+            ],
+            axis=1,
+        )
+        out = np.empty((len(subsets), len(origins), size, size), dtype=np.float32)
+        everything = np.concatenate([np.asarray(s, dtype=np.int64) for s in subsets])
+        r0, r1 = self._rows(np.unique(everything), _corners(origins, like))
+        for j, subset in enumerate(subsets):
+            data, _ = self.buffer.select(subset, rows=slice(r0, r1 + 1))
+            out[j] = self.backend.backproject_grids(
+                data, self._geometry(subset), origins, like, row_offset=r0
+            )
+        return out
 
     # -- internals ---------------------------------------------------------------
     def _geometry(self, indices: np.ndarray) -> ProjectionGeometry:
@@ -557,7 +613,7 @@ class StreamingReconstructor:
         if geom is None:
             geom = self.geometry.projection_geometry(self.buffer.angles_of(indices))
             self._geometries[key] = geom
-            while len(self._geometries) > 8:
+            while len(self._geometries) > 32:
                 self._geometries.popitem(last=False)
         return geom
 
