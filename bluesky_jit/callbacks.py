@@ -309,7 +309,7 @@ class RunPipeline:
         self._apply_moves()
         slices = recon.reconstruct()
         self._unrefreshed = 0
-        if pairs.ready:  # T stacks wait for their earlier windows
+        if cfg.train and pairs.ready:  # T stacks wait for their earlier windows
             trainer.buffer.push(*pairs.pairs(cfg.pairs_per_refresh))
             trainer.add_holdout(*pairs.pairs(cfg.holdout_per_refresh))
         if cfg.train and not trainer.running and len(trainer.buffer) >= cfg.batch_size:
@@ -499,6 +499,17 @@ class RunPipeline:
             self.derived.close(exit_status=summary.exit_status, reason=summary.reason)
 
 
+def _warm_up() -> None:
+    """Import the learning stage before the first run (torch.optim alone took 2 s here)."""
+    try:
+        import torch.optim  # noqa: F401
+
+        from . import inference, splits, strategies, training  # noqa: F401
+        from .reconstruction import streaming  # noqa: F401
+    except Exception:  # noqa: BLE001 - the run itself will report it
+        logger.exception("bluesky_jit could not import its learning stage")
+
+
 def _unique(items: list[str]) -> list[str]:
     counts = collections.Counter(items)
     return [f"{item} (x{counts[item]})" if counts[item] > 1 else item for item in counts]
@@ -621,6 +632,7 @@ class JitCallback:
 
     # -- worker side -----------------------------------------------------------------
     def _work(self) -> None:
+        _warm_up()
         while True:
             item = self._queue.get()
             try:

@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * args.verbose,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from .listen import BrokerError
+    from .errors import BrokerError
     from .session import load_settings
 
     try:

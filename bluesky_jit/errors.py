@@ -28,3 +28,27 @@ class CheckpointError(BlueskyJitError, ValueError):
 
 class CatalogError(BlueskyJitError, RuntimeError):
     """The catalog cannot be started, reached or written."""
+
+
+class RunNotFoundError(BlueskyJitError, LookupError):
+    """No run with this uid (or scan id) in the catalog."""
+
+
+class NotTomographyError(BlueskyJitError, ValueError):
+    """The run is not a tomography scan (no ``tomo`` block, no FXI keys)."""
+
+
+class BrokerError(BlueskyJitError, ConnectionError):
+    """A 0MQ proxy or Kafka broker cannot be reached or used."""
+
+
+class NotDerivedError(BlueskyJitError, ValueError):
+    """The run is not a derived run of bluesky_jit."""
+
+
+class TrainerProcessError(BlueskyJitError, RuntimeError):
+    """The training process failed (its traceback is in the message)."""
+
+
+class EmptyBufferError(BlueskyJitError, LookupError):
+    """A batch was requested from a buffer that holds no pairs yet."""

@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from .callbacks import is_tomography
 from .config import JitConfig
-from .errors import BlueskyJitError, ConfigError
-from .replay import is_tomography
+from .errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
@@ -77,10 +77,6 @@ DOCUMENT_NAMES: Final = frozenset(
         "stop",
     }
 )
-
-
-class BrokerError(BlueskyJitError, ConnectionError):
-    """A 0MQ proxy or Kafka broker cannot be reached or used."""
 
 
 # ------------------------------------------------------------------------- run index

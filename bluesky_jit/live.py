@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BlueskyJitError, ConfigError
+from .errors import ConfigError, NotDerivedError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -88,7 +88,8 @@ def open_derived(
         Full or partial uid of a derived run, or of a raw run.
     """
     from .catalog import derived_runs_for
-    from .replay import RunNotFoundError, lookup_run
+    from .errors import RunNotFoundError
+    from .replay import lookup_run
 
     if isinstance(catalog, (str, Path)):
         from .session import open_catalog
@@ -144,10 +145,6 @@ def read_derived(run: Container) -> DerivedData:
         start=start,
         stop=stop,
     )
-
-
-class NotDerivedError(BlueskyJitError, ValueError):
-    """The run is not a derived run of bluesky_jit."""
 
 
 def show(catalog: str | Container, uid: str | None = None, *, api_key: str | None = None) -> Figure:

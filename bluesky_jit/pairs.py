@@ -23,11 +23,7 @@ import threading
 import numpy as np
 import torch
 
-from .errors import BlueskyJitError, ConfigError, ScanDataError
-
-
-class EmptyBufferError(BlueskyJitError, LookupError):
-    """A batch was requested from a buffer that holds no pairs yet."""
+from .errors import ConfigError, EmptyBufferError, ScanDataError
 
 
 class ReplayBuffer:

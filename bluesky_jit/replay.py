@@ -35,7 +35,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .callbacks import is_tomography
 from .config import JitConfig
-from .errors import BlueskyJitError, ConfigError, ScanDataError
+from .errors import (
+    ConfigError,
+    NotTomographyError,
+    RunNotFoundError,
+    ScanDataError,
+)
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
@@ -58,14 +63,6 @@ __all__ = [
 PACES: Final = ("fast", "realtime")
 MAX_BACKLOG: Final = 64
 """Documents the callback may have waiting before a fast replay waits for it."""
-
-
-class RunNotFoundError(BlueskyJitError, LookupError):
-    """No run with this uid (or scan id) in the catalog."""
-
-
-class NotTomographyError(BlueskyJitError, ValueError):
-    """The run is not a tomography scan (no ``tomo`` block, no FXI keys)."""
 
 
 def lookup_run(container: Container, uid: str) -> Container:

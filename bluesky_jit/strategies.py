@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BlueskyJitError, ConfigError
+from .errors import ConfigError, TrainerProcessError
 from .models import build_model, resolve_config
 from .models.checkpoint import save_checkpoint
 from .pairs import ReplayBuffer, SequentialBuffer
@@ -129,10 +129,6 @@ def make_trainer(
 # ---------------------------------------------------------------------------------------
 # The trainer in its own process
 # ---------------------------------------------------------------------------------------
-class TrainerProcessError(BlueskyJitError, RuntimeError):
-    """The training process failed (its traceback is in the message)."""
-
-
 class _RemoteBuffer:
     """Parent-side face of the child's buffer: pushes go through a queue."""
 

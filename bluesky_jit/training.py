@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, EmptyBufferError
 from .models import describe_model
 from .models.checkpoint import save_checkpoint
-from .pairs import EmptyBufferError, ReplayBuffer
+from .pairs import ReplayBuffer
 
 logger = logging.getLogger(__name__)
 

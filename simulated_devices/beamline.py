@@ -103,7 +103,7 @@ def hw(
             "The ophyd-async detector always writes files (external=True); for frames "
             "inline in events use api='v1', external=False."
         )
-    save_path = Path(save_path)
+    save_path = Path(save_path).resolve()  # ophyd-async path providers need absolute paths
     save_path.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = PhantomSource(BubbleColumn(detector_shape=(16, 128)), photons=1000)

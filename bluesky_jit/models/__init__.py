@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ScanDataError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Variant",
     "available_models",
     "build_model",
+    "check_batch",
     "default_config",
     "describe_model",
     "resolve_config",
@@ -288,6 +290,14 @@ def describe_model(model: nn.Module) -> tuple[str, dict[str, Any]]:
             "need to rebuild it."
         )
     return name, dict(config)
+
+
+def check_batch(model: str, x: torch.Tensor, in_channels: int) -> None:
+    """Raise a ScanDataError unless ``x`` is a batch of shape (B, in_channels, H, W)."""
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise ScanDataError(
+            f"{model} got an input of shape {tuple(x.shape)}; expected (B, {in_channels}, H, W)."
+        )
 
 
 def _family(name: str) -> ModelFamily:

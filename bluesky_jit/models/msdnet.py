@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ScanDataError
+from ..errors import ConfigError
+from . import check_batch
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -138,11 +139,7 @@ class MSDNet(nn.Module):
         -------
         Tensor, shape (B, out_channels, H, W)
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ScanDataError(
-                f"MSDNet got an input of shape {tuple(x.shape)}; expected "
-                f"(B, {self.in_channels}, H, W)."
-            )
+        check_batch("MSDNet", x, self.in_channels)
         features = _MSDFunction.apply(x, self.dilations, self.width, *self.weights, *self.biases)
         return self.head(features)
 

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ScanDataError
+from ..errors import ConfigError
+from . import check_batch
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -260,11 +261,7 @@ class SMSNet(nn.Module):
         -------
         Tensor, shape (B, out_channels, H, W)
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ScanDataError(
-                f"SMSNet got an input of shape {tuple(x.shape)}; expected "
-                f"(B, {self.in_channels}, H, W)."
-            )
+        check_batch("SMSNet", x, self.in_channels)
         nodes = [x]
         convs = iter(self.convs)
         for plan in self._plan:

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ScanDataError
+from ..errors import ConfigError
+from . import check_batch
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -145,11 +146,7 @@ class TunableUNet(nn.Module):
         -------
         Tensor, shape (B, out_channels, H, W)
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ScanDataError(
-                f"TunableUNet got an input of shape {tuple(x.shape)}; expected "
-                f"(B, {self.in_channels}, H, W)."
-            )
+        check_batch("TunableUNet", x, self.in_channels)
         skips = []
         h = x
         for level, encoder in enumerate(self.encoders):
