@@ -35,6 +35,7 @@ __all__ = [
     "available_models",
     "build_model",
     "check_batch",
+    "check_counts",
     "default_config",
     "describe_model",
     "resolve_config",
@@ -290,6 +291,16 @@ def describe_model(model: nn.Module) -> tuple[str, dict[str, Any]]:
             "need to rebuild it."
         )
     return name, dict(config)
+
+
+def check_counts(model: str, defaults: Mapping[str, Any], **values: Any) -> None:
+    """Raise a ConfigError unless every value is an integer >= 1 (layers, channels, ...)."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(
+                f"{model} {key} must be an integer >= 1; got {value!r}. "
+                f"The default is {defaults[key]!r}."
+            )
 
 
 def check_batch(model: str, x: torch.Tensor, in_channels: int) -> None:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import check_batch
+from . import check_batch, check_counts
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -89,17 +89,14 @@ class MSDNet(nn.Module):
         dilations: list[int] | tuple[int, ...] = tuple(range(1, 11)),
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("depth", depth),
-            ("width", width),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"MSDNet {key} must be an integer >= 1; got {value!r}. "
-                    f"The default is {DEFAULTS[key]!r}."
-                )
+        check_counts(
+            "MSDNet",
+            DEFAULTS,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            depth=depth,
+            width=width,
+        )
         if (
             not isinstance(dilations, (list, tuple))
             or not dilations

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import check_batch
+from . import check_batch, check_counts
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -97,17 +97,14 @@ class TunableUNet(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("depth", depth),
-            ("base_channels", base_channels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"TunableUNet {key} must be an integer >= 1; got {value!r}. "
-                    f"The default is {DEFAULTS[key]!r}."
-                )
+        check_counts(
+            "TunableUNet",
+            DEFAULTS,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            depth=depth,
+            base_channels=base_channels,
+        )
         for key, value in (("growth_rate", growth_rate), ("hidden_rate", hidden_rate)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(
