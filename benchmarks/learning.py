@@ -27,10 +27,13 @@ level before the move. The noise (and so FBP, TV and BM3D) is the same in
 every model's run: it is seeded per projection index.
 
 Speed (per model): optimizer steps/s on batches of 32 20x20 patches (the
-trainer's settings: bfloat16 autocast, channels-last, one thread; and float32
-for reference) and ms per denoised 512^2 and 1024^2 slice (bfloat16 and
-float32 weights), medians of repeats. Timings on a shared 2-core machine are
-noisy: the JSON keeps every repeat.
+trainer's settings: bfloat16 autocast, channels-last, fused Adam, on 1 and 2
+threads; and float32 for reference) and ms per denoised 512^2 and 1024^2
+slice (bfloat16 and float32 weights), medians of repeats. Then, for the
+Standard U-Net, what each speed-up is worth (``speed_ablation``: plain
+float32 step, + channels_last, + fused Adam, + bfloat16, + torch.compile; the
+same for inference), as ratios measured turn about. Timings on a shared
+2-core machine are noisy: the JSON keeps every repeat.
 
 Writes the JSON (per model, plus the machine), a Markdown table on stdout and
 ``learning_curve.png`` next to the JSON (``--png`` to choose).
@@ -47,6 +50,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,10 +148,8 @@ def machine() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- speed
 
 
-def train_rate(
-    spec: Spec, *, precision: str, threads: int, repeats: int, steps: int
-) -> list[float]:
-    """Optimizer steps/s of the Trainer on batches of 32 20x20 patches (stacks: frames deep)."""
+def _trainer(spec: Spec, precision: str) -> Trainer:
+    """A Trainer with the pipeline's settings on batches of 32 random 20x20 pairs."""
     rng = np.random.default_rng(0)
     item = (1, spec.frames, 20, 20) if spec.stack else (1, 20, 20)
     target = (1, 1, 20, 20) if spec.stack else (1, 20, 20)
@@ -155,74 +157,216 @@ def train_rate(
     clean = rng.normal(size=(320, *target)).astype(np.float32)
     u = np.broadcast_to(clean, (320, *item)) if spec.stack else clean
     buffer.push(u + rng.normal(size=(320, *item)), clean + rng.normal(size=clean.shape))
-    trainer = Trainer(build(spec), buffer, batch_size=32, precision=precision, augment=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(5):
-            trainer.step()
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                trainer.step()
-            rates.append(steps / (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(before)
-    return rates
+    return Trainer(
+        build(spec), buffer, batch_size=32, learning_rate=2e-3, precision=precision,
+        augment=True, average=0.99,
+    )  # fmt: skip
 
 
-def inference_ms(
-    spec: Spec, size: int, *, precision: str, threads: int, repeats: int
-) -> list[float]:
-    """ms per denoised size x size slice (stack models: a frames-deep stack in)."""
-    rng = np.random.default_rng(0)
-    shape = (spec.frames, size, size) if spec.stack else (size, size)
-    image = rng.normal(size=shape).astype(np.float32)
-    denoiser = Denoiser(build(spec), normalizer=Normalizer(), precision=precision)
+def _turn_about(
+    runners: dict[Any, Callable[[], float]], threads: dict[Any, int], rounds: int
+) -> dict[Any, list[float]]:
+    """Each runner once per round, in turn (with its thread count): drift hits all alike."""
+    samples: dict[Any, list[float]] = {key: [] for key in runners}
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        denoiser(image)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            denoiser(image)
-            times.append(1000 * (time.perf_counter() - t0))
+        for _ in range(rounds):
+            for key, run in runners.items():
+                torch.set_num_threads(threads[key])
+                samples[key].append(run())
     finally:
         torch.set_num_threads(before)
-    return times
+    return samples
 
 
 def speed(spec: Spec, *, quick: bool) -> dict[str, Any]:
     """Training and inference speed, bfloat16 and float32, on 1 and 2 threads.
 
-    The headline keys (``train_it_per_s``, ``infer_ms_512``, ``infer_ms_1024``)
-    are bfloat16 with the better thread count (by median); every setting and
-    repeat is kept. On a shared machine 2 threads are fastest when the other
-    core is idle and collapse when it is busy; 1 thread is steady.
+    Training: optimizer steps/s of the :class:`Trainer` (the pipeline's
+    settings) on batches of 32 20x20 patches (stacks: frames deep).
+    Inference: ms per denoised 512^2 and 1024^2 slice (stacks: a frames-deep
+    stack in). The settings take turns within every round. The headline keys
+    (``train_it_per_s``, ``infer_ms_512``, ``infer_ms_1024``) are bfloat16
+    with the better thread count (by median); every setting and repeat is
+    kept. On a shared machine 2 threads are fastest when the other core is
+    idle and fall behind 1 thread when it is busy.
     """
-    repeats = 3 if quick else 5
+    rounds, steps = (3, 20) if quick else (6, 30)
+    settings = [(p, s, t) for p, s in (("bfloat16", ""), ("float32", "_fp32")) for t in (1, 2)]
+    threads = {key: key[2] for key in settings}
+
+    trainers = {key: _trainer(spec, key[0]) for key in settings}
+    for key, trainer in trainers.items():
+        torch.set_num_threads(key[2])
+        for _ in range(5):
+            trainer.step()
+
+    def train(trainer: Trainer) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            return steps / (time.perf_counter() - t0)
+
+        return run
+
+    rates = _turn_about({k: train(t) for k, t in trainers.items()}, threads, rounds)
+    del trainers
+
+    rng = np.random.default_rng(0)
+    times: dict[Any, list[float]] = {}
+    for size in (512, 1024):
+        shape = (spec.frames, size, size) if spec.stack else (size, size)
+        image = rng.normal(size=shape).astype(np.float32)
+        denoisers = {
+            key: Denoiser(build(spec), normalizer=Normalizer(), precision=key[0])
+            for key in settings
+        }
+        for key, denoiser in denoisers.items():
+            torch.set_num_threads(key[2])
+            denoiser(image)
+
+        def infer(denoiser: Denoiser, image: np.ndarray = image) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                denoiser(image)
+                return 1000 * (time.perf_counter() - t0)
+
+            return run
+
+        runners = {(*k, size): infer(d) for k, d in denoisers.items()}
+        times.update(_turn_about(runners, {k: k[2] for k in runners}, rounds))
+
     out: dict[str, Any] = {}
-    for precision, suffix in (("bfloat16", ""), ("float32", "_fp32")):
-        for threads in (1, 2):
-            tag = f"{suffix}_{threads}t"
-            rates = train_rate(
-                spec, precision=precision, threads=threads, repeats=repeats,
-                steps=20 if quick else 40,
-            )  # fmt: skip
-            out[f"train_it_per_s{tag}"] = statistics.median(rates)
-            out[f"train_it_per_s{tag}_repeats"] = rates
-            for size in (512, 1024):
-                ms = inference_ms(spec, size, precision=precision, threads=threads, repeats=repeats)
-                out[f"infer_ms_{size}{tag}"] = statistics.median(ms)
-                out[f"infer_ms_{size}{tag}_repeats"] = ms
+    for precision, suffix, t in settings:
+        tag = f"{suffix}_{t}t"
+        out[f"train_it_per_s{tag}"] = statistics.median(rates[precision, suffix, t])
+        out[f"train_it_per_s{tag}_repeats"] = rates[precision, suffix, t]
+        for size in (512, 1024):
+            out[f"infer_ms_{size}{tag}"] = statistics.median(times[precision, suffix, t, size])
+            out[f"infer_ms_{size}{tag}_repeats"] = times[precision, suffix, t, size]
+    for suffix in ("", "_fp32"):
         out[f"train_it_per_s{suffix}"] = max(out[f"train_it_per_s{suffix}_{t}t"] for t in (1, 2))
         for size in (512, 1024):
             out[f"infer_ms_{size}{suffix}"] = min(
                 out[f"infer_ms_{size}{suffix}_{t}t"] for t in (1, 2)
             )
     return out
+
+
+TRAIN_STEPS = {
+    # name: (precision, channels_last, Adam's implementation, torch.compile)
+    "plain": ("float32", False, "for-loop", False),
+    "+ channels_last": ("float32", True, "for-loop", False),
+    "+ fused Adam": ("float32", True, "fused", False),
+    "+ bfloat16 autocast (Trainer)": ("bfloat16", True, "fused", False),
+    "+ torch.compile": ("bfloat16", True, "fused", True),
+}
+INFERENCE = {
+    # name: (precision, channels_last, torch.compile)
+    "plain": ("float32", False, False),
+    "+ channels_last": ("float32", True, False),
+    "+ bfloat16 weights (Denoiser)": ("bfloat16", True, False),
+    "float32 + torch.compile": ("float32", True, True),
+    "bfloat16 + torch.compile": ("bfloat16", True, True),
+}
+
+
+def speed_ablation(*, quick: bool, threads: int = 2) -> dict[str, Any]:
+    """What each speed-up is worth for the Standard U-Net, as ratios to a plain step.
+
+    Training (batches of 32 20x20 patches, augmentation and weight averaging
+    on, as in the pipeline) and inference of a 1024x1024 slice, one setting
+    added at a time. The settings take turns within every repeat, so a
+    neighbour that slows the machine down slows them all alike and the ratios
+    hold even when the absolute rates drift. ``compile_s``: the first steps
+    (or first slice) with ``torch.compile``, compilation included.
+    """
+    rounds, steps = (4, 20) if quick else (10, 25)
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(320, rng=rng)
+    clean = rng.normal(size=(320, 1, 20, 20)).astype(np.float32)
+    buffer.push(clean + rng.normal(size=clean.shape), clean + rng.normal(size=clean.shape))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trainers, compile_s = {}, {}
+        for name, (precision, channels_last, adam, compiled) in TRAIN_STEPS.items():
+            trainer = Trainer(
+                build_model("unet", seed=0), buffer, batch_size=32, learning_rate=2e-3,
+                precision=precision, channels_last=channels_last, augment=True, average=0.99,
+            )  # fmt: skip
+            if adam == "for-loop":
+                trainer.optimizer = torch.optim.Adam(
+                    trainer.model.parameters(), lr=2e-3, foreach=False, fused=False
+                )
+            t0 = time.perf_counter()
+            if compiled:
+                trainer.model.compile()
+            for _ in range(5):
+                trainer.step()
+            if compiled:
+                compile_s[name] = time.perf_counter() - t0
+            trainers[name] = trainer
+        train: dict[str, list[float]] = {name: [] for name in trainers}
+        for _ in range(rounds):
+            for name, trainer in trainers.items():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    trainer.step()
+                train[name].append(steps / (time.perf_counter() - t0))
+
+        image = rng.normal(size=(1024, 1024)).astype(np.float32)
+        denoisers = {}
+        for name, (precision, channels_last, compiled) in INFERENCE.items():
+            denoiser = Denoiser(
+                build_model("unet", seed=0), normalizer=Normalizer(), precision=precision,
+                channels_last=channels_last,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            if compiled:
+                denoiser.model.compile()
+            denoiser(image)
+            if compiled:
+                compile_s[name] = time.perf_counter() - t0
+            denoisers[name] = denoiser
+        infer: dict[str, list[float]] = {name: [] for name in denoisers}
+        for _ in range(max(3, rounds // 2)):
+            for name, denoiser in denoisers.items():
+                t0 = time.perf_counter()
+                denoiser(image)
+                infer[name].append(1000 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(before)
+
+    def rows(samples: dict[str, list[float]], key: str, better: str) -> dict[str, Any]:
+        plain = statistics.median(samples["plain"])
+        out = {}
+        for name, values in samples.items():
+            median = statistics.median(values)
+            ratio = median / plain if better == "higher" else plain / median
+            out[name] = {key: median, "speed_up": ratio, "repeats": values}
+        return out
+
+    return {
+        "threads": threads,
+        "train_it_per_s": rows(train, "it_per_s", "higher"),
+        "infer_ms_1024": rows(infer, "ms", "lower"),
+        "compile_s": compile_s,
+    }
+
+
+def ablation_table(ablation: dict[str, Any]) -> str:
+    lines = [
+        f"| Standard U-Net, {ablation['threads']} threads | train it/s | speed-up |",
+        "|---|---|---|",
+    ]
+    for name, r in ablation["train_it_per_s"].items():
+        lines.append(f"| {name} | {r['it_per_s']:.1f} | {r['speed_up']:.2f}x |")
+    lines += ["", "| 1024x1024 inference | ms | speed-up |", "|---|---|---|"]
+    for name, r in ablation["infer_ms_1024"].items():
+        lines.append(f"| {name} | {r['ms']:.0f} | {r['speed_up']:.2f}x |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -752,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true")
     parser.add_argument("--no-bm3d", action="store_true")
+    parser.add_argument(
+        "--no-ablation", action="store_true", help="skip the one-at-a-time speed-ups"
+    )
     parser.add_argument("--no-augment", action="store_true", help="no random flips/turns")
     parser.add_argument(
         "--average", type=float, default=0.99, help="weight averaging decay (0: newest weights)"
@@ -777,6 +924,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table({name: results[name]}).splitlines()[-1], file=sys.stderr, flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out = {"machine": machine(), "settings": settings, "models": results}
+    if not args.quality_only and not args.no_ablation:
+        print("[unet] speed-ups, one at a time ...", file=sys.stderr, flush=True)
+        out["speed_ablation"] = speed_ablation(quick=args.quick)
+        print(ablation_table(out["speed_ablation"]))
     print(table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

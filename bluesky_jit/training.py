@@ -333,7 +333,11 @@ class Trainer:
         self.loss_fn = loss_fn
         self.normalizer = normalizer
         """Frozen at the first step (or given); ``None`` before."""
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+        # fused: one kernel for every parameter instead of a loop of small ops (2 ms of a
+        # 15 ms CPU step for the U-Net); torch has it on the CPU and on CUDA
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.learning_rate, fused=self.device.type in FUSED_ADAM
+        )
         self.error: BaseException | None = None
         """The exception that stopped the background loop, if any."""
         self.warm_start: dict[str, Any] | None = None
@@ -410,13 +414,16 @@ class Trainer:
         state = self.model.state_dict()
         if self._average_state is None:
             return
+        floats, others = [], []
+        for key, tensor in state.items():
+            avg = self._average_state[key]
+            (floats if avg.is_floating_point() else others).append((avg, tensor.detach()))
         with torch.no_grad():
-            for key, tensor in state.items():
-                avg = self._average_state[key]
-                if avg.is_floating_point():
-                    avg.lerp_(tensor.detach(), 1.0 - decay)
-                else:
-                    avg.copy_(tensor)
+            if floats:  # one multi-tensor op (as torch.optim.swa_utils' EMA does)
+                averages, currents = zip(*floats, strict=True)
+                torch._foreach_lerp_(list(averages), list(currents), 1.0 - decay)
+            for avg, tensor in others:
+                avg.copy_(tensor)
 
     @property
     def steps(self) -> int:
@@ -743,6 +750,9 @@ class Trainer:
 PRECISIONS = ("float32", "bfloat16")
 """Training / inference precisions (bfloat16: autocast for training, bf16 weights for inference)."""
 
+FUSED_ADAM = ("cpu", "cuda")
+"""Devices with torch's fused Adam (one kernel per step instead of a loop over parameters)."""
+
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """``"auto"``: bfloat16 on a CPU with native bfloat16 (AVX512-BF16 or AMX), else float32.
@@ -752,11 +762,28 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
     through after a check.
     """
     if precision == "auto":
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        native = native_bfloat16_cpu()
         return "bfloat16" if torch.device(device).type == "cpu" and native else "float32"
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be 'auto' or one of {PRECISIONS}; got {precision!r}.")
     return precision
+
+
+def native_bfloat16_cpu(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX; Arm BF16).
+
+    Read from the CPU flags Linux lists; ``False`` where they cannot be read
+    (then ``"auto"`` keeps float32, which is never slower than emulated bfloat16).
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
+    return False
 
 
 def memory_format_for(model: nn.Module, channels_last: bool) -> torch.memory_format:

@@ -273,6 +273,29 @@ def test_bfloat16_training_lowers_holdout_alpha():
         make_trainer(rng, precision="float16")
 
 
+def test_auto_precision_follows_the_cpu_flags(tmp_path):
+    from bluesky_jit.training import native_bfloat16_cpu, resolve_precision
+
+    cpus = {
+        "zen4": "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n",
+        "sapphire": "flags\t\t: fpu avx512f amx_tile amx_bf16\n",
+        "skylake": "flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512dq\n",
+        "neoverse": "Features\t: fp asimd sve bf16 i8mm\n",
+    }
+    native = {}
+    for name, text in cpus.items():
+        (tmp_path / name).write_text("processor\t: 0\n" + text)
+        native[name] = native_bfloat16_cpu(tmp_path / name)
+    assert native == {"zen4": True, "sapphire": True, "skylake": False, "neoverse": True}
+    assert native_bfloat16_cpu(tmp_path / "missing") is False
+    expected = "bfloat16" if native_bfloat16_cpu() else "float32"
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("auto", "cuda") == "float32"
+    assert resolve_precision("float32") == "float32"
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("half")
+
+
 def test_augmentation_keeps_pairs_aligned_and_covers_the_eight_symmetries():
     from bluesky_jit.training import _dihedral
 
@@ -385,6 +408,9 @@ def test_weight_averaging_publishes_and_evaluates_the_average():
     live = trainer.model.state_dict()
     key = "head.weight"
     assert version == 1 and not torch.equal(state[key], live[key])  # the average, not the live
+    for name, tensor in live.items():  # after step 1 the decay is (1 + 1) / (10 + 1)
+        expected = first[name] + (tensor - first[name]) * (1 - 2 / 11)
+        torch.testing.assert_close(state[name], expected)
     # after n steps the decay is min(0.9, (1 + n) / (10 + n)): a plain mean of the start
     for _ in range(5):
         trainer.step()
