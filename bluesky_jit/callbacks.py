@@ -173,7 +173,7 @@ class RunPipeline:
         )
         voxel = geometry.voxel_size
         region = SamplingRegion.disc(cfg.sampling_radius * self.recon.n * voxel / 2)
-        region.centers(1, size=cfg.patch_size, pixel_size=voxel, rng=self.rng)  # fits at all?
+        region.check_fits(cfg.patch_size, voxel)
         self.pairs = PairMaker.from_reconstructor(
             self.recon,
             splits=cfg.splits,
@@ -201,12 +201,6 @@ class RunPipeline:
         from .training import resolve_precision
 
         cfg = self.config
-        if cfg.warm_start is not None:  # a checkpoint of another network is a clear error
-            from .models.checkpoint import load_checkpoint
-
-            load_checkpoint(
-                cfg.warm_start, expected_name=cfg.model, expected_config=cfg.model_config
-            )
         checkpoint_dir = None
         if cfg.checkpoint_dir is not None:
             checkpoint_dir = Path(cfg.checkpoint_dir) / self.summary.raw_uid

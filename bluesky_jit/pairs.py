@@ -19,6 +19,7 @@ References
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -457,6 +458,10 @@ class SamplingRegion:
             )
         return f"SamplingRegion(radius={self.radius}, center={self.center})"
 
+    def check_fits(self, size: int, pixel_size: float) -> None:
+        """Raise :class:`ConfigError` unless a ``size`` x ``size`` patch fits inside."""
+        self._room(size, pixel_size)
+
     def centers(
         self, count: int, *, size: int, pixel_size: float, rng: np.random.Generator
     ) -> np.ndarray:
@@ -481,6 +486,22 @@ class SamplingRegion:
         ConfigError
             If no patch of that size fits inside the region.
         """
+        room = self._room(size, pixel_size)
+        if self.radius is not None:
+            r = room * np.sqrt(rng.uniform(size=count))
+            phi = rng.uniform(0, 2 * np.pi, size=count)
+            return np.stack(
+                [self.center[0] + r * np.cos(phi), self.center[1] + r * np.sin(phi)], axis=1
+            )
+        n_rows, n_cols = np.shape(self.mask)
+        rows, cols = np.nonzero(room)
+        pick = rng.integers(rows.size, size=count)
+        x = self.center[0] + (cols[pick] - (n_cols - 1) / 2) * self.pixel_size
+        y = self.center[1] + (rows[pick] - (n_rows - 1) / 2) * self.pixel_size
+        return np.stack([x, y], axis=1)
+
+    def _room(self, size: int, pixel_size: float) -> Any:
+        """Where centres may lie: a disc's radius (mm) or the mask's allowed pixels, eroded."""
         half = (size - 1) / 2 * pixel_size
         if self.radius is not None:
             reach = self.radius - half * np.sqrt(2) - pixel_size / 2
@@ -490,28 +511,19 @@ class SamplingRegion:
                     f"inside the sampling disc of radius {self.radius:.4g} mm. Use a smaller "
                     "patch_size or a larger sampling region."
                 )
-            r = reach * np.sqrt(rng.uniform(size=count))
-            phi = rng.uniform(0, 2 * np.pi, size=count)
-            return np.stack(
-                [self.center[0] + r * np.cos(phi), self.center[1] + r * np.sin(phi)], axis=1
-            )
+            return reach
         from scipy import ndimage
 
         mask = np.asarray(self.mask)  # set whenever radius is None (see __init__)
-        n_rows, n_cols = mask.shape
         # the patch, in mask pixels, around a mask pixel: erode with a square that wide
         reach = int(np.ceil((half + pixel_size / 2) / self.pixel_size - 0.5))
         inside = ndimage.binary_erosion(
             mask, structure=np.ones((2 * reach + 1, 2 * reach + 1), bool), border_value=0
         )
-        rows, cols = np.nonzero(inside)
-        if rows.size == 0:
+        if not inside.any():
             raise ConfigError(
                 f"A {size}x{size} patch does not fit inside the sampling mask (shape "
                 f"{mask.shape}, {int(mask.sum())} allowed pixels). Use a smaller "
                 "patch_size or a larger region."
             )
-        pick = rng.integers(rows.size, size=count)
-        x = self.center[0] + (cols[pick] - (n_cols - 1) / 2) * self.pixel_size
-        y = self.center[1] + (rows[pick] - (n_rows - 1) / 2) * self.pixel_size
-        return np.stack([x, y], axis=1)
+        return inside

@@ -72,7 +72,7 @@ def make_buffer(
 def make_trainer(
     strategy: str,
     *,
-    model: str = "unet",
+    model: str | None = None,
     model_config: Mapping[str, Any] | None = None,
     capacity: int = 320,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -84,8 +84,9 @@ def make_trainer(
     Parameters
     ----------
     strategy : {"queue", "sequential", "frozen"}
-    model, model_config : registry name and config of a fresh network
-        (ignored when ``checkpoint`` is given).
+    model, model_config : optional
+        Registry name (default ``"unet"``) and config of a fresh network.
+        With a ``checkpoint``: the network it must hold (``None``: any).
     capacity : int
         N_buffer (seed 000: 32 or 320).
     checkpoint : path-like, optional
@@ -101,7 +102,7 @@ def make_trainer(
         For an unknown strategy, ``"frozen"`` without a checkpoint, or a
         capacity below the batch size.
     CheckpointError
-        If the checkpoint cannot be loaded.
+        If the checkpoint cannot be loaded or holds another network.
     """
     frozen = strategy == "frozen"
     if frozen and checkpoint is None:
@@ -112,9 +113,10 @@ def make_trainer(
     if checkpoint is not None:
         from .models.checkpoint import load_checkpoint
 
-        network, _ = load_checkpoint(checkpoint)  # to size the buffer's pairs
+        # checked here, and it sizes the buffer's pairs
+        network, _ = load_checkpoint(checkpoint, expected_name=model, expected_config=model_config)
     else:
-        network = build_model(model, model_config, seed=seed)
+        network = build_model(model or "unet", model_config, seed=seed)
     item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
     buffer = make_buffer(
         strategy, capacity, rng=np.random.default_rng(seed + 1), item_ndim=item_ndim
@@ -172,8 +174,9 @@ class ProcessTrainer:
 
     Parameters
     ----------
-    model : str
-        Registry name; the child builds the network (or loads ``warm_start``).
+    model : str, optional
+        Registry name (default ``"unet"``); the child builds the network, or
+        loads ``warm_start``, which must then hold this network (``None``: any).
     model_config : mapping, optional
     capacity : int
         N_buffer.
@@ -202,7 +205,7 @@ class ProcessTrainer:
 
     def __init__(
         self,
-        model: str = "unet",
+        model: str | None = None,
         model_config: Mapping[str, Any] | None = None,
         *,
         capacity: int = 320,
@@ -255,9 +258,12 @@ class ProcessTrainer:
         if warm_start is not None:
             from .models.checkpoint import load_checkpoint
 
-            template, extra = load_checkpoint(warm_start)
+            template, extra = load_checkpoint(
+                warm_start, expected_name=model, expected_config=model_config
+            )
             model, model_config = template.model_name, dict(template.model_config)
         else:
+            model = model or "unet"
             model_config = resolve_config(model, model_config)
             template = build_model(model, model_config, seed=seed)
         self.model_name = model

@@ -262,6 +262,9 @@ def test_disc_region_keeps_whole_patches_inside():
     assert np.hypot(c[:, 0] - 5, c[:, 1] + 3).max() > 15  # and they use the disc
     with pytest.raises(ConfigError, match="does not fit"):
         region.centers(1, size=50, pixel_size=1.0, rng=np.random.default_rng(0))
+    region.check_fits(42, 1.0)  # corners of the outer pixels: 20.5 * sqrt(2) + 0.5 < 30 mm
+    with pytest.raises(ConfigError, match="does not fit"):
+        region.check_fits(44, 1.0)
 
 
 def test_mask_region_is_changeable_and_respected():
@@ -275,6 +278,9 @@ def test_mask_region_is_changeable_and_respected():
     assert rows.min() - 3.5 >= 10 and rows.max() + 3.5 <= 29
     with pytest.raises(ConfigError, match="does not fit"):
         region.centers(1, size=24, pixel_size=1.0, rng=np.random.default_rng(0))
+    region.check_fits(19, 1.0)  # centred on a mask pixel, a 20-wide patch overhangs by 1/2
+    with pytest.raises(ConfigError, match="does not fit"):
+        region.check_fits(20, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,14 @@ def test_make_trainer_by_strategy(tmp_path):
     path = queue.save(tmp_path / "pre.pt")
     frozen = make_trainer("frozen", checkpoint=path, capacity=32, batch_size=8)
     assert frozen.frozen and frozen.normalizer == queue.normalizer
+    same = make_trainer("queue", model="unet", model_config={"features": 2}, checkpoint=path)
+    assert same.warm_start is not None
+    with pytest.raises(CheckpointError, match="msdnet"):  # holds a U-Net, not an MSD-Net
+        make_trainer("frozen", model="msdnet", checkpoint=path, capacity=32, batch_size=8)
+    with pytest.raises(CheckpointError, match="features"):
+        make_trainer("frozen", model="unet", model_config={"features": 4}, checkpoint=path)
+    with pytest.raises(CheckpointError, match="msdnet"):
+        ProcessTrainer("msdnet", warm_start=path, capacity=32, batch_size=8)
     seq = make_trainer("sequential", model="unet3d", model_config={"features": 2}, batch_size=8)
     assert isinstance(seq.buffer, SequentialBuffer) and seq.buffer.item_ndim == 4
     with pytest.raises(ConfigError, match="checkpoint"):
