@@ -110,22 +110,20 @@ def make_trainer(
             "The 'frozen' strategy is a pretrained model: pass checkpoint=<path of an earlier "
             "run's checkpoint>."
         )
-    if checkpoint is not None:
-        from .models.checkpoint import load_checkpoint
 
-        # checked here, and it sizes the buffer's pairs
-        network, _ = load_checkpoint(checkpoint, expected_name=model, expected_config=model_config)
-    else:
-        network = build_model(model or "unet", model_config, seed=seed)
-    item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
-    buffer = make_buffer(
-        strategy, capacity, rng=np.random.default_rng(seed + 1), item_ndim=item_ndim
-    )
+    def buffer_for(network: torch.nn.Module) -> ReplayBuffer:  # pairs sized by the network
+        item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
+        return make_buffer(
+            strategy, capacity, rng=np.random.default_rng(seed + 1), item_ndim=item_ndim
+        )
+
     if checkpoint is not None:
         return Trainer.from_checkpoint(
-            checkpoint, buffer, seed=seed, frozen=frozen, **trainer_kwargs
-        )
-    return Trainer(network, buffer, seed=seed, **trainer_kwargs)
+            checkpoint, buffer_for, expected_name=model, expected_config=model_config,
+            seed=seed, frozen=frozen, **trainer_kwargs,
+        )  # fmt: skip
+    network = build_model(model or "unet", model_config, seed=seed)
+    return Trainer(network, buffer_for(network), seed=seed, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------

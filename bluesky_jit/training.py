@@ -674,7 +674,7 @@ class Trainer:
     def from_checkpoint(
         cls,
         path: str | os.PathLike[str],
-        buffer: ReplayBuffer,
+        buffer: ReplayBuffer | Callable[[nn.Module], ReplayBuffer],
         *,
         expected_name: str | None = None,
         expected_config: Mapping[str, Any] | None = None,
@@ -690,7 +690,8 @@ class Trainer:
         ----------
         path : path-like
             A file written by :meth:`save`.
-        buffer : ReplayBuffer
+        buffer : ReplayBuffer, or a function of the loaded network returning one
+            (to size the buffer's pairs, 2D or stacks, by the network).
         expected_name, expected_config : optional
             Refuse checkpoints of another network (see
             :func:`bluesky_jit.models.checkpoint.load_checkpoint`).
@@ -721,6 +722,8 @@ class Trainer:
                     f"Checkpoint {str(path)!r} has an unusable normalizer: {exc}"
                 ) from exc
         kwargs.setdefault("normalizer", normalizer)
+        if not isinstance(buffer, ReplayBuffer) and callable(buffer):
+            buffer = buffer(model)
         trainer = cls(model, buffer, **kwargs)
         trainer.warm_start = {"path": str(path), "step": extra.get("step")}
         return trainer
