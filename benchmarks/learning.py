@@ -148,7 +148,7 @@ def machine() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- speed
 
 
-def _trainer(spec: Spec, precision: str) -> Trainer:
+def _trainer(spec: Spec, precision: str, channels_last: bool | None = None) -> Trainer:
     """A Trainer with the pipeline's settings on batches of 32 random 20x20 pairs."""
     rng = np.random.default_rng(0)
     item = (1, spec.frames, 20, 20) if spec.stack else (1, 20, 20)
@@ -159,8 +159,27 @@ def _trainer(spec: Spec, precision: str) -> Trainer:
     buffer.push(u + rng.normal(size=(320, *item)), clean + rng.normal(size=clean.shape))
     return Trainer(
         build(spec), buffer, batch_size=32, learning_rate=2e-3, precision=precision,
-        augment=True, average=0.99,
+        channels_last=channels_last, augment=True, average=0.99,
     )  # fmt: skip
+
+
+def _steps_per_s(trainer: Trainer, steps: int) -> Callable[[], float]:
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
+        return steps / (time.perf_counter() - t0)
+
+    return run
+
+
+def _ms_per_slice(denoiser: Denoiser, image: np.ndarray) -> Callable[[], float]:
+    def run() -> float:
+        t0 = time.perf_counter()
+        denoiser(image)
+        return 1000 * (time.perf_counter() - t0)
+
+    return run
 
 
 def _turn_about(
@@ -201,16 +220,8 @@ def speed(spec: Spec, *, quick: bool) -> dict[str, Any]:
         for _ in range(5):
             trainer.step()
 
-    def train(trainer: Trainer) -> Callable[[], float]:
-        def run() -> float:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                trainer.step()
-            return steps / (time.perf_counter() - t0)
-
-        return run
-
-    rates = _turn_about({k: train(t) for k, t in trainers.items()}, threads, rounds)
+    runners = {k: _steps_per_s(t, steps) for k, t in trainers.items()}
+    rates = _turn_about(runners, threads, rounds)
     del trainers
 
     rng = np.random.default_rng(0)
@@ -225,16 +236,7 @@ def speed(spec: Spec, *, quick: bool) -> dict[str, Any]:
         for key, denoiser in denoisers.items():
             torch.set_num_threads(key[2])
             denoiser(image)
-
-        def infer(denoiser: Denoiser, image: np.ndarray = image) -> Callable[[], float]:
-            def run() -> float:
-                t0 = time.perf_counter()
-                denoiser(image)
-                return 1000 * (time.perf_counter() - t0)
-
-            return run
-
-        runners = {(*k, size): infer(d) for k, d in denoisers.items()}
+        runners = {(*k, size): _ms_per_slice(d, image) for k, d in denoisers.items()}
         times.update(_turn_about(runners, {k: k[2] for k in runners}, rounds))
 
     out: dict[str, Any] = {}
@@ -283,19 +285,13 @@ def speed_ablation(*, quick: bool, threads: int = 2) -> dict[str, Any]:
     (or first slice) with ``torch.compile``, compilation included.
     """
     rounds, steps = (4, 20) if quick else (10, 25)
-    rng = np.random.default_rng(0)
-    buffer = ReplayBuffer(320, rng=rng)
-    clean = rng.normal(size=(320, 1, 20, 20)).astype(np.float32)
-    buffer.push(clean + rng.normal(size=clean.shape), clean + rng.normal(size=clean.shape))
+    unet = SPECS["unet"]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         trainers, compile_s = {}, {}
         for name, (precision, channels_last, adam, compiled) in TRAIN_STEPS.items():
-            trainer = Trainer(
-                build_model("unet", seed=0), buffer, batch_size=32, learning_rate=2e-3,
-                precision=precision, channels_last=channels_last, augment=True, average=0.99,
-            )  # fmt: skip
+            trainer = _trainer(unet, precision, channels_last)
             if adam == "for-loop":
                 trainer.optimizer = torch.optim.Adam(
                     trainer.model.parameters(), lr=2e-3, foreach=False, fused=False
@@ -308,19 +304,12 @@ def speed_ablation(*, quick: bool, threads: int = 2) -> dict[str, Any]:
             if compiled:
                 compile_s[name] = time.perf_counter() - t0
             trainers[name] = trainer
-        train: dict[str, list[float]] = {name: [] for name in trainers}
-        for _ in range(rounds):
-            for name, trainer in trainers.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    trainer.step()
-                train[name].append(steps / (time.perf_counter() - t0))
 
-        image = rng.normal(size=(1024, 1024)).astype(np.float32)
+        image = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
         denoisers = {}
         for name, (precision, channels_last, compiled) in INFERENCE.items():
             denoiser = Denoiser(
-                build_model("unet", seed=0), normalizer=Normalizer(), precision=precision,
+                build(unet), normalizer=Normalizer(), precision=precision,
                 channels_last=channels_last,
             )  # fmt: skip
             t0 = time.perf_counter()
@@ -330,14 +319,18 @@ def speed_ablation(*, quick: bool, threads: int = 2) -> dict[str, Any]:
             if compiled:
                 compile_s[name] = time.perf_counter() - t0
             denoisers[name] = denoiser
-        infer: dict[str, list[float]] = {name: [] for name in denoisers}
-        for _ in range(max(3, rounds // 2)):
-            for name, denoiser in denoisers.items():
-                t0 = time.perf_counter()
-                denoiser(image)
-                infer[name].append(1000 * (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(before)
+    train = _turn_about(
+        {name: _steps_per_s(t, steps) for name, t in trainers.items()},
+        dict.fromkeys(trainers, threads),
+        rounds,
+    )
+    infer = _turn_about(
+        {name: _ms_per_slice(d, image) for name, d in denoisers.items()},
+        dict.fromkeys(denoisers, threads),
+        max(3, rounds // 2),
+    )
 
     def rows(samples: dict[str, list[float]], key: str, better: str) -> dict[str, Any]:
         plain = statistics.median(samples["plain"])
