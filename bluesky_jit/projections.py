@@ -54,17 +54,31 @@ class FlatField:
     ----------
     darks : ndarray, shape (n_dark, rows, cols) or (rows, cols)
     flats : ndarray, shape (n_flat, rows, cols) or (rows, cols)
+    detector_shape : (rows, cols), optional
+        The detector shape the scan metadata gives; fields of another shape are refused.
     """
 
     min_transmission = 1e-6
 
-    def __init__(self, darks: np.ndarray, flats: np.ndarray) -> None:
+    def __init__(
+        self,
+        darks: np.ndarray,
+        flats: np.ndarray,
+        *,
+        detector_shape: tuple[int, int] | None = None,
+    ) -> None:
         dark = _mean_frame(darks, "dark")
         flat = _mean_frame(flats, "flat")
         if dark.shape != flat.shape:
             raise ScanDataError(
                 f"Dark fields have shape {dark.shape} but flat fields {flat.shape}; both must "
                 "match the detector. Check that darks and flats come from the same detector ROI."
+            )
+        if detector_shape is not None and dark.shape != tuple(detector_shape):
+            raise ScanDataError(
+                f"Dark/flat fields have shape {dark.shape}; the scan metadata says the "
+                f"detector is {tuple(detector_shape)}. Fix tomo['detector_shape'] or the "
+                "detector ROI."
             )
         gain = flat - dark
         if np.any(gain <= 0):

@@ -216,14 +216,7 @@ class StreamingSIRT:
         ScanDataError
             If the fields do not have the geometry's detector shape.
         """
-        flatfield = FlatField(darks, flats)
-        if flatfield.shape != self.geometry.detector_shape:
-            raise ScanDataError(
-                f"Dark/flat fields have shape {flatfield.shape}; the scan metadata says the "
-                f"detector is {self.geometry.detector_shape}. Fix tomo['detector_shape'] or the "
-                "detector ROI."
-            )
-        self.flatfield = flatfield
+        self.flatfield = FlatField(darks, flats, detector_shape=self.geometry.detector_shape)
 
     def add_frame(self, frame: np.ndarray, *, angle_deg: float, index: int) -> bool:
         """Correct and keep one frame's slice row; True when a window is complete."""

@@ -183,14 +183,7 @@ class StreamingReconstructor:
     # -- frames in -------------------------------------------------------------
     def set_flatfield(self, darks: np.ndarray, flats: np.ndarray) -> None:
         """Dark (n, rows, cols) and flat (m, rows, cols) fields for all later frames."""
-        flatfield = FlatField(darks, flats)
-        if flatfield.shape != self.geometry.detector_shape:
-            raise ScanDataError(
-                f"Dark/flat fields have shape {flatfield.shape}; the scan metadata says the "
-                f"detector is {self.geometry.detector_shape}. Fix tomo['detector_shape'] or the "
-                "detector ROI."
-            )
-        self.flatfield = flatfield
+        self.flatfield = FlatField(darks, flats, detector_shape=self.geometry.detector_shape)
 
     def add_frame(self, frame: np.ndarray, *, angle_deg: float, index: int) -> bool:
         """Correct, filter and keep one frame; return True when a refresh is due.
