@@ -724,12 +724,18 @@ class JitCallback:
         return self._queue.qsize()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every document received so far is processed; False on timeout."""
+        """Wait until every document received so far is processed and its derived
+        documents are written (when ``emit`` has a ``flush``, as
+        :class:`~bluesky_jit.writer.CatalogWriter` does); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._queue.unfinished_tasks:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
+        emit_flush = getattr(self.emit, "flush", None)
+        if callable(emit_flush):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return bool(emit_flush(left))
         return True
 
     def close(self, timeout: float | None = None) -> None:

@@ -27,10 +27,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -39,6 +38,8 @@ from .errors import CatalogError
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
+
+    from .writer import CatalogWriter
 
 __all__ = [
     "LocalCatalog",
@@ -328,54 +329,44 @@ def runs_container(client: Container, name: str) -> Container:
     return container
 
 
-def tiled_writer(container: Container, *, backup_directory: Path | None = None) -> SerializedWriter:
-    """A ``bluesky_tiled_plugins.TiledWriter`` writing each document as it comes.
+def tiled_writer(
+    container: Container,
+    *,
+    spool_dir: str | Path | None = None,
+    batch_size: int = 50,
+    max_spool_bytes: int = 2 * 1024**3,
+) -> CatalogWriter:
+    """A document callback that writes runs into ``container`` off the caller's thread.
 
-    Writers made here for the same server take turns (one lock per server
-    URI in this process): the embedded catalog keeps event tables in SQLite,
-    which answers "database is locked" when the raw writer (on the
-    RunEngine's thread) and the derived writer (on the worker thread) append
-    at the same moment. Each call holds the lock for one HTTP request.
+    It returns in about a microsecond (the document is queued); a writer
+    thread of its own batches the documents into Tiled (``batch_size`` events
+    or frames per request) and spools them to disk first, so a catalog outage
+    loses nothing: see :class:`bluesky_jit.writer.CatalogWriter`. Call
+    ``writer.flush(timeout)`` before reading a run back, ``writer.close()`` at
+    the end.
 
     Parameters
     ----------
     container : CatalogOfBlueskyRuns
         From :func:`runs_container`; each run becomes a child keyed by its uid.
-    backup_directory : Path, optional
-        Where the writer dumps a run as JSON lines if writing to Tiled fails.
+    spool_dir : path, optional
+        Where documents are spooled; default
+        ``bluesky_jit_data/spool/<container name>``.
+    batch_size : int
+        Events (and stream-datum frames) per request to Tiled.
+    max_spool_bytes : int
+        Upper bound of the spool's size on disk.
 
     Returns
     -------
-    SerializedWriter
+    CatalogWriter
         A callback ``writer(name, doc)``.
     """
-    from bluesky_tiled_plugins import TiledWriter
+    from .writer import CatalogWriter
 
-    writer = TiledWriter(
-        container,
-        batch_size=1,
-        backup_directory=None if backup_directory is None else str(backup_directory),
+    return CatalogWriter(
+        container, spool_dir=spool_dir, batch_size=batch_size, max_spool_bytes=max_spool_bytes
     )
-    uri = str(container.context.api_uri)
-    with _LOCKS_LOCK:
-        lock = _SERVER_LOCKS.setdefault(uri, threading.Lock())
-    return SerializedWriter(writer, lock)
-
-
-_LOCKS_LOCK = threading.Lock()
-_SERVER_LOCKS: dict[str, threading.Lock] = {}
-
-
-class SerializedWriter:
-    """A document callback that holds a lock while the wrapped writer works."""
-
-    def __init__(self, writer: Callable[[str, dict], Any], lock: threading.Lock) -> None:
-        self.writer = writer
-        self.lock = lock
-
-    def __call__(self, name: str, doc: dict) -> Any:
-        with self.lock:
-            return self.writer(name, doc)
 
 
 def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:

@@ -178,7 +178,10 @@ class Listener:
         if max_runs is not None and max_runs < 1:
             raise ConfigError(f"max_runs must be a positive integer; got {max_runs!r}.")
         self.derived_runs = derived_runs
-        writer = tiled_writer(derived_runs) if derived_runs is not None else emit
+        spool = Path(directory).parent / "spool"  # beside the derived files' directory
+        writer = emit
+        if derived_runs is not None:
+            writer = tiled_writer(derived_runs, spool_dir=spool / "derived")
         self.jit = JitCallback(
             config=config,
             emit=writer,
@@ -188,7 +191,9 @@ class Listener:
             on_run_finished=self._finished,
         )
         self.raw_runs = raw_runs
-        self.raw_writer = tiled_writer(raw_runs) if raw_runs is not None else None
+        self.raw_writer = None
+        if raw_runs is not None:
+            self.raw_writer = tiled_writer(raw_runs, spool_dir=spool / "raw")
         self.run_timeout_s = float(run_timeout_s)
         self.max_runs = max_runs
         self.skip_done = skip_done
@@ -324,6 +329,16 @@ class Listener:
                 self.on_run_finished(summary)
             except Exception:  # noqa: BLE001
                 logger.exception("on_run_finished raised")
+        # Settled (e.g. Kafka offsets committed) only once the derived documents are
+        # durable: in the catalog, or in the writer's spool on disk.
+        spooled = getattr(self.jit.emit, "wait_spooled", None)
+        if callable(spooled) and not spooled(60.0):
+            logger.error(
+                "Run %s: its derived documents are not on disk after 60 s; not settled "
+                "(it is redone)",
+                summary.raw_uid,
+            )
+            return
         self._settle(summary.raw_uid)
         if self.max_runs is not None and self.derived_count >= self.max_runs:
             self.stopped.set()

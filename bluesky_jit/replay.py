@@ -199,7 +199,8 @@ def replay(
     if writer is None and derived_runs is not None:
         from .catalog import tiled_writer
 
-        writer = tiled_writer(derived_runs)
+        spool = Path(directory).parent / "spool" / "derived"  # beside the derived files
+        writer = tiled_writer(derived_runs, spool_dir=spool)
     marker = _ReplayMarker(writer, {"source": source, "pace": pace}) if writer else None
     finished: dict[str, RunSummary] = {}
     jit = JitCallback(
@@ -331,6 +332,11 @@ class _ReplayMarker:
         if name == "start":
             doc = {**doc, "replay": self.info}
         self.emit(name, doc)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the wrapped writer has written what it received (if it can say)."""
+        flush = getattr(self.emit, "flush", None)
+        return bool(flush(timeout)) if callable(flush) else True
 
 
 # --------------------------------------------------------------------------- frames

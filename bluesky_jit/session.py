@@ -213,6 +213,10 @@ class CatalogSession:
             self._containers[name] = runs_container(self.client, name)
         return self._containers[name]
 
+    def spool_dir(self, name: str) -> Path:
+        """Where writers of the container ``name`` spool documents: ``DATA_DIR/spool/<name>``."""
+        return self.data_dir / "spool" / name
+
     @property
     def description(self) -> str:
         """Where results go, for logs: ``embedded Tiled catalog http://... (data in ...)``."""
@@ -441,10 +445,10 @@ def attach(
     from .catalog import tiled_writer
 
     if write_raw:
-        RE.subscribe(tiled_writer(session.runs("raw")))
+        RE.subscribe(tiled_writer(session.runs("raw"), spool_dir=session.spool_dir("raw")))
     jit = JitCallback(
         config=config,
-        emit=tiled_writer(session.runs("derived")),
+        emit=tiled_writer(session.runs("derived"), spool_dir=session.spool_dir("derived")),
         directory=session.data_dir / "derived",
         on_run_finished=on_run_finished or _report(session),
     )

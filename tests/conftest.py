@@ -80,6 +80,13 @@ vertical_slices = false
 """
 """Settings file of a tiny, fast pipeline (detector 4 x 32, 16 angles per rotation)."""
 
+def spool_dir_for(catalog):
+    """A spool directory beside a session catalog (writers of tests never share one)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="spool-", dir=catalog.directory.parent)
+
+
 TINY_SCAN = ["--size", "32", "--rows", "4", "--angles", "16", "--rotations", "2", "--no-pace"]
 
 
@@ -156,8 +163,11 @@ def count_run(jit_catalog):
     from bluesky_jit.catalog import runs_container, tiled_writer
 
     RE = RunEngine({})
-    RE.subscribe(tiled_writer(runs_container(jit_catalog.client(), "raw")))
+    raw = runs_container(jit_catalog.client(), "raw")
+    writer = tiled_writer(raw, spool_dir=spool_dir_for(jit_catalog))
+    RE.subscribe(writer)
     (uid,) = RE(count([det1], num=2))
+    assert writer.flush(timeout=60)
     return uid
 
 
@@ -171,7 +181,9 @@ def bad_tomo_run(jit_catalog):
     from simulated_devices.plans import tomo_scan
 
     RE = RunEngine({})
-    RE.subscribe(tiled_writer(runs_container(jit_catalog.client(), "raw")))
+    raw = runs_container(jit_catalog.client(), "raw")
+    writer = tiled_writer(raw, spool_dir=spool_dir_for(jit_catalog))
+    RE.subscribe(writer)
     settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1"}
     beamline = simulated_beamline(jit_catalog.base / "bad_run", settings)
     (uid,) = RE(
@@ -185,6 +197,7 @@ def bad_tomo_run(jit_catalog):
             num_flats=0,
         )
     )
+    assert writer.flush(timeout=60)
     return uid
 
 
@@ -195,12 +208,13 @@ def lost_files_run(jit_catalog, demo_run):
 
     client = jit_catalog.client()
     original = runs_container(client, "raw")[demo_run["raw_uid"]]
-    writer = tiled_writer(runs_container(client, "raw_lost"))
+    writer = tiled_writer(runs_container(client, "raw_lost"), spool_dir=spool_dir_for(jit_catalog))
     gone = jit_catalog.base / "deleted-detector-files"
     for name, doc in documents(original):
         if name == "stream_resource":
             doc = {**doc, "uri": (gone / f"{doc['uid']}.h5").as_uri()}
         writer(name, dict(doc))
+    assert writer.flush(timeout=60)
     return demo_run["raw_uid"]
 
 

@@ -86,11 +86,14 @@ def test_live_scan_to_catalog_end_to_end(RE, local_catalog, data_dir):
     client = local_catalog.client()
     raw_runs = runs_container(client, "raw")
     derived_runs = runs_container(client, "derived")
-    derived_docs = Collector(tiled_writer(derived_runs))
+    derived_writer = tiled_writer(derived_runs, spool_dir=data_dir / "spool" / "derived")
+    derived_docs = Collector(derived_writer)
     jit = JitCallback(config=CONFIG, emit=derived_docs, directory=data_dir / "derived")
-    RE.subscribe(tiled_writer(raw_runs))
+    raw_writer = tiled_writer(raw_runs, spool_dir=data_dir / "spool" / "raw")
+    RE.subscribe(raw_writer)
     beamline = make_hw(data_dir / "raw", source=source(), frame_rate=20.0)
     uid, raw = run_scan(RE, jit, beamline)
+    assert raw_writer.flush(timeout=60) and derived_writer.flush(timeout=60)
 
     # every raw document the RunEngine made is schema-valid, and the scan completed
     assert raw.named("stop")[0]["exit_status"] == "success"

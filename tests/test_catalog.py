@@ -64,9 +64,10 @@ def write_derived_run(served: Served) -> None:
     rng = np.random.default_rng(0)
     served.recs = rng.random((3, *SHAPE), dtype=np.float32)
     served.dens = rng.random((2, *SHAPE), dtype=np.float32)
+    writer = tiled_writer(derived, batch_size=1, spool_dir=served.catalog.directory / "spool")
     run = DerivedRun(
         raw_start=served.raw_start,
-        emit=tiled_writer(derived),
+        emit=writer,
         directory=served.catalog.directory / "derived files",  # a space in the file URI
         image_shape=SHAPE,
         metadata={"config": {"refresh_every": 10}, "model": {"name": "unet"}},
@@ -76,12 +77,14 @@ def write_derived_run(served: Served) -> None:
     for i, image in enumerate(served.recs):
         run.add_reconstruction(image, projection_index=10 * i, num_projections=30)
         # SWMR: the server reads frames while the run is being written.
+        assert writer.flush(timeout=60)
         served.live_shapes.append(derived[run.uid]["reconstruction"]["reconstruction"].shape)
     for i, image in enumerate(served.dens):
         run.add_denoised(image, projection_index=20, train_step=5 * i, weights_version=i)
     run.add_metrics(train_step=1, loss=0.5, alpha=0.1, pairs_seen=64)
     run.add_metrics(train_step=2, loss=0.25, alpha=0.2, pairs_seen=128)
     run.close(exit_status="fail", reason="trainer diverged")
+    assert writer.flush(timeout=60)
 
 
 @pytest.fixture

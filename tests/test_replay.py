@@ -184,7 +184,10 @@ def hex_layout_scan(jit_catalog):
     from simulated_devices.plans import dark_flat_run, tomo_scan
 
     RE = RunEngine({})
-    RE.subscribe(tiled_writer(runs_container(jit_catalog.client(), "raw")))
+    writer = tiled_writer(
+        runs_container(jit_catalog.client(), "raw"), spool_dir=jit_catalog.base / "hex_spool"
+    )
+    RE.subscribe(writer)
     settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1"}
     bl = simulated_beamline(jit_catalog.base / "hex", settings)
     (calibration,) = RE(
@@ -200,6 +203,7 @@ def hex_layout_scan(jit_catalog):
             dark_flat_uid=calibration,
         )
     )
+    assert writer.flush(timeout=60)
     return scan
 
 
