@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -144,19 +144,25 @@ class LocalCatalog:
         return connect(self.uri, api_key=self.api_key, **kwargs)
 
     def close(self, *, timeout: float = 10.0) -> None:
-        """Stop the server (terminate, then kill after ``timeout`` s). Safe to call twice."""
+        """Stop the server: SIGTERM (a clean shutdown), SIGKILL after ``timeout`` s.
+
+        Also kills it at once when interrupted while waiting (a second
+        Ctrl-C). Safe to call twice.
+        """
         process, self._process = self._process, None
         if process is None:
             return
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
+        try:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            _kill(process)
+            if self._finalizer is not None:
+                self._finalizer.detach()
 
     def __enter__(self) -> LocalCatalog:
         return self
@@ -175,7 +181,11 @@ class LocalCatalog:
         for attempt in range(attempts):
             self.port = port if port is not None else _free_port(self.host)
             self._process = self._spawn()
-            error = self._wait_until_ready(timeout)
+            try:
+                error = self._wait_until_ready(timeout)
+            except BaseException:  # e.g. Ctrl-C while starting: do not leave the server behind
+                self.close()
+                raise
             if error is None:
                 return
             self.close()
@@ -189,8 +199,9 @@ class LocalCatalog:
             )
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        tiled = shutil.which("tiled", path=str(Path(sys.executable).parent))
-        command = [tiled] if tiled else [sys.executable, "-m", "tiled"]
+        # Tiled's command line, run in a launcher that stops the server once this
+        # process is gone, even killed by SIGKILL (see bluesky_jit._server_child).
+        command = [sys.executable, "-m", "bluesky_jit._server_child", str(os.getpid())]
         command += ["serve", "config", str(self.config_path)]
         command += ["--host", self.host, "--port", str(self.port)]
         # The server's settings read TILED_* variables before the config file: drop
@@ -209,6 +220,9 @@ class LocalCatalog:
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
                 env=env,
+                # A session (and process group) of its own: a terminal's Ctrl-C reaches
+                # only this process, which then stops the server with close().
+                start_new_session=True,
             )
         # Kill the server if this object is dropped unclosed or the interpreter exits.
         self._finalizer = weakref.finalize(self, _kill, process)
@@ -456,9 +470,20 @@ def _config_yaml(directory: Path, readable_storage: Sequence[Path]) -> str:
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the server's process group if the server still runs; reap it."""
     if process.poll() is None:
-        process.kill()
+        _signal_group(process, signal.SIGKILL)
         process.wait()
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Send ``signum`` to the server's process group (it leads its own session)."""
+    try:
+        os.killpg(process.pid, signum)  # not reaped yet: the pid cannot have been reused
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        process.send_signal(signum)
 
 
 def _free_port(host: str) -> int:

@@ -18,8 +18,16 @@ Exit codes (for scripts):
 3   the catalog or the broker (0MQ proxy, Kafka) cannot be reached or used, or
     the catalog answered a request with an error
 4   an unexpected error inside bluesky-jit (a bug: the traceback is printed)
-130 interrupted (Ctrl-C)
+130 interrupted (Ctrl-C or SIGTERM), after a clean stop
 ==  ===========================================================================
+
+Ctrl-C (SIGINT) and SIGTERM stop every subcommand cleanly with exit code 130:
+``demo`` aborts the scan's run (stop document ``exit_status: abort``) and
+closes the callback and the embedded catalog; ``listen`` and ``serve`` finish
+the current run's documents, then stop (a second Ctrl-C stops at once);
+``replay`` and ``export`` stop where they are. The embedded catalog's server
+runs in a process group of its own, so a terminal's Ctrl-C does not reach it
+directly: the command stops it on the way out.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES = """exit codes:
   0 success; 1 a run failed (its derived run's exit_status is not success);
   2 bad usage or input; 3 catalog or broker unreachable (or failing);
-  4 internal error (a bug); 130 interrupted
+  4 internal error (a bug); 130 interrupted (Ctrl-C or SIGTERM)
 settings: flag > --config file (TOML/YAML) > default; `bluesky-jit --help` explains the file
 """
 
@@ -531,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import BrokerError
     from .session import load_settings
 
+    restore = _terminate_as_interrupt()
     try:
         settings = load_settings(args.config)
         values = resolve(args.command, args, settings)
@@ -541,8 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     except BlueskyJitError as error:
         _error(error)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("bluesky-jit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        detail = f": {interrupt}" if str(interrupt) else ""
+        print(f"bluesky-jit: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - mapped to an exit code scripts can trust
         import httpx
@@ -558,6 +568,38 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         _error(f"unexpected {type(error).__name__} (a bug in bluesky-jit): {error}")
         return EXIT_BUG
+    finally:
+        restore()
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM do what Ctrl-C does at that moment; return a function undoing it.
+
+    Ctrl-C's handler is looked up when SIGTERM comes: the RunEngine's during a
+    scan (pause, then the demo aborts the run), ``listen``/``serve``'s clean
+    stop, else Python's ``KeyboardInterrupt``. The handlers of SIGINT and
+    SIGTERM found on entry are put back by the returned function (``main`` may
+    run inside another program, e.g. the tests).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_terminate(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (e.g. a background job): SIGTERM still stops us
+            raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_terminate)
+
+    def restore() -> None:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    return restore
 
 
 def _error(error: Exception) -> None:
@@ -588,8 +630,20 @@ def _demo(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int
     )
     if v["live"]:
         jit_box: list[Any] = []
+        re_box: list[Any] = []
         options.on_callback = jit_box.append
-        result = _with_live_view(lambda: run_demo(options), jit_box)
+        options.on_run_engine = re_box.append
+
+        def pause() -> bool:  # Ctrl-C reaches the main thread; the scan runs in another
+            if not re_box or re_box[0].state != "running":
+                return False
+            try:
+                re_box[0].request_pause(defer=False)
+            except Exception:  # noqa: BLE001 - it stopped meanwhile
+                return False
+            return True
+
+        result = _with_live_view(lambda: run_demo(options), jit_box, on_interrupt=pause)
     else:
         result = run_demo(options)
     print(format_summary(result))
@@ -663,8 +717,16 @@ def _replay(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
     return EXIT_RUN_FAILED if failed else EXIT_OK
 
 
-def _with_live_view(work: Callable[[], Any], jit_box: list[Any]) -> Any:
-    """Run ``work`` in a thread and a live figure in this one; return its result."""
+def _with_live_view(
+    work: Callable[[], Any],
+    jit_box: list[Any],
+    on_interrupt: Callable[[], bool] | None = None,
+) -> Any:
+    """Run ``work`` in a thread and a live figure in this one; return its result.
+
+    Ctrl-C lands in this thread: ``on_interrupt()`` then asks ``work`` to stop
+    (True when it will), and this waits up to 30 s for it before re-raising.
+    """
     from .live import LiveView
 
     result: dict[str, Any] = {}
@@ -677,14 +739,19 @@ def _with_live_view(work: Callable[[], Any], jit_box: list[Any]) -> Any:
 
     thread = threading.Thread(target=target, name="bluesky-jit-work", daemon=True)
     thread.start()
-    view = None
-    while thread.is_alive() and view is None:
-        if jit_box:
-            view = LiveView(jit_box[0])
-        thread.join(0.1)
-    if view is not None:
-        view.run_while(thread.is_alive)
-    thread.join()
+    try:
+        view = None
+        while thread.is_alive() and view is None:
+            if jit_box:
+                view = LiveView(jit_box[0])
+            thread.join(0.1)
+        if view is not None:
+            view.run_while(thread.is_alive)
+        thread.join()
+    except KeyboardInterrupt:
+        if on_interrupt is not None and on_interrupt():
+            thread.join(30)  # a clean stop; a second Ctrl-C leaves at once
+        raise
     if "error" in result:
         raise result["error"]
     return result["value"]
@@ -723,7 +790,7 @@ def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
     else:
         check_kafka(v["kafka"], v["topic"], consumer_config=consumer_config, timeout=timeout)
     stop = threading.Event()
-    _on_signals(stop)
+    signals = _on_signals(stop)
     target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
     with open_catalog(target, api_key=v["api_key"], data_dir=v["data_dir"]) as session:
         derived_uri = session.runs("derived").uri
@@ -786,21 +853,30 @@ def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
         finally:
             listener.close()
     _log(f"stopped; {listener.derived_count} derived run(s), {listener.failed_count} failed")
+    if signals:
+        return EXIT_INTERRUPTED
     return EXIT_RUN_FAILED if listener.failed_count else EXIT_OK
 
 
-def _on_signals(stop: threading.Event) -> None:
-    """SIGINT/SIGTERM ask for a clean stop; a second SIGINT interrupts at once."""
+def _on_signals(stop: threading.Event) -> list[int]:
+    """SIGINT/SIGTERM ask for a clean stop; a second SIGINT interrupts at once.
+
+    Returns the list the signals received are appended to (empty: none came).
+    ``main`` puts the previous handlers back when the command ends.
+    """
+    received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("second Ctrl-C")
+        received.append(signum)
         _log("stopping (finishing the current run's documents)")
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+    return received
 
 
 # ---------------------------------------------------------------------------- serve
@@ -811,7 +887,7 @@ def _serve(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> in
     data_dir = Path(v["data_dir"]).resolve()
     readable = [data_dir, *(Path(p) for p in v["readable"])]
     stop = threading.Event()
-    _on_signals(stop)
+    signals = _on_signals(stop)
     local = LocalCatalog(
         data_dir / "catalog",
         host=v["host"],
@@ -835,7 +911,7 @@ def _serve(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> in
     finally:
         connection.unlink(missing_ok=True)
         local.close()
-    return EXIT_OK
+    return EXIT_INTERRUPTED if signals else EXIT_OK
 
 
 # --------------------------------------------------------------------------- export

@@ -5,17 +5,24 @@ bubble column (ophyd-async devices writing HDF5); the raw run goes into the
 embedded Tiled catalog (container ``raw``) and :class:`~bluesky_jit.JitCallback`
 publishes the derived run (container ``derived``). At the end the derived run
 is read back from the catalog and compared with the phantom's ground truth.
+
+Ctrl-C (SIGINT) stops the scan the way bluesky does: the RunEngine's handler
+asks for a pause at the next checkpoint (the demo puts one before every
+frame, so that is within a frame), the paused run is aborted with a reason
+(its stop document says ``abort``), the callback and the embedded catalog
+are closed, and :func:`run_demo` raises ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +55,25 @@ class DemoOptions:
     config: JitConfig = field(default_factory=JitConfig)
     on_callback: Callable[[Any], None] | None = None
     """Called with the ``JitCallback`` before the scan (e.g. to attach a live view)."""
+    on_run_engine: Callable[[Any], None] | None = None
+    """Called with the ``RunEngine`` before the scan (e.g. to pause it from another thread)."""
+
+
+INTERRUPTED_REASON = "interrupted by the user (Ctrl-C or SIGTERM)"
+"""``reason`` in the stop document of a raw run stopped by Ctrl-C."""
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
-    """Run the demo scan; return the summary (also written to ``options.summary``)."""
+    """Run the demo scan; return the summary (also written to ``options.summary``).
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Ctrl-C during the scan, once the run is aborted and the callback and the
+        catalog are closed (see the module docstring).
+    """
     from bluesky import RunEngine
+    from bluesky.utils import RunEngineInterrupted
     from tqdm import tqdm
 
     from simulated_devices import hw
@@ -67,6 +88,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     raw_dir = data_dir / "raw"
     derived_dir = data_dir / "derived"
     local = None
+    jit = None
+    writers: list[Any] = []  # closed last: written out before the server stops
     if options.catalog_uri is None:
         local = cat.LocalCatalog(data_dir / "catalog", readable_storage=[data_dir])
         client = local.client()
@@ -77,15 +100,18 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     try:
         raw_runs = cat.runs_container(client, "raw")
         derived_runs = cat.runs_container(client, "derived")
-        jit = JitCallback(
-            config=options.config, emit=cat.tiled_writer(derived_runs), directory=derived_dir
-        )
+        spool = data_dir / "spool"
+        writers.append(cat.tiled_writer(derived_runs, spool_dir=spool / "derived"))
+        writers.append(cat.tiled_writer(raw_runs, spool_dir=spool / "raw"))
+        jit = JitCallback(config=options.config, emit=writers[0], directory=derived_dir)
         if options.on_callback is not None:
             options.on_callback(jit)
         # Ctrl-C handling needs the main thread; with a live view the scan runs in another.
         in_main = threading.current_thread() is threading.main_thread()
         RE = RunEngine({}) if in_main else RunEngine({}, context_managers=[])
-        RE.subscribe(cat.tiled_writer(raw_runs))
+        if options.on_run_engine is not None:
+            options.on_run_engine(RE)
+        RE.subscribe(writers[1])
         RE.subscribe(jit)
         phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)
         source = PhantomSource(phantom, photons=options.photons)
@@ -110,17 +136,29 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
         token = RE.subscribe(progress, "event")
         t0 = time.monotonic()
-        (raw_uid,) = RE(
-            tomo_continuous(
-                beamline.det,
-                beamline.rot_stage,
-                beamline.shutter,
-                beamline.sample_stage,
-                num_angles=options.num_angles,
-                rotations=options.rotations,
-                sample="bubble column (simulated)",
-            )
+        plan = tomo_continuous(
+            beamline.det,
+            beamline.rot_stage,
+            beamline.shutter,
+            beamline.sample_stage,
+            num_angles=options.num_angles,
+            rotations=options.rotations,
+            sample="bubble column (simulated)",
         )
+        abort_reason: list[str] = []  # filled in on Ctrl-C, for the stop document
+        try:
+            (raw_uid,) = RE(with_abort_reason(checkpoint_each_frame(plan), abort_reason))
+        except RunEngineInterrupted:  # paused by Ctrl-C: end the run, then stop
+            bar.close()
+            logger.warning("Scan paused by Ctrl-C; aborting the run")
+            abort_reason.append(INTERRUPTED_REASON)
+            # Not paused when bluesky aborted by itself (a pause it could not take).
+            with _abort_without_traceback():
+                uids = () if RE.state.is_idle else RE.abort(reason=INTERRUPTED_REASON)
+            jit.close(timeout=10)
+            raise KeyboardInterrupt(
+                f"scan interrupted; run {', '.join(uids) or '(none)'} aborted"
+            ) from None
         scan_s = time.monotonic() - t0
         RE.unsubscribe(token)
         bar.close()
@@ -141,8 +179,84 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             Path(options.summary).write_text(json.dumps(result, indent=2, default=_jsonable))
         return result
     finally:
+        if jit is not None:
+            jit.close(timeout=10)  # no-op once closed; stops the worker on any error
+        for writer in writers:
+            writer.close(timeout=10)  # what is not written by then stays in the spool
         if local is not None:
             local.close()
+
+
+@contextlib.contextmanager
+def _abort_without_traceback() -> Iterator[None]:
+    """Log bluesky's "Run aborted" as one line: the traceback of an asked-for abort says nothing."""
+
+    def strip(record: logging.LogRecord) -> bool:
+        if record.exc_info and type(record.exc_info[1]).__name__ == "RequestAbort":
+            record.exc_info = None
+        return True
+
+    bluesky_logger = logging.getLogger("bluesky")
+    bluesky_logger.addFilter(strip)
+    try:
+        yield
+    finally:
+        bluesky_logger.removeFilter(strip)
+
+
+def checkpoint_each_frame(plan: Any) -> Any:
+    """``plan`` with a checkpoint before every ``trigger``.
+
+    The RunEngine's first Ctrl-C asks for a pause at the next checkpoint, and
+    a plan without any (such as ``tomo_continuous``) would never pause: with
+    one before each frame, one Ctrl-C pauses within a frame. None is put
+    inside an event bundle (``create`` .. ``save``), where bluesky forbids them.
+    """
+    from bluesky.preprocessors import plan_mutator
+    from bluesky.utils import Msg
+
+    bundling = False
+
+    def insert(msg: Any) -> tuple[Any, None]:
+        nonlocal bundling
+        if msg.command == "create":
+            bundling = True
+        elif msg.command in ("save", "drop"):
+            bundling = False
+        if msg.command != "trigger" or bundling:
+            return None, None
+
+        def head() -> Any:
+            yield Msg("checkpoint")
+            return (yield msg)
+
+        return head(), None
+
+    return plan_mutator(plan, insert)
+
+
+def with_abort_reason(plan: Any, reason: list[str]) -> Any:
+    """``plan`` whose aborted run's stop document gets ``reason[0]`` when it has none.
+
+    ``RunEngine.abort(reason)`` does not reach the stop document of a plan that
+    closes its run itself (``run_wrapper`` closes it with the reason of the
+    exception thrown in, empty for an abort); the caller fills ``reason``
+    before aborting.
+    """
+    from bluesky.preprocessors import msg_mutator
+
+    def fill(msg: Any) -> Any:
+        kwargs = msg.kwargs
+        if (
+            reason
+            and msg.command == "close_run"
+            and kwargs.get("exit_status") == "abort"
+            and not kwargs.get("reason")
+        ):
+            return msg._replace(kwargs={**kwargs, "reason": reason[0]})
+        return msg
+
+    return msg_mutator(plan, fill)
 
 
 def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[str, Any], Any]:
