@@ -67,12 +67,20 @@ class RunSummary:
     last_indices: np.ndarray | None = None
     last_denoised_indices: np.ndarray | None = None
     derived_path: str | None = None
+    budget: dict[str, Any] | None = None
+    """The CPU budget used (:meth:`bluesky_jit.budget.CpuBudget.to_dict`, with the
+    backlog thresholds)."""
+    train_paused_s: float = 0.0
+    """Seconds the trainer paused because frames waited for the worker."""
+    refreshes_skipped: int = 0
+    """Due slice refreshes skipped because frames waited for the worker."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able numbers (arrays and geometry left out)."""
         keys = (
             "raw_uid derived_uid exit_status reason projections projections_per_s slices "
-            "denoised train_steps train_steps_per_s final_alpha elapsed_s problems derived_path"
+            "denoised train_steps train_steps_per_s final_alpha elapsed_s problems derived_path "
+            "budget train_paused_s refreshes_skipped"
         ).split()
         return {k: getattr(self, k) for k in keys}
 
@@ -90,6 +98,32 @@ class RunPipeline:
     """Arrays in, derived run out: one run's stages (a :class:`~bluesky_jit.ingest.FrameSink`).
 
     Runs on the callback's worker thread; the trainer runs in its own thread.
+
+    CPU: the threads of each stage come from one
+    :class:`~bluesky_jit.budget.CpuBudget` (:attr:`budget`). When the scan
+    outruns the worker, training yields first: while more than
+    ``pause_training_above`` frames wait (``backlog()``), the trainer
+    pauses, and resumes once half of them are left. If more than
+    ``skip_refreshes_above`` still wait at a due refresh, that refresh is
+    skipped (the next one shows the newer window), but never so that a
+    rotation passes without a refresh, and the last projections are always
+    reconstructed at the stop. Frames are never dropped for this. The time
+    paused and the refreshes skipped are in the summary and in every metric row.
+
+    Parameters
+    ----------
+    config : JitConfig
+    emit : callable or None
+        Receives the derived run's documents.
+    directory : path
+        Where the derived run's HDF5 file goes.
+    dropped : callable
+        Returns (and forgets) the frame documents dropped for this run.
+    quality : bluesky_jit.steering.QualitySignals, optional
+    backlog : callable
+        Frames waiting for the worker; cheap, called once per projection.
+    cores : int, optional
+        Cores for the budget; by default those of the process's CPU affinity.
     """
 
     def __init__(
@@ -100,8 +134,17 @@ class RunPipeline:
         directory: Path,
         dropped: Callable[[], int] = lambda: 0,
         quality: Any = None,
+        backlog: Callable[[], int] = lambda: 0,
+        cores: int | None = None,
     ) -> None:
+        from .budget import CpuBudget
+
         self.config = config
+        self.budget = CpuBudget.decide(config, cores=cores)
+        self.backlog = backlog
+        self._pause_above = config.pause_training_above or config.refresh_every
+        self._skip_above: int | None = config.skip_refreshes_above  # None: a rotation (_build)
+        self._yielding = False
         self.quality = quality
         self.emit = emit
         self.directory = Path(directory)
@@ -121,7 +164,9 @@ class RunPipeline:
 
     # -- FrameSink -------------------------------------------------------------------
     def begin(self, start: Mapping[str, Any], geometry: ScanGeometry | None) -> None:
-        self.summary = RunSummary(raw_uid=start["uid"], geometry=geometry)
+        self.summary = RunSummary(
+            raw_uid=start["uid"], geometry=geometry, budget=self._budget_record(geometry)
+        )
         if (start.get("tomo") or {}).get("role") == "dark_flat":
             return  # a calibration run: its fields are kept by the ingest, nothing to derive
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -170,7 +215,13 @@ class RunPipeline:
             device=cfg.device,
             backend=cfg.backend,
             capacity=max(2 * window, window + reach + cfg.refresh_every),
+            threads=self.budget.recon_threads_arg,
         )
+        if getattr(self.recon.backend, "name", None) == "numba":
+            self.budget.apply_worker()  # numba's thread count is per thread: this worker's
+        if self._skip_above is None:
+            self._skip_above = window
+        logger.info("bluesky_jit CPU budget: %s", "; ".join(self.budget.reasons))
         voxel = geometry.voxel_size
         region = SamplingRegion.disc(cfg.sampling_radius * self.recon.n * voxel / 2)
         region.check_fits(cfg.patch_size, voxel)
@@ -192,7 +243,7 @@ class RunPipeline:
             source=self.trainer,
             device=cfg.device,
             precision=resolve_precision(cfg.infer_precision, cfg.device),
-            num_threads=cfg.infer_threads,
+            num_threads=self.budget.infer_threads,
         )
 
     def _make_trainer(self) -> Any:
@@ -223,7 +274,8 @@ class RunPipeline:
                 capacity=cfg.buffer_capacity,
                 strategy=cfg.online_strategy,
                 warm_start=cfg.warm_start,
-                num_threads=cfg.train_threads or 1,
+                num_threads=self.budget.train_threads,
+                interop_threads=self.budget.interop_threads,
                 seed=cfg.seed,
                 **settings,
             )
@@ -235,7 +287,7 @@ class RunPipeline:
             checkpoint=cfg.warm_start,
             seed=cfg.seed,
             device=cfg.device,
-            num_threads=cfg.train_threads,
+            num_threads=self.budget.train_threads,
             **settings,
         )
 
@@ -260,6 +312,18 @@ class RunPipeline:
                 "train": resolve_precision(cfg.train_precision, cfg.device),
                 "inference": resolve_precision(cfg.infer_precision, cfg.device),
             },
+            "budget": self._budget_record(geometry),
+        }
+
+    def _budget_record(self, geometry: ScanGeometry | None) -> dict[str, Any]:
+        """The CPU budget and the backlog thresholds, for the start document and the summary."""
+        skip = self._skip_above
+        if skip is None and geometry is not None:
+            skip = geometry.num_angles
+        return {
+            **self.budget.to_dict(),
+            "pause_training_above": self._pause_above,
+            "skip_refreshes_above": skip,
         }
 
     def calibration(self, darks: np.ndarray, flats: np.ndarray) -> None:
@@ -274,8 +338,33 @@ class RunPipeline:
         due = self.recon.add_frame(frame, angle_deg=angle_deg, index=index)
         self.summary.projections += 1
         self._unrefreshed += 1
+        waiting = self._watch_backlog()
         if due:
-            self.refresh()
+            # skip only if the next chance still keeps a refresh in every rotation
+            keeps_pace = self._unrefreshed + self.config.refresh_every <= self.recon.window
+            if waiting > self._skip_above and keeps_pace:
+                self.summary.refreshes_skipped += 1
+            else:
+                self.refresh()
+
+    def _watch_backlog(self) -> int:
+        """Pause the trainer while too many frames wait; resume once half of them are left."""
+        waiting = int(self.backlog())
+        pause = getattr(self.trainer, "pause", None)
+        if pause is not None:
+            if not self._yielding and waiting > self._pause_above:
+                pause.set()
+                self._yielding = True
+            elif self._yielding and waiting <= self._pause_above // 2:
+                pause.clear()
+                self._yielding = False
+        return waiting
+
+    def _stop_yielding(self) -> None:
+        pause = getattr(self.trainer, "pause", None)
+        if pause is not None and self._yielding:
+            pause.clear()
+        self._yielding = False
 
     def problem(self, error: Exception) -> None:
         if self.summary is not None:
@@ -285,8 +374,9 @@ class RunPipeline:
         summary = self.summary
         if summary is None:
             return
+        self._stop_yielding()
         if self.recon is not None and self.recon.ready and self._unrefreshed:
-            self.refresh()  # the last slice shows the last projections
+            self.refresh()  # the last slice shows the last projections, however far behind
         if self.trainer is not None:
             self.trainer.stop()
             if self.trainer.error is not None:
@@ -427,6 +517,8 @@ class RunPipeline:
             row.pop("time", None)
             row["sigma_fbp"] = levels.get("sigma_fbp", math.nan)
             row["sigma_denoised"] = levels.get("sigma_denoised", math.nan)
+            row["train_paused_s"] = float(getattr(self.trainer, "paused_s", 0.0))
+            row["refreshes_skipped"] = self.summary.refreshes_skipped
             self.summary.metrics.append(row)
             if self.derived is not None:
                 self.derived.add_metrics(**row)
@@ -456,6 +548,7 @@ class RunPipeline:
             )
         if self.trainer is not None:
             summary.train_steps = self.trainer.steps
+            summary.train_paused_s = float(getattr(self.trainer, "paused_s", 0.0))
             rates = [m["steps_per_second"] for m in summary.metrics if m.get("steps_per_second")]
             summary.train_steps_per_s = float(np.median(rates)) if rates else 0.0
             alphas = [
@@ -502,6 +595,18 @@ def _warm_up() -> None:
         from .reconstruction import streaming  # noqa: F401
     except Exception:  # noqa: BLE001 - the run itself will report it
         logger.exception("bluesky_jit could not import its learning stage")
+
+
+def _frames_in(name: str, doc: Mapping[str, Any]) -> int:
+    """Frames (event rows, stream-datum indices) of one frame document; 1 if unclear."""
+    try:
+        if name == "event_page":
+            return len(doc["seq_num"])
+        if name == "stream_datum":
+            return max(1, int(doc["seq_nums"]["stop"]) - int(doc["seq_nums"]["start"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    return 1
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -595,6 +700,7 @@ class JitCallback:
         self._router = event_model.RunRouter([self._factory], handler_registry={})
         self._queue: queue.Queue = queue.Queue()
         self._frames_waiting = 0
+        self._behind = [0, 0]  # frames waiting: in events (rows), in stream datums
         self._count_lock = threading.Lock()
         self._run_of_descriptor: dict[str, str] = {}
         self._dropped: collections.Counter[str] = collections.Counter()
@@ -620,9 +726,19 @@ class JitCallback:
                         self._dropped[run] += 1
                         return
                     self._frames_waiting += 1
+                    self._behind[name == "stream_datum"] += _frames_in(name, doc)
             self._queue.put_nowait((name, doc))
         except Exception:  # noqa: BLE001 - the RunEngine must not see our failures
             logger.exception("bluesky_jit could not queue a %r document", name)
+
+    def _frames_behind(self) -> int:
+        """Frames queued and not yet taken by the worker (two reads, no lock).
+
+        Counted in event rows and in stream-datum frames: ophyd-async step
+        scans send both for one frame, ophyd v1 only events, fly scans only
+        stream datums, so the larger of the two is the frames waiting.
+        """
+        return max(self._behind)
 
     # -- worker side -----------------------------------------------------------------
     def _work(self) -> None:
@@ -636,6 +752,7 @@ class JitCallback:
                 if name in FRAME_DOCUMENTS:
                     with self._count_lock:
                         self._frames_waiting -= 1
+                        self._behind[name == "stream_datum"] -= _frames_in(name, doc)
                 self._router(name, doc)
             except Exception:  # noqa: BLE001 - e.g. a document of a run we never saw start
                 logger.exception("bluesky_jit worker failed on a document")
@@ -657,6 +774,7 @@ class JitCallback:
             directory=self.directory,
             dropped=lambda: self._dropped.pop(uid, 0),
             quality=self.quality,
+            backlog=self._frames_behind,
         )
         ingest = TomoIngest(
             pipeline,

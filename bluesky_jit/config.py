@@ -78,10 +78,15 @@ class JitConfig:
     (AVX512-BF16/AMX), else float32."""
     infer_precision: str = "auto"
     """As train_precision, for the denoiser's copy of the weights."""
-    train_threads: int | None = 1
-    """Torch threads of the trainer (20x20 patches: 1 is about as fast as 2)."""
+    cpu_threads: int | None = None
+    """CPU threads of the plugin (worker and trainer together); None: the cores
+    of the process's CPU affinity less those left to the RunEngine and the
+    detector. Split between the stages by :class:`~bluesky_jit.budget.CpuBudget`."""
+    train_threads: int | None = None
+    """Torch threads of the trainer; None: from the CPU budget (1 on 2-4 cores;
+    20x20 patches train about as fast on 1 as on 2)."""
     infer_threads: int | None = None
-    """Torch threads of the denoiser; None keeps torch's setting."""
+    """Torch threads of the denoiser; None: from the CPU budget (the worker's threads)."""
     augment: bool = True
     """Random flips and quarter turns of the training pairs."""
     average_weights: float | None = 0.99
@@ -102,6 +107,12 @@ class JitConfig:
     # plumbing
     queue_size: int = 10_000
     """Documents waiting for the worker thread; beyond it events are dropped (and counted)."""
+    pause_training_above: int | None = None
+    """Frames waiting for the worker above which the trainer pauses (it resumes
+    at half of it), so the worker catches up; None: refresh_every."""
+    skip_refreshes_above: int | None = None
+    """Frames waiting above which a due slice refresh is skipped (there is still
+    one per rotation, and always one at the end); None: a rotation."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -170,7 +181,14 @@ class JitConfig:
                 f"trainer_process=True trains on the CPU; with device={self.device!r} keep the "
                 "trainer in a thread (trainer_process=False)."
             )
-        for name in ("train_threads", "infer_threads", "frame_step"):
+        for name in (
+            "cpu_threads",
+            "train_threads",
+            "infer_threads",
+            "frame_step",
+            "pause_training_above",
+            "skip_refreshes_above",
+        ):
             value = getattr(self, name)
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1

@@ -64,7 +64,8 @@ class Denoiser:
         settings are per thread, so the trainer's thread keeps its own). On a
         2-core machine shared with other work, 1 thread was steadier than 2
         (2 threads stall when the other core is busy); ``None`` keeps torch's
-        setting.
+        setting. The live pipeline passes its CPU budget's ``infer_threads``
+        (:class:`~bluesky_jit.budget.CpuBudget`).
     self_ensemble : bool
         Average the network over the 8 turns and mirror images of the input
         (geometric self-ensemble; 8x the time). Fits networks trained with

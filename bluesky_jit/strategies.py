@@ -184,6 +184,10 @@ class ProcessTrainer:
     num_threads : int
         Intra-op threads of the training process (1 is as fast as 2 for
         20x20 patches on 2 cores, and leaves a core to the pipeline).
+    interop_threads : int, optional
+        Inter-op threads of the training process (set before its first torch
+        work; nothing there runs operators side by side, so 1); ``None``
+        keeps torch's default (one per core).
     seed : int
     publish_every_s : float
         Least time between two weight publications (0: after every step).
@@ -196,6 +200,10 @@ class ProcessTrainer:
 
     Notes
     -----
+    :attr:`pause` is a ``multiprocessing`` event shared with the child: while
+    it is set the child's loop takes no step (see ``Trainer(pause=...)``);
+    :attr:`paused_s` is the time it spent so.
+
     :meth:`evaluate` returns the newest hold-out alpha the child reported (in
     its metric rows), not a fresh evaluation. Call :meth:`stop` (or use the
     object as a context manager) to end the process.
@@ -210,6 +218,7 @@ class ProcessTrainer:
         strategy: str = "queue",
         warm_start: str | os.PathLike[str] | None = None,
         num_threads: int = 1,
+        interop_threads: int | None = 1,
         seed: int = 0,
         publish_every_s: float = 0.0,
         start_method: str = "spawn",
@@ -276,6 +285,7 @@ class ProcessTrainer:
             "strategy": strategy,
             "warm_start": None if warm_start is None else str(warm_start),
             "num_threads": int(num_threads),
+            "interop_threads": None if interop_threads is None else int(interop_threads),
             "seed": int(seed),
             "publish_every_s": float(publish_every_s),
             "trainer": dict(trainer_kwargs),
@@ -294,7 +304,10 @@ class ProcessTrainer:
             "steps": ctx.Value("q", 0, lock=False),
             "steps_per_second": ctx.Value("d", 0.0, lock=False),
             "buffer_len": ctx.Value("q", -1, lock=False),
+            "paused_s": ctx.Value("d", 0.0, lock=False),
         }
+        self.pause = ctx.Event()
+        """Set it to hold the child's training loop (the worker fell behind the scan)."""
         if warm_start is not None and extra.get("normalizer") is not None:
             norm = Normalizer.from_dict(extra["normalizer"])
             self._shared["normalizer"][0] = norm.offset
@@ -318,7 +331,7 @@ class ProcessTrainer:
             return
         self._process = self._ctx.Process(
             target=_child_main,
-            args=(self._spec, self._slots, self._shared, self._inbox, self._outbox),
+            args=(self._spec, self._slots, self._shared, self._inbox, self._outbox, self.pause),
             name="bluesky-jit-trainer",
             daemon=True,
         )
@@ -419,6 +432,11 @@ class ProcessTrainer:
     def steps_per_second(self) -> float:
         return float(self._shared["steps_per_second"].value)
 
+    @property
+    def paused_s(self) -> float:
+        """Seconds the child's loop spent paused (:attr:`pause` set), as last reported."""
+        return float(self._shared["paused_s"].value)
+
     def _drain(self) -> None:
         while True:
             try:
@@ -491,14 +509,20 @@ class ProcessTrainer:
         )
 
 
-def _child_main(spec, slots, shared, inbox, outbox) -> None:  # pragma: no cover - subprocess
+def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: no cover
     """The training process: a Trainer thread, this thread moving pairs, weights and rows."""
     import traceback
 
     try:
+        if spec["interop_threads"] is not None:
+            try:  # before any torch work of this process; refused once it started
+                torch.set_num_interop_threads(spec["interop_threads"])
+            except RuntimeError as error:
+                logger.debug("torch inter-op threads left as they are: %s", error)
         torch.set_num_threads(spec["num_threads"])
         kwargs = dict(spec["trainer"])
         kwargs["num_threads"] = spec["num_threads"]
+        kwargs["pause"] = pause
         trainer = make_trainer(
             spec["strategy"],
             model=spec["model"],
@@ -559,6 +583,7 @@ def _child_main(spec, slots, shared, inbox, outbox) -> None:  # pragma: no cover
             shared["buffer_len"].value = len(trainer.buffer)
             shared["steps"].value = trainer.steps
             shared["steps_per_second"].value = trainer.steps_per_second
+            shared["paused_s"].value = trainer.paused_s
             publish()
             rows = trainer.pop_metrics()
             for row in rows:
@@ -573,6 +598,7 @@ def _child_main(spec, slots, shared, inbox, outbox) -> None:  # pragma: no cover
         trainer.stop()
         publish(force=True)
         shared["steps"].value = trainer.steps
+        shared["paused_s"].value = trainer.paused_s
         for row in trainer.pop_metrics():
             outbox.put(("metrics", row))
         if trainer.error is not None:

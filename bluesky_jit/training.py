@@ -229,6 +229,11 @@ class Trainer:
         are noisier than the signal the iterates fluctuate; their average
         denoises better (Polyak averaging). The decay is ``min(average,
         (1 + n) / (10 + n))`` after n steps, so early weights fade quickly.
+    pause : threading.Event or multiprocessing.Event, optional
+        While it is set the loop takes no step (and no metric row) and
+        waits for it to clear: training yields the CPU to a worker that fell
+        behind the scan. The seconds paused add up in :attr:`paused_s`. By
+        default a fresh ``threading.Event``, kept as :attr:`pause`.
 
     Notes
     -----
@@ -260,6 +265,7 @@ class Trainer:
         frozen: bool = False,
         augment: bool = False,
         average: float | None = None,
+        pause: Any = None,
     ) -> None:
         if not isinstance(buffer, ReplayBuffer):
             raise ConfigError(
@@ -294,6 +300,11 @@ class Trainer:
         ):
             raise ConfigError(
                 f"Trainer average must be a decay in (0, 1) or None; got {average!r}."
+            )
+        if pause is not None and not callable(getattr(pause, "is_set", None)):
+            raise ConfigError(
+                f"Trainer pause must be None or an event with is_set() (threading.Event, "
+                f"multiprocessing.Event); got {type(pause).__name__}."
             )
         capacity = getattr(buffer, "capacity", batch_size)
         if capacity < batch_size:
@@ -349,6 +360,13 @@ class Trainer:
         self._weights_lock = threading.Lock()
         self._metrics_lock = threading.Lock()
         self._stop = threading.Event()
+        self.pause = threading.Event() if pause is None else pause
+        """Set it to hold the loop (see the ``pause`` parameter)."""
+        self._pause_lock = threading.Lock()
+        self._paused_total = 0.0
+        self._paused_since: float | None = None
+        self.pauses = 0
+        """How many times the loop paused."""
         self._thread: threading.Thread | None = None
         self._steps = 0
         self._step_times: collections.deque[float] = collections.deque(maxlen=64)
@@ -429,6 +447,13 @@ class Trainer:
     def steps(self) -> int:
         """Optimizer steps taken so far."""
         return self._steps
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds the loop has spent paused (:attr:`pause` set), the pause under way included."""
+        with self._pause_lock:
+            since, total = self._paused_since, self._paused_total
+        return total + (time.monotonic() - since if since is not None else 0.0)
 
     @property
     def steps_per_second(self) -> float:
@@ -569,6 +594,9 @@ class Trainer:
         steps_at_row = self._steps
         try:
             while not self._stop.is_set():
+                if self.pause.is_set():
+                    self._wait_while_paused()
+                    continue
                 if self.frozen:
                     if self._stop.wait(self.metrics_every_s):
                         break
@@ -604,6 +632,19 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - kept and logged, never lost
             self.error = exc
             logger.exception("The training thread stopped at step %d", self._steps)
+
+    def _wait_while_paused(self) -> None:
+        """Hold the loop until :attr:`pause` clears or :meth:`stop`; count the time."""
+        with self._pause_lock:
+            self._paused_since = time.monotonic()
+            self.pauses += 1
+        try:
+            while self.pause.is_set() and not self._stop.wait(0.005):
+                pass
+        finally:
+            with self._pause_lock:
+                self._paused_total += time.monotonic() - self._paused_since
+                self._paused_since = None
 
     def _append_row(self, *, loss: float, steps_per_second: float, elapsed_s: float) -> None:
         details = self.evaluate_details()
