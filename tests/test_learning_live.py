@@ -136,7 +136,7 @@ def test_default_learning_settings_reach_the_trainer_and_denoiser(RE, tmp_path):
     trainer, denoiser, cfg = pipeline.trainer, pipeline.denoiser, CONFIG
     assert trainer.precision == resolve_precision("auto") == denoiser.precision
     assert trainer.augment is True and trainer.average == cfg.average_weights == 0.99
-    assert trainer.num_threads == cfg.train_threads and trainer.learning_rate == 2e-3
+    assert trainer.num_threads == pipeline.budget.train_threads and trainer.learning_rate == 2e-3
     assert derived.named("start")[0]["precision"]["train"] == trainer.precision
 
 
