@@ -1,4 +1,4 @@
-"""The command line: ``bluesky-jit demo | replay | listen | serve | export``.
+"""The command line: ``bluesky-jit demo | replay | listen | serve | export | spool``.
 
 Settings come from flags, then a settings file (``--config FILE``, TOML or
 YAML), then the defaults: a flag always wins over the file, the file over the
@@ -83,6 +83,10 @@ EXAMPLES = {
   bluesky-jit serve                                        # ./bluesky_jit_data, free port
   bluesky-jit serve --data-dir /data/jit --port 8000 --readable /data/detector
   then: bluesky-jit replay /data/jit UID   (finds the running server)
+""",
+    "spool": """examples:
+  bluesky-jit spool                                        # ./bluesky_jit_data/spool -> its catalog
+  bluesky-jit spool --data-dir /data/jit --catalog http://tiled:8000
 """,
     "export": """examples:
   bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.gif
@@ -400,6 +404,20 @@ COMMANDS: dict[str, tuple[str, tuple[Opt, ...]]] = {
             Opt(("--out",), "export", "out", Path("slices.gif"), "output .png or .gif", Path),
             Opt(("--api-key",), "catalog", "api_key", None, "API key of CATALOG"),
             Opt(("--fps",), "export", "fps", 4.0, "GIF frames per second", float),
+        ),
+    ),
+    "spool": (
+        "write runs left in the spool (a catalog outage, a process that died) to the catalog",
+        (
+            *CATALOG_OPTS,
+            Opt(
+                ("--timeout",),
+                "spool",
+                "timeout",
+                120.0,
+                "seconds to wait for the catalog to take every run",
+                float,
+            ),
         ),
     ),
 }
@@ -931,6 +949,31 @@ def _export(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- spool
+def _spool(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
+    """Write what ``DATA_DIR/spool/{raw,derived}`` holds into the catalog's containers."""
+    from .session import open_catalog
+    from .writer import SUFFIX, flush_spool
+
+    target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
+    with open_catalog(target, api_key=v["api_key"], data_dir=v["data_dir"]) as session:
+        total = 0
+        for name in ("raw", "derived"):
+            spool = session.spool_dir(name)
+            if not any(spool.glob(f"*{SUFFIX}")):
+                continue
+            stats = flush_spool(session.runs(name), spool, timeout=v["timeout"])
+            total += stats.runs_written
+            _log(
+                f"{name}: {stats.runs_written} run(s), {stats.written_back} documents written "
+                f"from {spool} to {session.description}",
+                stdout=True,
+            )
+        if not total:
+            _log(f"nothing in the spool of {session.data_dir}", stdout=True)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- utils
 def _log(message: str, *, stdout: bool = False) -> None:
     """A line for the user: stdout for results, stderr for progress."""
@@ -949,6 +992,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, dict[str, Any], Mapping], int]
     "listen": _listen,
     "serve": _serve,
     "export": _export,
+    "spool": _spool,
 }
 
 if __name__ == "__main__":

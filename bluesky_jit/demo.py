@@ -124,17 +124,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         )
         total = options.num_angles * options.rotations
         bar = tqdm(total=total, unit="proj", desc="scan", disable=not options.progress)
-
-        def progress(name: str, doc: dict) -> None:
-            if name == "event" and doc.get("seq_num") and bar.n < total:
-                summaries = jit.pipelines.values()
-                p = next(iter(summaries), None)
-                if p is not None and p.summary is not None:
-                    steps = p.trainer.steps if p.trainer is not None else 0
-                    bar.set_postfix(slices=p.summary.slices, train_steps=steps, refresh=False)
-                bar.update(1)
-
-        token = RE.subscribe(progress, "event")
+        progress = _Progress(bar, jit)  # counts on the RunEngine's thread, draws on its own
+        token = RE.subscribe(progress.count)
         t0 = time.monotonic()
         plan = tomo_continuous(
             beamline.det,
@@ -149,7 +140,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         try:
             (raw_uid,) = RE(with_abort_reason(checkpoint_each_frame(plan), abort_reason))
         except RunEngineInterrupted:  # paused by Ctrl-C: end the run, then stop
-            bar.close()
+            progress.close()
             logger.warning("Scan paused by Ctrl-C; aborting the run")
             abort_reason.append(INTERRUPTED_REASON)
             # Not paused when bluesky aborted by itself (a pause it could not take).
@@ -161,10 +152,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             ) from None
         scan_s = time.monotonic() - t0
         RE.unsubscribe(token)
-        bar.close()
         if not jit.flush(timeout=600):
             logger.warning("The worker had not finished after 600 s")
+        progress.close()
         jit.close()
+        if not writers[1].flush(timeout=120):
+            logger.warning("The raw run is not all in the catalog after 120 s (it is spooled)")
         run = next(s for s in jit.summaries if s.raw_uid == raw_uid)
         result, truth = _evaluate(run, phantom, options, scan_s)
         result["catalog"] = where
@@ -172,6 +165,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         result["data_dir"] = str(data_dir)
         derived = cat.derived_runs_for(derived_runs, raw_uid)
         result["derived_in_catalog"] = len(derived) == 1
+        result["catalog_writes"] = {
+            "raw": writers[1].stats.to_dict(),
+            "derived": writers[0].stats.to_dict(),
+        }
         if options.figures is not None:
             result["figures"] = _figures(run, truth, result, Path(options.figures))
         if options.summary is not None:
@@ -185,6 +182,55 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             writer.close(timeout=10)  # what is not written by then stays in the spool
         if local is not None:
             local.close()
+
+
+class _Progress:
+    """The demo's progress bar, kept off the RunEngine's thread.
+
+    ``count`` (subscribed to the RunEngine) only adds one per projection; a
+    thread of its own redraws the bar five times a second with the slices and
+    training steps of the run in progress.
+    """
+
+    def __init__(self, bar: Any, jit: Any) -> None:
+        self.bar = bar
+        self.jit = jit
+        self.frames = 0
+        self._primary: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, name="bluesky-jit-progress")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def count(self, name: str, doc: dict) -> None:
+        """Subscribe to the RunEngine: counts the events of the ``primary`` stream."""
+        if name == "event" and doc["descriptor"] in self._primary:
+            self.frames += 1
+        elif name == "descriptor" and doc.get("name") == "primary":
+            self._primary.add(doc["uid"])
+
+    def _draw(self) -> None:
+        while not self._stop.wait(0.2):
+            self._update()
+
+    def _update(self) -> None:
+        pipeline = next(iter(list(self.jit.pipelines.values())), None)
+        summary = self.jit.summaries[-1] if self.jit.summaries else None
+        if pipeline is not None and pipeline.summary is not None:
+            summary = pipeline.summary
+        if summary is not None:
+            steps = pipeline.trainer.steps if pipeline and pipeline.trainer else summary.train_steps
+            self.bar.set_postfix(slices=summary.slices, train_steps=steps, refresh=False)
+        self.bar.update(min(self.frames, self.bar.total) - self.bar.n)
+
+    def close(self) -> None:
+        """Draw the final counts once and close the bar."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(1.0)
+        self._update()
+        self.bar.close()
 
 
 @contextlib.contextmanager

@@ -478,9 +478,15 @@ def tomo_plan(beamline: Any, **defaults: Any) -> Callable[..., Iterator[Any]]:
     """
     from simulated_devices.plans import tomo_continuous
 
+    from .demo import checkpoint_each_frame
+
     def tomo(*, num_angles: int = 90, rotations: int = 1, **kwargs: Any) -> Iterator[Any]:
-        """A tomography scan: ``num_angles`` projections per 180 degrees, ``rotations`` turns."""
-        return tomo_continuous(
+        """A tomography scan: ``num_angles`` projections per 180 degrees, ``rotations`` turns.
+
+        A checkpoint precedes each frame, so one Ctrl-C pauses the RunEngine
+        within a frame (then ``RE.resume()`` or ``RE.abort()``).
+        """
+        plan = tomo_continuous(
             beamline.det,
             beamline.rot_stage,
             beamline.shutter,
@@ -489,5 +495,6 @@ def tomo_plan(beamline: Any, **defaults: Any) -> Callable[..., Iterator[Any]]:
             rotations=rotations,
             **{**defaults, **kwargs},
         )
+        return checkpoint_each_frame(plan)
 
     return tomo

@@ -19,7 +19,7 @@ again from its spool file, in order, so each document is in the catalog exactly
 once (idempotent on the run's uid). A run's spool file is deleted once its stop
 document is written; files left by a process that died are written back by
 the next :class:`CatalogWriter` on the same spool directory (or
-``bluesky-jit spool flush``). A file lock keeps two processes off one run.
+``bluesky-jit spool``). A file lock keeps two processes off one run.
 
 The spool is bounded (``max_spool_bytes``); documents that would exceed it are
 counted as lost and logged, never silently dropped.
@@ -183,7 +183,8 @@ class CatalogWriter:
         self._retry_at = 0.0
         self._retry_wait = 0.5
         self._closed = False
-        self._recover = recover
+        if recover:
+            self._adopt_leftovers()
         self._spooler = threading.Thread(target=self._spool_loop, name="bluesky-jit-spool")
         self._sender = threading.Thread(target=self._send_loop, name="bluesky-jit-writer")
         self._spooler.daemon = self._sender.daemon = True
@@ -259,7 +260,7 @@ class CatalogWriter:
             if run.pending or not run.stopped:
                 logger.warning(
                     "Run %s stays in the spool (%s, %d documents): it is written back by the "
-                    "next writer on %s or by `bluesky-jit spool flush`.",
+                    "next writer on %s or by `bluesky-jit spool`.",
                     run.uid,
                     "catalog unreachable" if run.pending else "no stop document yet",
                     run.spooled,
@@ -365,8 +366,6 @@ class CatalogWriter:
 
     # -- sender thread -----------------------------------------------------------------------
     def _send_loop(self) -> None:
-        if self._recover:
-            self._adopt_leftovers()
         while True:
             waiting = [run for run in list(self._runs.values()) if run.pending]
             timeout = None
@@ -458,7 +457,7 @@ class CatalogWriter:
             failed = run.path.with_name(f"{run.uid}{FAILED_SUFFIX}")
             logger.error(
                 "Run %s could not be written to the catalog (%s). Its documents are kept in "
-                "%s; fix the cause and write them with `bluesky-jit spool flush`.",
+                "%s; fix the cause and write them with `bluesky-jit spool`.",
                 run.uid,
                 self.stats.last_error,
                 failed,

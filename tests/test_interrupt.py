@@ -8,6 +8,7 @@ its server must follow it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -223,3 +224,64 @@ def test_the_server_leads_its_own_process_group_and_closes_cleanly(tmp_path):
         catalog.close()
     assert gone(pid) and not catalog.running
     assert "Application shutdown complete" in catalog.log_path.read_text()
+
+
+# --------------------------------------------------------------------------- profile
+PROFILE_SESSION = """
+import json, os, sys
+from pathlib import Path
+
+namespace = {"__name__": "__main__"}
+for path in sorted(Path(sys.argv[1]).glob("*.py")):     # as IPython runs a profile's startup
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+RE, tomo, catalog = namespace["RE"], namespace["tomo"], namespace["catalog"]
+RE.subscribe(lambda name, doc: print("frame", flush=True) if name == "event" else None)
+from bluesky.utils import RunEngineInterrupted
+try:
+    RE(tomo(num_angles=16, rotations=200))
+    result = {"interrupted": False}
+except RunEngineInterrupted:
+    result = {"interrupted": True, "state": str(RE.state), "server": catalog.local.running}
+    list(catalog.client)                                 # the catalog still answers
+    result["answers"] = True
+    RE.abort("done looking")
+print(json.dumps(result), flush=True)
+namespace["jit"].close(timeout=30)
+catalog.close()
+"""
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_in_the_profile_pauses_the_run_engine_with_the_catalog_up(tmp_path):
+    startup = Path(__file__).resolve().parents[1] / "profiles" / "profile_jit" / "startup"
+    env = {
+        **os.environ,
+        "BLUESKY_JIT_CATALOG": str(tmp_path / "data"),
+        "BLUESKY_JIT_CONFIG": "",
+    }
+    env.pop("BLUESKY_JIT_CONFIG")
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROFILE_SESSION, str(startup)],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "stderr.txt", "w"),  # noqa: SIM115
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        while len([line for line in lines if line.startswith("frame")]) < 30:
+            line = process.stdout.readline()
+            if not line:
+                pytest.fail(f"the profile session ended early: {lines[-5:]}")
+            lines.append(line)
+        os.killpg(process.pid, signal.SIGINT)  # one Ctrl-C, as a terminal sends it
+        result = None
+        for line in process.stdout:
+            if line.startswith("{"):
+                result = json.loads(line)
+                break
+        assert process.wait(60) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    finally:
+        stop(process)
+    assert result == {"interrupted": True, "state": "paused", "server": True, "answers": True}

@@ -188,9 +188,9 @@ WRITING_PROCESS = textwrap.dedent(
 )
 
 
-def test_a_restarted_process_writes_back_what_the_spool_holds(tmp_path):
+def test_a_restarted_process_writes_back_what_the_spool_holds(tmp_path, monkeypatch, capsys):
     port, key = free_port(), "spooltestkey"
-    directory, spool = tmp_path / "catalog", tmp_path / "spool"
+    directory, spool = tmp_path / "catalog", tmp_path / "spool" / "raw"
     catalog = LocalCatalog(directory, port=port, api_key=key)
     env = {
         **os.environ,
@@ -219,14 +219,19 @@ def test_a_restarted_process_writes_back_what_the_spool_holds(tmp_path):
         catalog = LocalCatalog(directory, port=port, api_key=key)
         raw = runs_container(catalog.client(), "raw")
         assert uid not in raw
-        writer = tiled_writer(raw, spool_dir=spool)  # the next process on this spool
-        assert writer.flush(timeout=60), writer.stats
-        assert writer.stats.runs_recovered == 1 and writer.stats.runs_written == 1
+        # `bluesky-jit spool`: the next process on this data directory writes it back
+        from bluesky_jit.cli import main
+
+        monkeypatch.setenv("TILED_API_KEY", key)
+        argv = ["spool", "--catalog", catalog.uri, "--data-dir", str(tmp_path)]
+        assert main(argv) == 0
+        assert "raw: 1 run(s), 10 documents written" in capsys.readouterr().out
         run = raw[uid]
         assert run.metadata["stop"]["exit_status"] == "success"
         assert len(run["primary"].read()["time"]) == 7
         assert not list(spool.glob("*.jsonl"))
-        writer.close()
+        assert main(argv) == 0  # nothing left: says so
+        assert "nothing in the spool" in capsys.readouterr().out
     finally:
         child.kill()
         catalog.close()
