@@ -744,7 +744,13 @@ class JitCallback:
     def _work(self) -> None:
         _warm_up()
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                # Polled, not a blocking get(): the RunEngine's put() then has no thread
+                # to wake, which would cost it a context switch on a busy machine.
+                time.sleep(0.005)
+                continue
             try:
                 if item is None:
                     return

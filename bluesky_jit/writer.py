@@ -59,6 +59,8 @@ DEFAULT_SPOOL_DIR: Final = Path("bluesky_jit_data") / "spool"
 SUFFIX: Final = ".jsonl"
 FAILED_SUFFIX: Final = ".failed.jsonl"
 _STOP: Final = object()
+POLL_S: Final = 0.01
+"""How often the spool thread looks for new documents when it has none."""
 _PERMANENT_TRIES: Final = 3
 """Writes failing for another reason than the catalog being away are tried this often."""
 
@@ -281,8 +283,14 @@ class CatalogWriter:
 
     # -- spool thread ------------------------------------------------------------------------
     def _spool_loop(self) -> None:
+        # Polls instead of blocking in get(): a put() on the caller's thread then never
+        # has a thread to wake, so it costs the RunEngine nothing but an append.
         while True:
-            item = self._inbox.get()
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                time.sleep(POLL_S)
+                continue
             if item is _STOP:
                 self._outbox.put(_STOP)
                 return
