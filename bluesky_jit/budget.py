@@ -35,6 +35,8 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+TRAIN_NICE = 19
+"""The trainer's CPU priority (Linux nice): the scan and the reconstruction come first."""
 MAX_TRAIN_THREADS = 4
 """Most torch threads the trainer gets by default (small patches, small batches)."""
 
@@ -68,6 +70,8 @@ class CpuBudget:
         torch intra-op threads of the trainer (thread or process).
     interop_threads : int
         torch inter-op threads.
+    train_nice : int
+        CPU priority (Linux nice) of the trainer's thread.
     reasons : tuple of str
         Why, in words, for the start document and the log.
     """
@@ -79,6 +83,7 @@ class CpuBudget:
     infer_threads: int
     train_threads: int
     interop_threads: int = 1
+    train_nice: int = TRAIN_NICE
     reasons: tuple[str, ...] = ()
 
     @classmethod
@@ -144,6 +149,10 @@ class CpuBudget:
                 f"trainer {train} (a third, at most {MAX_TRAIN_THREADS}), worker {worker} "
                 "(numba and the denoiser, in turn)"
             )
+        reasons.append(
+            f"the trainer runs at nice {TRAIN_NICE}: the scan and the reconstruction get a core "
+            "first whenever they want one"
+        )
         infer = worker
         if train_set is not None:
             train = train_set

@@ -266,6 +266,7 @@ class RunPipeline:
             "average": cfg.average_weights,
             "checkpoint_dir": checkpoint_dir,
             "checkpoint_every_s": cfg.checkpoint_every_s,
+            "nice": self.budget.train_nice,
         }
         if cfg.trainer_process:
             return ProcessTrainer(

@@ -212,6 +212,11 @@ class Trainer:
         inference and reconstruction keep theirs). One thread trained the
         Standard U-Net as fast as two on 2 cores, and much faster when the
         other core was busy; ``None`` keeps torch's setting.
+    nice : int, optional
+        CPU priority of the background loop's thread (Linux ``nice``, 0 to
+        19; larger yields more): with 19 the operating system runs the scan
+        and the reconstruction first whenever they want a core. ``None``
+        leaves it as it is.
     frozen : bool
         A frozen (pretrained) model, the baseline of seed 000 (Fig. 10): the
         loop never steps, it only records the hold-out accuracy.
@@ -266,6 +271,7 @@ class Trainer:
         augment: bool = False,
         average: float | None = None,
         pause: Any = None,
+        nice: int | None = None,
     ) -> None:
         if not isinstance(buffer, ReplayBuffer):
             raise ConfigError(
@@ -320,6 +326,14 @@ class Trainer:
         self.model = model.to(self.device, memory_format=memory_format_for(model, channels_last))
         self.precision = precision
         self.num_threads = num_threads
+        if nice is not None and (
+            not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19
+        ):
+            raise ConfigError(
+                f"Trainer nice must be an integer in 0..19 or None; got {nice!r}. "
+                "19 yields the most CPU to the scan."
+            )
+        self.nice = nice
         self.frozen = bool(frozen)
         """Frozen models are evaluated but never trained (the pretrained baseline)."""
         self.augment = bool(augment)
@@ -587,6 +601,8 @@ class Trainer:
             self.save(self.checkpoint_dir / "latest.pt")
 
     def _run(self) -> None:
+        if self.nice is not None:
+            lower_priority(self.nice)
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)  # this thread only (OpenMP is per thread)
         start = last_row = last_checkpoint = time.monotonic()
@@ -811,6 +827,19 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be 'auto' or one of {PRECISIONS}; got {precision!r}.")
     return precision
+
+
+def lower_priority(nice: int) -> None:
+    """Set the calling thread's CPU priority (Linux ``nice``; a no-op where it cannot be set).
+
+    On Linux the priority is per thread, so only the caller yields: the
+    operating system runs other threads of the process first when they are
+    runnable, and this one with the cores they leave.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as error:
+        logger.debug("Could not lower the trainer's priority: %s", error)
 
 
 def native_bfloat16_cpu(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:

@@ -8,8 +8,10 @@ loses no frame.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,3 +360,28 @@ def test_a_worker_behind_the_scan_pauses_training_skips_refreshes_and_drops_noth
     final = [e["data"] for e in derived.named("event") if "alpha" in e["data"]][-1]
     assert final["refreshes_skipped"] == summary.refreshes_skipped
     assert final["train_paused_s"] == pytest.approx(summary.train_paused_s, abs=1e-6)
+
+
+def _nice_of_thread(tid: int) -> int:
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])  # the 19th field of stat(5): nice
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux's /proc")
+@pytest.mark.timeout(60)
+def test_the_trainer_thread_runs_at_the_lowest_priority_the_budget_gives():
+    budget = CpuBudget.decide(JitConfig(), cores=2)
+    assert budget.train_nice == 19 and any("nice 19" in r for r in budget.reasons)
+    model = build_model("unet", {"features": 2}, seed=0)
+    buffer = ReplayBuffer(64, rng=np.random.default_rng(0))
+    buffer.push(*_pairs(32))
+    trainer = Trainer(model, buffer, batch_size=8, num_threads=1, nice=budget.train_nice)
+    trainer.start()
+    try:
+        assert wait_for(lambda: trainer.steps >= 1)
+        assert _nice_of_thread(trainer._thread.native_id) == 19
+        assert _nice_of_thread(threading.get_native_id()) == os.nice(0)  # the caller is unchanged
+    finally:
+        trainer.stop()
+    with pytest.raises(ConfigError, match="nice"):
+        Trainer(model, buffer, batch_size=8, nice=40)
