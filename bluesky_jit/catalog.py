@@ -1,8 +1,11 @@
 """Tiled: start the embedded catalog, connect, write runs, read and replay them.
 
 :class:`LocalCatalog` runs ``tiled serve config`` in a subprocess on a
-directory of its own (SQLite catalog, writable data and SQLite table storage),
-persistent across restarts. It is a full Tiled server (unlike
+directory of its own (catalog and event tables in SQLite, or in PostgreSQL
+with ``database="postgresql"``; array data in files), persistent across
+restarts. Documents reach it through :func:`tiled_writer`, a
+:class:`~bluesky_jit.writer.CatalogWriter` that works off the caller's
+thread and spools through outages. It is a full Tiled server (unlike
 ``tiled.server.SimpleTiledServer``), configured with the
 ``bluesky_tiled_plugins`` JSON-seq exporter so stored runs can be replayed as
 documents (``run.documents()``).
@@ -68,7 +71,8 @@ class LocalCatalog:
     ----------
     directory : Path
         Holds the config (``tiled_config.yml``), the SQLite catalog
-        (``catalog.db``), array data (``data/``), tables (``tables.sqlite``)
+        (``catalog.db``), array data (``data/``), tables (``tables.sqlite``),
+        with ``database="postgresql"`` the server's files (``postgres/``),
         and the server log (``tiled_server.log``). Created if missing. The
         server may read any file below it, so write derived HDF5 files here.
     host : str
