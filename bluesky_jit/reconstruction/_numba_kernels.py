@@ -38,7 +38,13 @@ from numba import njit, prange
 
 
 def _jit(function, options):
-    """``njit`` with an on-disk cache, or without one where no cache directory is writable."""
+    """``njit`` with an on-disk cache, or without one where no cache directory is writable.
+
+    Every kernel releases the GIL (``nogil``): they run on the worker thread,
+    and a kernel holding the GIL would stop the RunEngine's thread (in the
+    same process) for as long as it runs.
+    """
+    options = {"nogil": True, **options}
     try:
         return njit(cache=True, **options)(function)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
