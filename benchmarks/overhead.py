@@ -79,6 +79,7 @@ import fnmatch
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import socket
@@ -380,6 +381,37 @@ def _first(stats: dict[str, Any] | None, *keys: str) -> Any:
     return None
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each thread of this process (by Python thread name,
+    numbered native threads as ``native-<tid>``) and by the catalog server's process."""
+    import threading as _threading
+
+    names = {t.native_id: t.name for t in _threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tid = int(task.name)
+        name = names.get(tid, f"native-{tid}")
+        name = "RunEngine (main)" if tid == os.getpid() else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    for child in Path("/proc").iterdir():  # the catalog server: a child process of ours
+        if not child.name.isdigit():
+            continue
+        try:
+            fields = (child / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            out["catalog server (process)"] = out.get("catalog server (process)", 0.0) + (
+                int(fields[11]) + int(fields[12])
+            ) / tick
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -454,12 +486,19 @@ def run_case(
         geometry=geometry,
     )
     error = None
+    cpu0 = thread_cpu_s()
     t0 = time.perf_counter()
     try:
         RE(plan)
     except Exception as exc:  # noqa: BLE001 - e.g. a writer that raised into the RunEngine
         error = f"{type(exc).__name__}: {exc}"[:2000]
     scan_s = time.perf_counter() - t0
+    cpu1 = thread_cpu_s()
+    cpu_during_scan = {
+        name: round(cpu1[name] - cpu0.get(name, 0.0), 3)
+        for name in cpu1
+        if cpu1[name] - cpu0.get(name, 0.0) > 0.005
+    }
     started.set()  # a scan that failed before its start document still lets the hook end
     frames = beamline.det.clock.index
     out: dict[str, Any] = {
@@ -468,6 +507,7 @@ def run_case(
         "subscriptions": list(subscriptions),
         "error": error,
         "scan_s": scan_s,
+        "cpu_s_during_scan": cpu_during_scan,
         "frames": frames,
         "frames_per_s": frames / scan_s,
     }
@@ -758,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-scan-s", type=float, default=60.0, help="nominal scan length")
     parser.add_argument("--outage-fps", type=float, default=15.0)
     parser.add_argument("--quick", action="store_true", help="tiny scans, for a smoke run")
+    parser.add_argument(
+        "--rotations", type=int, default=None, help="rotations of every scan but the outage's (2)"
+    )
     parser.add_argument("--set", action="append", default=[], help="JitConfig key=value")
     parser.add_argument(
         "--settle-s", type=float, default=300.0, help="longest wait after a scan (s)"
@@ -778,6 +821,11 @@ def main(argv: list[str] | None = None) -> int:
     settings |= {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     config = JitConfig(**settings)
     all_scans = scans(args.quick, args.outage_fps, args.outage_scan_s)
+    if args.rotations is not None:
+        all_scans = {
+            k: scan if k == "outage" else dataclasses.replace(scan, rotations=args.rotations)
+            for k, scan in all_scans.items()
+        }
     names = [f"{s}/{sub}" for s in all_scans if s != "outage" for sub in SUBSCRIPTIONS]
     chosen = select([*names, "outage"], args.cases or names)
     if args.outage and "outage" not in chosen:

@@ -27,7 +27,10 @@ are recorded in the derived run's start document (``budget``).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -210,4 +213,136 @@ def _check_positive(name: str, value: Any) -> None:
         raise ConfigError(
             f"CpuBudget needs {name} as a positive integer; got {value!r}. Pass e.g. {name}=2, "
             "or None to decide from the cores."
+        )
+
+
+class PaceGuard:
+    """Training yields when it slows the scan: the scan's own frame rate decides.
+
+    Nothing tells a callback the pace a scan should keep, but the scan shows
+    it: every ``probe_every_s`` the guard pauses training for ``probe_s`` and
+    compares the rate at which frames reached the RunEngine's thread while
+    training was paused with the rate just before, while it ran. If training
+    slowed the scan by more than ``tolerance``, the share of time training may
+    run (``duty``, a square wave of ``period_s``) is halved, down to nothing;
+    otherwise it grows back by a quarter, up to all the time. It starts at a
+    half, with a first probe as soon as a window of frames has arrived. Without frames
+    for ``idle_s`` (no scan, or one paused) training runs freely.
+
+    Parameters
+    ----------
+    arrivals : collections.deque of float, or a tuple of them
+        ``time.monotonic()`` of each frame document, appended on the
+        RunEngine's thread (bounded deques: appending is cheap and safe); one
+        deque per kind of frame document (events, stream datums).
+    pause : callable
+        ``pause(bool)``: ask the trainer to pause (True) or let it run (False).
+    period_s, probe_every_s, probe_s, tolerance, idle_s : float
+        The square wave's period, the time between probes, a probe's length,
+        the slow-down that counts, and the gap that means "no scan".
+
+    Notes
+    -----
+    On a 2-core machine a trainer in the RunEngine's process takes CPU and
+    the interpreter's lock from the scan even at the lowest CPU priority:
+    training at full speed slowed a 100 frames/s scan by 12-26 %
+    (``benchmarks/overhead.py``). The guard keeps it to what the scan can spare.
+    """
+
+    def __init__(
+        self,
+        arrivals: Any,
+        pause: Any,
+        *,
+        period_s: float = 0.5,
+        probe_every_s: float = 2.0,
+        probe_s: float = 0.6,
+        tolerance: float = 0.04,
+        idle_s: float = 1.0,
+        min_frames: int = 10,
+    ) -> None:
+        self.arrivals = arrivals
+        self._pause = pause
+        self.period_s = period_s
+        self.probe_every_s = probe_every_s
+        self.probe_s = probe_s
+        self.tolerance = tolerance
+        self.idle_s = idle_s
+        self.min_frames = min_frames
+        self.duty = 0.5  # cautious until the first probe has measured the scan
+        self.probes = 0
+        self.slowdowns = 0
+        self._paused = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bluesky-jit-pace", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching and let training run."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+        self._set(False)
+
+    def rate(self, start: float, stop: float) -> float | None:
+        """Frames per second that arrived in ``[start, stop)``; None with too few to tell."""
+        times = [t for t in list(self._frames()) if start <= t < stop]
+        if len(times) < self.min_frames or times[-1] <= times[0]:
+            return None
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def _frames(self) -> Any:
+        """The arrivals of one kind of frame document (a step scan sends an event and a
+        stream datum per frame, a fly scan only the datums): the busier deque."""
+        if isinstance(self.arrivals, tuple):
+            return max(self.arrivals, key=lambda d: d[-1] if d else -math.inf)
+        return self.arrivals
+
+    def _set(self, paused: bool) -> None:
+        if paused != self._paused:
+            self._paused = paused
+            self._pause(paused)
+
+    def _run(self) -> None:
+        next_probe = time.monotonic() + self.probe_s  # measure the scan early
+        while not self._stop.wait(0.02):
+            now = time.monotonic()
+            frames = self._frames()
+            last = frames[-1] if frames else -math.inf
+            if now - last > self.idle_s:  # no scan to disturb
+                self._set(False)
+                next_probe = now + self.probe_every_s
+                continue
+            if now >= next_probe:
+                self._probe(now)
+                next_probe = time.monotonic() + self.probe_every_s
+                continue
+            self._set((now % self.period_s) >= self.duty * self.period_s)
+
+    def _probe(self, start: float) -> None:
+        """Pause training until ``min_frames`` frames came (``probe_s`` at least, 2 s at
+        most); compare the scan's rate then with its rate before."""
+        before = self.rate(start - self.probe_every_s / 2, start)
+        self._set(True)
+        settle = min(0.2, self.probe_s / 3)  # a training step in flight finishes first
+        deadline = start + max(self.probe_s, 2.0)
+        free = None
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            if now >= start + self.probe_s:
+                free = self.rate(start + settle, now)
+                if free is not None or now >= deadline:
+                    break
+        if before is None or free is None:
+            return
+        self.probes += 1
+        if before < free * (1 - self.tolerance):
+            self.slowdowns += 1
+            self.duty = 0.0 if self.duty < 0.1 else self.duty / 2
+        else:
+            self.duty = min(1.0, self.duty + 0.25)
+        logger.debug(
+            "pace probe: %.1f frames/s training, %.1f paused: duty %.2f", before, free, self.duty
         )

@@ -122,6 +122,9 @@ class RunPipeline:
     quality : bluesky_jit.steering.QualitySignals, optional
     backlog : callable
         Frames waiting for the worker; cheap, called once per projection.
+    arrivals : collections.deque of float, optional
+        Arrival times of frame documents on the RunEngine's thread, for the
+        :class:`~bluesky_jit.budget.PaceGuard` (``config.pace_guard``).
     cores : int, optional
         Cores for the budget; by default those of the process's CPU affinity.
     """
@@ -135,6 +138,7 @@ class RunPipeline:
         dropped: Callable[[], int] = lambda: 0,
         quality: Any = None,
         backlog: Callable[[], int] = lambda: 0,
+        arrivals: Any = None,
         cores: int | None = None,
     ) -> None:
         from .budget import CpuBudget
@@ -145,6 +149,10 @@ class RunPipeline:
         self._pause_above = config.pause_training_above or config.refresh_every
         self._skip_above: int | None = config.skip_refreshes_above  # None: a rotation (_build)
         self._yielding = False
+        self.arrivals = arrivals
+        self._guard: Any = None
+        self._holds: set[str] = set()
+        self._holds_lock = threading.Lock()
         self.quality = quality
         self.emit = emit
         self.directory = Path(directory)
@@ -351,20 +359,30 @@ class RunPipeline:
     def _watch_backlog(self) -> int:
         """Pause the trainer while too many frames wait; resume once half of them are left."""
         waiting = int(self.backlog())
-        pause = getattr(self.trainer, "pause", None)
-        if pause is not None:
-            if not self._yielding and waiting > self._pause_above:
-                pause.set()
-                self._yielding = True
-            elif self._yielding and waiting <= self._pause_above // 2:
-                pause.clear()
-                self._yielding = False
+        if not self._yielding and waiting > self._pause_above:
+            self._hold("backlog", True)
+            self._yielding = True
+        elif self._yielding and waiting <= self._pause_above // 2:
+            self._hold("backlog", False)
+            self._yielding = False
         return waiting
 
-    def _stop_yielding(self) -> None:
+    def _hold(self, reason: str, on: bool) -> None:
+        """Pause the trainer while any reason holds it ("backlog", "pace"); any thread."""
         pause = getattr(self.trainer, "pause", None)
-        if pause is not None and self._yielding:
-            pause.clear()
+        if pause is None:
+            return
+        with self._holds_lock:
+            (self._holds.add if on else self._holds.discard)(reason)
+            if self._holds:
+                pause.set()
+            else:
+                pause.clear()
+
+    def _stop_yielding(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+        self._hold("backlog", False)
         self._yielding = False
 
     def problem(self, error: Exception) -> None:
@@ -399,6 +417,11 @@ class RunPipeline:
             trainer.add_holdout(*pairs.pairs(cfg.holdout_per_refresh))
         if cfg.train and not trainer.running and len(trainer.buffer) >= cfg.batch_size:
             trainer.start()
+            if cfg.pace_guard and self.arrivals is not None and self._guard is None:
+                from .budget import PaceGuard
+
+                self._guard = PaceGuard(self.arrivals, lambda on: self._hold("pace", on))
+                self._guard.start()
         first, last = int(slices.indices[0]), int(slices.indices[-1])
         common = {"projection_index": last, "first_projection_index": first}
         self.summary.slices += 1
@@ -519,6 +542,7 @@ class RunPipeline:
             row["sigma_fbp"] = levels.get("sigma_fbp", math.nan)
             row["sigma_denoised"] = levels.get("sigma_denoised", math.nan)
             row["train_paused_s"] = float(getattr(self.trainer, "paused_s", 0.0))
+            row["train_duty"] = float(self._guard.duty) if self._guard is not None else 1.0
             row["refreshes_skipped"] = self.summary.refreshes_skipped
             self.summary.metrics.append(row)
             if self.derived is not None:
@@ -702,6 +726,8 @@ class JitCallback:
         self._queue: queue.Queue = queue.Queue()
         self._frames_waiting = 0
         self._behind = [0, 0]  # frames waiting: in events (rows), in stream datums
+        self._arrivals = (collections.deque(maxlen=2048), collections.deque(maxlen=2048))
+        """When frame documents reached the RunEngine's thread (for the PaceGuard)."""
         self._count_lock = threading.Lock()
         self._run_of_descriptor: dict[str, str] = {}
         self._dropped: collections.Counter[str] = collections.Counter()
@@ -728,6 +754,7 @@ class JitCallback:
                         return
                     self._frames_waiting += 1
                     self._behind[name == "stream_datum"] += _frames_in(name, doc)
+                self._arrivals[name == "stream_datum"].append(time.monotonic())
             self._queue.put_nowait((name, doc))
         except Exception:  # noqa: BLE001 - the RunEngine must not see our failures
             logger.exception("bluesky_jit could not queue a %r document", name)
@@ -782,6 +809,7 @@ class JitCallback:
             dropped=lambda: self._dropped.pop(uid, 0),
             quality=self.quality,
             backlog=self._frames_behind,
+            arrivals=self._arrivals,
         )
         ingest = TomoIngest(
             pipeline,
@@ -872,5 +900,6 @@ class JitCallback:
         self._queue.put(None)
         self._worker.join(timeout)
         for pipeline in list(self.pipelines.values()):
+            pipeline._stop_yielding()
             if pipeline.trainer is not None:
                 pipeline.trainer.stop()

@@ -113,6 +113,10 @@ class JitConfig:
     skip_refreshes_above: int | None = None
     """Frames waiting above which a due slice refresh is skipped (there is still
     one per rotation, and always one at the end); None: a rotation."""
+    pace_guard: bool = True
+    """Training yields the time it would take from the scan: the trainer is
+    paused now and then and the scan's frame rate compared with and without
+    it (:class:`bluesky_jit.budget.PaceGuard`)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

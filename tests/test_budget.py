@@ -385,3 +385,65 @@ def test_the_trainer_thread_runs_at_the_lowest_priority_the_budget_gives():
         trainer.stop()
     with pytest.raises(ConfigError, match="nice"):
         Trainer(model, buffer, batch_size=8, nice=40)
+
+
+# -- the pace guard ---------------------------------------------------------------------------
+
+
+class _Scan:
+    """Appends frame arrival times at ``rate`` per second; ``slowed`` of it while training runs."""
+
+    def __init__(self, rate: float, slowed: float) -> None:
+        import collections
+
+        self.rate, self.slowed = rate, slowed
+        self.arrivals = collections.deque(maxlen=2048)
+        self.paused = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def pause(self, on: bool) -> None:
+        self.paused = on
+
+    def _run(self) -> None:
+        t = time.monotonic()
+        while not self.stop.is_set():
+            t += 1.0 / (self.rate if self.paused else self.rate * self.slowed)
+            time.sleep(max(0.0, t - time.monotonic()))
+            self.arrivals.append(time.monotonic())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("slowed, expect", [(0.7, "yields"), (1.0, "trains")])
+def test_the_pace_guard_yields_exactly_when_training_slows_the_scan(slowed, expect):
+    from bluesky_jit.budget import PaceGuard
+
+    scan = _Scan(rate=80.0, slowed=slowed)
+    guard = PaceGuard(scan.arrivals, scan.pause, probe_every_s=0.8, probe_s=0.3)
+    scan.thread.start()
+    guard.start()
+    try:
+        assert wait_for(lambda: guard.probes >= 4, timeout=30)
+    finally:
+        guard.stop()
+        scan.stop.set()
+    if expect == "yields":
+        assert guard.slowdowns >= 3 and guard.duty < 0.2, (guard.duty, guard.slowdowns)
+    else:
+        assert guard.slowdowns <= 1 and guard.duty == 1.0, (guard.duty, guard.slowdowns)
+    assert scan.paused is False  # stopped: training runs freely
+
+
+@pytest.mark.timeout(30)
+def test_the_pace_guard_lets_training_run_when_no_frames_come():
+    import collections
+
+    from bluesky_jit.budget import PaceGuard
+
+    states = []
+    arrivals = collections.deque([time.monotonic() - 5.0] * 20)  # a scan that ended 5 s ago
+    guard = PaceGuard(arrivals, states.append, probe_every_s=0.5, probe_s=0.2)
+    guard.start()
+    time.sleep(1.0)  # nothing to wait for: the guard must do nothing for a second
+    guard.stop()
+    assert states in ([], [False]) and guard.probes == 0
