@@ -191,7 +191,9 @@ def _dense_forward(
     batch, cin, height, width_px = x.shape
     total = cin + len(weights) * width
     n = batch * height * width_px
-    buf = torch.empty((batch, height, width_px, total), dtype=dtype, device=x.device)
+    # Zeros, not empty: a strided bfloat16 matrix product on AMX (oneDNN) was seen to read
+    # past the columns it was given, and NaN bit patterns in unset memory then gave NaN.
+    buf = torch.zeros((batch, height, width_px, total), dtype=dtype, device=x.device)
     buf[..., :cin] = x.permute(0, 2, 3, 1)
     flat = buf.view(n, total)
     acc = torch.promote_types(dtype, torch.float32)
