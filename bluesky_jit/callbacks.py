@@ -125,6 +125,10 @@ class RunPipeline:
     arrivals : collections.deque of float, optional
         Arrival times of frame documents on the RunEngine's thread, for the
         :class:`~bluesky_jit.budget.PaceGuard` (``config.pace_guard``).
+    beside_scan : bool
+        A scan runs in this process (a RunEngine): training and refreshes
+        yield to it. False for replays and listeners (no pauses, no skipped
+        refreshes, no pace guard).
     cores : int, optional
         Cores for the budget; by default those of the process's CPU affinity.
     """
@@ -139,6 +143,7 @@ class RunPipeline:
         quality: Any = None,
         backlog: Callable[[], int] = lambda: 0,
         arrivals: Any = None,
+        beside_scan: bool = True,
         cores: int | None = None,
     ) -> None:
         from .budget import CpuBudget
@@ -149,7 +154,9 @@ class RunPipeline:
         self._pause_above = config.pause_training_above or config.refresh_every
         self._skip_above: int | None = config.skip_refreshes_above  # None: a rotation (_build)
         self._yielding = False
-        self.arrivals = arrivals
+        self._last_slices: Any = None
+        self.arrivals = arrivals if beside_scan else None
+        self.beside_scan = beside_scan
         self._guard: Any = None
         self._holds: set[str] = set()
         self._holds_lock = threading.Lock()
@@ -274,7 +281,7 @@ class RunPipeline:
             "average": cfg.average_weights,
             "checkpoint_dir": checkpoint_dir,
             "checkpoint_every_s": cfg.checkpoint_every_s,
-            "nice": self.budget.train_nice,
+            "nice": self.budget.train_nice if self.beside_scan else None,
         }
         if cfg.trainer_process:
             return ProcessTrainer(
@@ -357,7 +364,13 @@ class RunPipeline:
                 self.refresh()
 
     def _watch_backlog(self) -> int:
-        """Pause the trainer while too many frames wait; resume once half of them are left."""
+        """Pause the trainer while too many frames wait; resume once half of them are left.
+
+        Only ``beside_scan``: a replay or a listener has no scan to yield to,
+        and its backlog is by design.
+        """
+        if not self.beside_scan:
+            return 0
         waiting = int(self.backlog())
         if not self._yielding and waiting > self._pause_above:
             self._hold("backlog", True)
@@ -403,6 +416,11 @@ class RunPipeline:
             rated = self.trainer.steps or self.config.online_strategy == "frozen"
             if self.recon is not None and self.recon.ready and rated:
                 self._emit_metrics(final=True)
+                if not self.summary.denoised and self._last_slices is not None:
+                    # a short run (or one whose training yielded to the scan): the network
+                    # learnt enough only by the end, so its last slice is denoised now
+                    if self.pairs.ready and self._network_useful():
+                        self._denoise(self._last_slices)
         self._finish(stop)
 
     # -- the work ---------------------------------------------------------------------
@@ -410,7 +428,7 @@ class RunPipeline:
         """Reconstruct the slice, feed the trainer, denoise, and publish."""
         cfg, recon, trainer, pairs = self.config, self.recon, self.trainer, self.pairs
         self._apply_moves()
-        slices = recon.reconstruct()
+        slices = self._last_slices = recon.reconstruct()
         self._unrefreshed = 0
         if cfg.train and pairs.ready:  # T stacks wait for their earlier windows
             trainer.buffer.push(*pairs.pairs(cfg.pairs_per_refresh))
@@ -688,6 +706,10 @@ class JitCallback:
         Ophyd signals that get alpha and the noise estimates after every
         metric row, for plans that stop or adapt a scan
         (:func:`bluesky_jit.steering.until_quality`).
+    run_engine_here : bool
+        The documents come from a RunEngine in this process, whose pace
+        training must not take (``JitConfig.pace_guard``). False for replays
+        and listeners, where nothing runs beside the callback.
 
     Notes
     -----
@@ -709,8 +731,10 @@ class JitCallback:
         on_run_finished: Callable[[RunSummary], None] | None = None,
         keep_summaries: int = 20,
         quality: Any = None,
+        run_engine_here: bool = True,
     ) -> None:
         self.quality = quality
+        self.run_engine_here = run_engine_here
         self.config = config or JitConfig()
         self.emit = emit
         self.directory = Path(directory)
@@ -810,6 +834,7 @@ class JitCallback:
             quality=self.quality,
             backlog=self._frames_behind,
             arrivals=self._arrivals,
+            beside_scan=self.run_engine_here,
         )
         ingest = TomoIngest(
             pipeline,

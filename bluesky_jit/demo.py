@@ -160,6 +160,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             logger.warning("The raw run is not all in the catalog after 120 s (it is spooled)")
         run = next(s for s in jit.summaries if s.raw_uid == raw_uid)
         result, truth = _evaluate(run, phantom, options, scan_s)
+        # every frame the detector took (darks, flats, projections) over the scan's time
+        result["frames"] = progress.events
+        result["achieved_frame_rate"] = progress.events / scan_s if scan_s > 0 else 0.0
         result["catalog"] = where
         result["catalog_uri"] = local.uri if local else options.catalog_uri
         result["data_dir"] = str(data_dir)
@@ -196,6 +199,7 @@ class _Progress:
         self.bar = bar
         self.jit = jit
         self.frames = 0
+        self.events = 0
         self._primary: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._draw, name="bluesky-jit-progress")
@@ -203,9 +207,11 @@ class _Progress:
         self._thread.start()
 
     def count(self, name: str, doc: dict) -> None:
-        """Subscribe to the RunEngine: counts the events of the ``primary`` stream."""
-        if name == "event" and doc["descriptor"] in self._primary:
-            self.frames += 1
+        """Subscribe to the RunEngine: counts events, and those of the ``primary`` stream."""
+        if name == "event":
+            self.events += 1
+            if doc["descriptor"] in self._primary:
+                self.frames += 1
         elif name == "descriptor" and doc.get("name") == "primary":
             self._primary.add(doc["uid"])
 
@@ -382,12 +388,16 @@ def _jsonable(value: Any) -> Any:
 
 def format_summary(result: dict[str, Any]) -> str:
     """The human-readable summary printed at the end of the demo."""
+    settings = result["settings"]
+    asked = f" of {settings['frame_rate']:g} asked" if settings["paced"] else " (unpaced)"
     lines = [
         f"raw run       {result['raw_uid']}",
         f"derived run   {result['derived_uid']}  ({result['exit_status']}"
         + (f": {result['reason']}" if result["reason"] else "")
         + ")",
         f"catalog       {result['catalog']}",
+        f"scan          {result['frames']} frames in {result['scan_seconds']:.1f} s: "
+        f"{result['achieved_frame_rate']:.1f} frames/s{asked}",
         f"projections   {result['projections']} ingested, {result['projections_per_s']:.1f}/s",
         f"slices        {result['slices']} reconstructed, {result['denoised']} denoised",
         f"training      {result['train_steps']} steps, {result['train_steps_per_s']:.1f} steps/s",
@@ -395,6 +405,18 @@ def format_summary(result: dict[str, Any]) -> str:
         f"PSNR          FBP {result['psnr_fbp']:.2f} dB, denoised {result['psnr_denoised']:.2f} dB"
         " (against the phantom's ground truth)",
     ]
+    writes = result.get("catalog_writes")
+    if writes:
+        raw, derived = writes["raw"], writes["derived"]
+        back = raw["written_back"] + derived["written_back"]
+        total_raw, total_derived = (w["written"] + w["written_back"] for w in (raw, derived))
+        line = f"written       {total_raw} raw + {total_derived} derived documents"
+        if back:
+            line += f" ({back} spooled during an outage and written back)"
+        pending = raw["runs_pending"] + derived["runs_pending"]
+        if pending or raw["lost"] or derived["lost"]:
+            line += f"; {pending} run(s) still in the spool, {raw['lost'] + derived['lost']} lost"
+        lines.append(line)
     for path in result.get("figures", []):
         lines.append(f"figure        {path}")
     return "\n".join(lines)

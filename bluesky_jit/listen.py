@@ -184,6 +184,7 @@ class Listener:
             writer = tiled_writer(derived_runs, spool_dir=spool / "derived")
         self.jit = JitCallback(
             config=config,
+            run_engine_here=False,  # no scan in this process for training to yield to
             emit=writer,
             directory=directory,
             geometry_overrides=geometry_overrides,
@@ -329,17 +330,14 @@ class Listener:
                 self.on_run_finished(summary)
             except Exception:  # noqa: BLE001
                 logger.exception("on_run_finished raised")
-        # Settled (e.g. Kafka offsets committed) only once the derived documents are
-        # durable: in the catalog, or in the writer's spool on disk.
-        spooled = getattr(self.jit.emit, "wait_spooled", None)
-        if callable(spooled) and not spooled(60.0):
-            logger.error(
-                "Run %s: its derived documents are not on disk after 60 s; not settled "
-                "(it is redone)",
-                summary.raw_uid,
-            )
-            return
-        self._settle(summary.raw_uid)
+        # Settled (Kafka offsets committed) only once the derived run is in the catalog:
+        # the writer says so from its thread. A run kept in this machine's spool through
+        # an outage stays unsettled, so the group redoes it if this worker dies.
+        when_written = getattr(self.jit.emit, "when_written", None)
+        if callable(when_written) and summary.derived_uid is not None:
+            when_written(summary.derived_uid, lambda: self._settle(summary.raw_uid))
+        else:
+            self._settle(summary.raw_uid)
         if self.max_runs is not None and self.derived_count >= self.max_runs:
             self.stopped.set()
 

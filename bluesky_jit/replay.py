@@ -205,6 +205,7 @@ def replay(
     finished: dict[str, RunSummary] = {}
     jit = JitCallback(
         config=config,
+        run_engine_here=False,  # no scan in this process for training to yield to
         emit=marker,
         directory=directory,
         geometry_overrides=geometry_overrides,

@@ -243,6 +243,7 @@ class ProcessTrainer:
             "channels_last",
             "augment",
             "average",
+            "nice",
         }
         unknown = sorted(set(trainer_kwargs) - allowed)
         if unknown:

@@ -28,6 +28,7 @@ counted as lost and logged, never silently dropped.
 from __future__ import annotations
 
 import base64
+import collections
 import fcntl
 import json
 import logging
@@ -182,6 +183,9 @@ class CatalogWriter:
         self._spool_bytes = _directory_size(self.spool_dir)
         self._settled = 0
         self._idle = threading.Condition()
+        self._written: collections.deque[str] = collections.deque(maxlen=1000)
+        """Uids of the runs written lately (for :meth:`when_written`)."""
+        self._waiting: dict[str, list[Any]] = {}
         self._retry_at = 0.0
         self._retry_wait = 0.5
         self._closed = False
@@ -231,6 +235,22 @@ class CatalogWriter:
                     return False
                 self._idle.wait(0.1 if left is None else min(left, 0.1))
         return True
+
+    def when_written(self, uid: str, callback: Any) -> None:
+        """Call ``callback()`` once run ``uid``'s stop document is in the catalog.
+
+        On the writer's thread (or at once, here, if it is already written).
+        A run that never reaches the catalog (it stays in the spool, or fails)
+        never calls it.
+        """
+        with self._idle:
+            if uid in self._written:
+                done = True
+            else:
+                self._waiting.setdefault(uid, []).append(callback)
+                done = False
+        if done:
+            callback()
 
     def wait_spooled(self, timeout: float | None = None) -> bool:
         """Wait until every document received so far is on disk in the spool (durable);
@@ -493,6 +513,14 @@ class CatalogWriter:
     def _finish(self, run: _Run) -> None:
         """The stop document is in the catalog: the spool file is no longer needed."""
         self.stats.runs_written += 1
+        with self._idle:
+            self._written.append(run.uid)
+            callbacks = self._waiting.pop(run.uid, [])
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the writer goes on
+                logger.exception("A callback waiting for run %s raised", run.uid)
         try:
             size = run.path.stat().st_size
             run.path.unlink()

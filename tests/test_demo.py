@@ -34,3 +34,10 @@ def test_demo_command_end_to_end(tmp_path):
     assert result["machine"]["cpus"] >= 1
     assert sorted(p.name for p in figures.iterdir()) == ["learning_curve.png", "slices.png"]
     assert "derived run" in done.stdout and result["derived_uid"] in done.stdout
+    # every frame (darks, flats, projections) counted, and every document in the catalog
+    assert result["frames"] == 48 + 2 * 10 and result["achieved_frame_rate"] > 0
+    writes = result["catalog_writes"]
+    for kind in ("raw", "derived"):
+        assert writes[kind]["lost"] == 0 and writes[kind]["runs_pending"] == 0
+        assert writes[kind]["written"] == writes[kind]["received"] > 0
+    assert "frames/s (unpaced)" in done.stdout
