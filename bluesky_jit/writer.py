@@ -219,7 +219,12 @@ class CatalogWriter:
         return {"spooled": run.spooled, "written": run.fed, "pending": run.pending}
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every document received so far is in the catalog.
+        """Wait until every document received so far is written.
+
+        Written means: handed to the run's ``TiledWriter`` without error. For a
+        run that has stopped, that is everything in the catalog; a run still
+        open may have up to ``batch_size`` events held back for its next
+        request (they go at the latest with its stop).
 
         Returns
         -------
