@@ -6,11 +6,15 @@ worker thread takes documents off the queue and routes them per run (an
 ``event_model.RunRouter``) to a :class:`~bluesky_jit.ingest.TomoIngest`, which
 feeds a :class:`RunPipeline`: streaming reconstruction, Noise2Inverse pairs,
 the trainer (its own thread), inference with the newest weights, and the
-derived run. Threads live here and nowhere else but in the trainer.
+derived run. Threads live here and nowhere else but in the trainer, the
+catalog writer and the pace guard. Training yields to the scan beside it (its
+thread at nice 19, pauses while frames wait, :class:`~bluesky_jit.budget.PaceGuard`).
 
-Failure policy: the RunEngine never sees an exception from here and is never
-blocked. Frame documents beyond ``JitConfig.queue_size`` waiting are dropped
-(counted and reported in the derived run); run boundaries, descriptors and
+Failure policy: the RunEngine never sees an exception from here, and its
+thread spends microseconds per document here (a queue put; the worker polls,
+so no thread is woken: ``benchmarks/overhead.py``). Frame documents beyond
+``JitConfig.queue_size`` waiting are dropped (counted and reported in the
+derived run); run boundaries, descriptors and
 asset documents are never dropped. A run's problems are logged and recorded
 in its derived run's stop document (``exit_status``, ``reason``).
 """
