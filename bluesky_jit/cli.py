@@ -310,6 +310,16 @@ COMMANDS: dict[str, tuple[str, tuple[Opt, ...]]] = {
                 metavar="HOST:PORT",
             ),
             Opt(
+                ("--zmq-format",),
+                "listen",
+                "zmq_format",
+                "msgpack",
+                "how the RunEngine side encodes 0MQ messages: msgpack (Publisher(..., "
+                "serializer=bluesky_jit.listen.zmq_serializer())); pickle runs code from "
+                "whoever can reach the proxy: only on a closed bus",
+                choices=("msgpack", "pickle"),
+            ),
+            Opt(
                 ("--kafka",),
                 "listen",
                 "kafka",
@@ -846,6 +856,7 @@ def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
                         stop=stop,
                         on_ready=lambda: _log(f"listening to {source}; {where}", stdout=True),
                         check=False,
+                        zmq_format=v["zmq_format"],
                     )
 
             else:

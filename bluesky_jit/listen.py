@@ -40,9 +40,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import numpy as np
+
 from .callbacks import is_tomography
 from .config import JitConfig
-from .errors import BrokerError, ConfigError
+from .errors import BrokerError, ConfigError, ScanDataError
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
@@ -415,6 +417,80 @@ def parse_address(address: str, what: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+ZMQ_FORMATS = ("msgpack", "pickle")
+"""How 0MQ messages are encoded: msgpack (safe, the default) or pickle (asked for only)."""
+_NUMPY_EXT = 42
+"""msgpack extension type of a numpy array: ``[dtype.str, shape, bytes]``."""
+_SAFE_KINDS = frozenset("biufc")  # bool, integers, floats, complex: no objects
+
+
+def zmq_serializer() -> Callable[[Any], bytes]:
+    """The RunEngine side of a 0MQ bus that bluesky-jit listens to: msgpack, numpy arrays kept.
+
+    ``RE.subscribe(Publisher("beamline:5577", serializer=zmq_serializer()))``
+    (``bluesky.callbacks.zmq.Publisher`` pickles by default, which a listener
+    must refuse: unpickling runs code from whoever can reach the proxy).
+    """
+    import msgpack
+
+    def dumps(doc: Any) -> bytes:
+        return msgpack.packb(doc, default=_pack_numpy, use_bin_type=True)
+
+    return dumps
+
+
+def zmq_deserializer() -> Callable[[bytes], Any]:
+    """The inverse of :func:`zmq_serializer`; refuses (and logs) anything else, pickle included.
+
+    Decoding builds only plain values and numpy arrays of numbers: no code runs.
+    """
+    import msgpack
+
+    def loads(data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(
+                data, ext_hook=_unpack_numpy, raw=False, strict_map_key=False
+            )
+        except Exception as error:
+            guess = "a pickle" if data[:1] == b"\x80" else "not msgpack"
+            logger.warning(
+                "Refused a 0MQ message of %d bytes (%s): expected msgpack from "
+                "Publisher(..., serializer=bluesky_jit.listen.zmq_serializer()); pickled "
+                "messages are never unpickled unless the listener runs with --zmq-format pickle.",
+                len(data),
+                guess,
+            )
+            raise ScanDataError(f"undecodable 0MQ message ({guess}): {error}") from None
+
+    return loads
+
+
+def _pack_numpy(value: Any) -> Any:
+    import msgpack
+
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value)
+        payload = msgpack.packb([data.dtype.str, list(data.shape), data.tobytes()])
+        return msgpack.ExtType(_NUMPY_EXT, payload)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot encode a {type(value).__name__} for 0MQ")
+
+
+def _unpack_numpy(code: int, payload: bytes) -> Any:
+    import msgpack
+
+    if code != _NUMPY_EXT:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    dtype_str, shape, raw = msgpack.unpackb(payload, raw=False)
+    dtype = np.dtype(str(dtype_str))
+    if dtype.kind not in _SAFE_KINDS:
+        raise ValueError(f"refused an array of dtype {dtype_str!r}: numbers only")
+    return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in shape]).copy()
+
+
 def check_reachable(host: str, port: int, what: str, timeout: float = 3.0) -> None:
     """Raise :class:`BrokerError` unless something accepts TCP connections at host:port."""
     try:
@@ -436,11 +512,14 @@ def listen_zmq(
     on_ready: Callable[[], None] | None = None,
     tick_s: float = 0.5,
     check: bool = True,
+    zmq_format: str = "msgpack",
 ) -> None:
     """Consume documents from a 0MQ proxy's out-port until ``stop`` or ``listener.stopped``.
 
-    Uses bluesky's ``RemoteDispatcher``; if it fails (e.g. on a message it
-    cannot decode) a new one is connected after a second.
+    Uses bluesky's ``RemoteDispatcher`` with :func:`zmq_deserializer`: a
+    message that is not msgpack (a pickle, say) is refused, logged and dropped.
+    If the dispatcher fails (e.g. on an unknown document name) a new one is
+    connected after a second.
 
     Parameters
     ----------
@@ -453,16 +532,33 @@ def listen_zmq(
         Called once the socket is connected.
     check : bool
         First check that the proxy accepts connections (:class:`BrokerError`).
+    zmq_format : {"msgpack", "pickle"}
+        How the RunEngine side encodes (:func:`zmq_serializer`). ``"pickle"``
+        (bluesky's default) lets anyone who can send to the proxy run code in
+        this process: only on a bus nobody else can reach.
     """
+    import pickle
+
     from bluesky.callbacks.zmq import RemoteDispatcher
 
+    if zmq_format not in ZMQ_FORMATS:
+        raise ConfigError(
+            f"zmq_format must be one of {ZMQ_FORMATS}; got {zmq_format!r}. Publish with "
+            "Publisher(..., serializer=bluesky_jit.listen.zmq_serializer()) and keep msgpack."
+        )
+    if zmq_format == "pickle":
+        logger.warning(
+            "0MQ messages will be unpickled (--zmq-format pickle): anyone who can send to the "
+            "proxy can run code in this process. Use it only on a bus nobody else can reach."
+        )
+    deserializer = pickle.loads if zmq_format == "pickle" else zmq_deserializer()
     host, port = parse_address(address, "0MQ proxy address")
     if check:
         check_reachable(host, port, "0MQ proxy (out-port)")
     stop = stop or threading.Event()
     ready = on_ready
     while not (stop.is_set() or listener.stopped.is_set()):
-        dispatcher = RemoteDispatcher(f"{host}:{port}")
+        dispatcher = RemoteDispatcher(f"{host}:{port}", deserializer=deserializer)
         dispatcher.subscribe(listener)
         loop = dispatcher.loop
 

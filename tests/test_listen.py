@@ -23,9 +23,11 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from bluesky_jit.catalog import derived_runs_for, runs_container
+from bluesky_jit.errors import ScanDataError
 from bluesky_jit.listen import (
     KafkaSource,
     Listener,
@@ -33,6 +35,8 @@ from bluesky_jit.listen import (
     RunKeyedPublisher,
     kafka_deserializer,
     kafka_serializer,
+    zmq_deserializer,
+    zmq_serializer,
 )
 
 BIN = Path(sys.executable).parent
@@ -116,7 +120,7 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
             env={**os.environ, "TILED_API_KEY": jit_catalog.api_key, "MPLBACKEND": "Agg"},
         )
         lines = Lines(listener.stdout)
-        publisher = Publisher(f"127.0.0.1:{port_in}")
+        publisher = Publisher(f"127.0.0.1:{port_in}", serializer=zmq_serializer())
         RE.subscribe(publisher)
         context = zmq.Context()
         poison = context.socket(zmq.PUB)  # a message the dispatcher chokes on
@@ -124,7 +128,10 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
         beamline = tiny_beamline(tmp_path / "det")
         assert lines.wait_for("listening to 0MQ proxy", 60), lines.text
         time.sleep(1.0)  # 0MQ subscriptions propagate asynchronously
-        poison.send(b" ".join([b"", b"no_such_document", pickle.dumps({})]))
+        # a pickle that would create a file if anyone unpickled it: refused, logged
+        trap = tmp_path / "unpickled-by-the-listener"
+        poison.send(b" ".join([b"", b"start", pickle.dumps(_Trap(trap))]))
+        poison.send(b" ".join([b"", b"no_such_document", zmq_serializer()({})]))
         time.sleep(2.0)  # the listener reconnects a new dispatcher after 1 s
         poison.close()
         context.term()
@@ -151,6 +158,34 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
     assert "dark" in failed.metadata["stop"]["reason"]
     assert f"-> derived run {ok.metadata['start']['uid']} (success)" in lines.text
     assert "0MQ dispatcher failed; reconnecting" in lines.text
+    assert "Refused a 0MQ message" in lines.text and "(a pickle)" in lines.text
+    assert not trap.exists()  # the pickle was never run
+
+
+class _Trap:
+    """Unpickling this opens (creates) a file: the proof that a pickle was executed."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_zmq_messages_round_trip_msgpack_with_arrays_and_refuse_objects():
+    import msgpack
+
+    doc = {"data": {"img": np.arange(6, dtype=np.uint16).reshape(2, 3), "x": np.float32(1.5)}}
+    back = zmq_deserializer()(zmq_serializer()(doc))
+    np.testing.assert_array_equal(back["data"]["img"], doc["data"]["img"])
+    assert back["data"]["img"].dtype == np.uint16 and back["data"]["x"] == 1.5
+    evil = msgpack.packb(
+        {"a": msgpack.ExtType(42, msgpack.packb(["|O", [1], b"\0" * 8]))}, use_bin_type=True
+    )
+    with pytest.raises(ScanDataError, match="numbers only"):
+        zmq_deserializer()(evil)
+    with pytest.raises(ScanDataError, match="a pickle"):
+        zmq_deserializer()(pickle.dumps({"uid": "x"}))
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
