@@ -407,25 +407,39 @@ class RunPipeline:
             self.summary.problems.append(str(error))
 
     def end(self, stop: Mapping[str, Any]) -> None:
+        """The raw run stopped: last refresh, last metrics, then the derived stop document.
+
+        The stop document is written whatever fails before it (as bluesky's
+        ``run_wrapper`` does): ``fail`` with the reason.
+        """
         summary = self.summary
         if summary is None:
             return
-        self._stop_yielding()
-        if self.recon is not None and self.recon.ready and self._unrefreshed:
-            self.refresh()  # the last slice shows the last projections, however far behind
-        if self.trainer is not None:
-            self.trainer.stop()
-            if self.trainer.error is not None:
-                self.problem(self.trainer.error)
-            rated = self.trainer.steps or self.config.online_strategy == "frozen"
-            if self.recon is not None and self.recon.ready and rated:
-                self._emit_metrics(final=True)
-                if not self.summary.denoised and self._last_slices is not None:
-                    # a short run (or one whose training yielded to the scan): the network
-                    # learnt enough only by the end, so its last slice is denoised now
-                    if self.pairs.ready and self._network_useful():
-                        self._denoise(self._last_slices)
-        self._finish(stop)
+        try:
+            self._stop_yielding()
+            if self.recon is not None and self.recon.ready and self._unrefreshed:
+                self.refresh()  # the last slice shows the last projections, however far behind
+        except Exception as error:  # noqa: BLE001 - recorded in the stop document below
+            logger.exception("bluesky_jit: the last refresh of run %s failed", summary.raw_uid)
+            self.problem(_in_context("the last refresh at the stop", error))
+        try:
+            if self.trainer is not None:
+                self.trainer.stop()
+                if self.trainer.error is not None:
+                    self.problem(self.trainer.error)
+                rated = self.trainer.steps or self.config.online_strategy == "frozen"
+                if self.recon is not None and self.recon.ready and rated:
+                    self._emit_metrics(final=True)
+                    if not self.summary.denoised and self._last_slices is not None:
+                        # a short run (or one whose training yielded to the scan): the network
+                        # learnt enough only by the end, so its last slice is denoised now
+                        if self.pairs.ready and self._network_useful():
+                            self._denoise(self._last_slices)
+        except Exception as error:  # noqa: BLE001
+            logger.exception("bluesky_jit: the last metrics of run %s failed", summary.raw_uid)
+            self.problem(_in_context("the last metrics at the stop", error))
+        finally:
+            self._finish(stop)
 
     # -- the work ---------------------------------------------------------------------
     def refresh(self) -> None:
@@ -630,7 +644,12 @@ class RunPipeline:
             summary.exit_status = "fail"
             summary.reason = "; ".join(_unique(summary.problems))[:4000]
         if self.derived is not None:
-            self.derived.close(exit_status=summary.exit_status, reason=summary.reason)
+            try:
+                self.derived.close(exit_status=summary.exit_status, reason=summary.reason)
+            except Exception as error:  # noqa: BLE001 - the summary must not claim success
+                logger.exception("bluesky_jit could not write the stop of %s", summary.raw_uid)
+                summary.exit_status = "fail"
+                summary.reason = f"the derived run's stop document was not written: {error}"
 
 
 def _warm_up() -> None:
@@ -654,6 +673,11 @@ def _frames_in(name: str, doc: Mapping[str, Any]) -> int:
     except (KeyError, TypeError, ValueError):
         pass
     return 1
+
+
+def _in_context(where: str, error: Exception) -> Exception:
+    """``error`` with where it happened and its type, for a stop document's reason."""
+    return RuntimeError(f"{where}: {type(error).__name__}: {error}")
 
 
 def _unique(items: list[str]) -> list[str]:

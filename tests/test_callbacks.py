@@ -401,3 +401,23 @@ def test_other_2d_models_run_live_by_name(RE, tmp_path, model):
     assert summary.exit_status == "success", summary.reason
     assert summary.slices > 0
     assert derived.named("start")[0]["model"]["name"] == model
+
+
+def test_a_refresh_failing_at_the_stop_still_writes_a_failed_stop(RE, tmp_path):
+    """Angles that cover a tenth of the range the metadata says: every refresh fails, the
+    last one at the stop too; the derived run still ends, with ``fail`` and the reason."""
+    derived = Collector()
+    jit = JitCallback(
+        config=CONFIG,
+        emit=derived,
+        directory=tmp_path / "derived",
+        geometry_overrides={"angular_range": [0.0, 180.0]},
+    )
+    beamline = make_hw(tmp_path / "raw", source=source(), frame_rate=20.0)
+    uid, raw = run_scan(RE, jit, beamline, angular_range=(0.0, 18.0))
+    assert raw.named("stop")[0]["exit_status"] == "success"  # the scan never noticed
+    (stop,) = derived.named("stop")
+    assert stop["exit_status"] == "fail"
+    assert "angle" in stop["reason"].lower(), stop["reason"]
+    summary = jit.summaries[0]
+    assert summary.exit_status == "fail" and summary.reason == stop["reason"]
