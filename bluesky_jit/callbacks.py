@@ -675,6 +675,19 @@ def _frames_in(name: str, doc: Mapping[str, Any]) -> int:
     return 1
 
 
+def _which_frames(name: str, doc: Any) -> str:
+    """``event seq_num 12`` / ``stream_datum frames 10-19``: which frames a document held."""
+    if not isinstance(doc, dict):
+        return f"a {name!r} document"
+    if name == "stream_datum":
+        indices = doc.get("indices") or {}
+        return f"stream_datum frames {indices.get('start')}-{indices.get('stop')}"
+    seq = doc.get("seq_num")
+    if isinstance(seq, list):  # an event page (the router hands events on as pages)
+        seq = seq[0] if len(seq) == 1 else f"{seq[0]}-{seq[-1]}" if seq else None
+    return f"event seq_num {seq}"
+
+
 def _in_context(where: str, error: Exception) -> Exception:
     """``error`` with where it happened and its type, for a stop document's reason."""
     return RuntimeError(f"{where}: {type(error).__name__}: {error}")
@@ -692,14 +705,25 @@ class _Guard:
         self.ingest = ingest
         self.pipeline = pipeline
         self.finished = finished
+        self.frame_errors = 0
 
     def __call__(self, name: str, doc: dict) -> None:
         try:
             self.ingest(name, doc)
         except Exception as error:  # noqa: BLE001 - recorded in the derived run
+            if name in FRAME_DOCUMENTS:
+                # one bad frame (a complex array, strings for angles, a MemoryError) costs
+                # that frame only: say which, go on with the next
+                self.frame_errors += 1
+                if self.frame_errors <= 5:
+                    logger.exception("bluesky_jit rejected %s", _which_frames(name, doc))
+                self.pipeline.problem(
+                    _in_context(f"{_which_frames(name, doc)} rejected", error)
+                )
+                return
             logger.exception("bluesky_jit failed on a %r document", name)
             self.ingest.dead = True
-            self.pipeline.problem(error)
+            self.pipeline.problem(_in_context(f"a {name!r} document", error))
             if name == "stop":
                 try:
                     self.pipeline.end(doc)

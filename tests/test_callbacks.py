@@ -421,3 +421,40 @@ def test_a_refresh_failing_at_the_stop_still_writes_a_failed_stop(RE, tmp_path):
     assert "angle" in stop["reason"].lower(), stop["reason"]
     summary = jit.summaries[0]
     assert summary.exit_status == "fail" and summary.reason == stop["reason"]
+
+
+def test_one_bad_frame_costs_that_frame_only(RE, tmp_path):
+    """A complex-valued frame (a numpy casting error, not a package error) is rejected and
+    named; the run goes on, its other frames are reconstructed."""
+    import copy
+
+    from bluesky_jit.session import simulated_beamline
+
+    settings = {"size": 32, "rows": 4, "photons": 2000.0, "api": "v1", "external": False}
+    beamline = simulated_beamline(tmp_path / "raw", settings)
+    raw = Collector()
+    RE.subscribe(raw)
+    RE(
+        tomo_continuous(
+            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+            num_angles=16, rotations=2, num_darks=2, num_flats=2,
+        )
+    )  # fmt: skip
+    primary = {d["uid"] for d in raw.named("descriptor") if d["name"] == "primary"}
+    image_key = next(
+        k for d in raw.named("descriptor") if d["uid"] in primary
+        for k, v in d["data_keys"].items() if len(v.get("shape") or []) >= 2
+    )  # fmt: skip
+    jit = JitCallback(config=CONFIG.replace(refresh_every=4), emit=None, directory=tmp_path)
+    for name, doc in raw.docs:
+        if name == "event" and doc["descriptor"] in primary and doc["seq_num"] == 5:
+            doc = copy.deepcopy(doc)
+            doc["data"][image_key] = np.asarray(doc["data"][image_key]) * (1 + 1j)
+        jit(name, doc)
+    assert jit.flush(timeout=60)
+    jit.close()
+    summary = jit.summaries[0]
+    assert summary.projections == 31  # all but the bad one
+    assert summary.slices >= 1
+    assert summary.exit_status == "fail"
+    assert "event seq_num 5 rejected" in summary.reason, summary.reason
