@@ -928,7 +928,9 @@ def _serve(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> in
     try:
         write_connection_file(local)
         print(f"bluesky-jit: serving the catalog in {data_dir} at {local.uri}", flush=True)
-        print(f"bluesky-jit: API key {local.api_key} (also in {connection}, mode 0600)", flush=True)
+        # The key itself is never printed (terminals and logs are read by others): it is in
+        # the connection file, readable by this user only, which other commands find.
+        print(f"bluesky-jit: API key in {connection} (mode 0600)", flush=True)
         print(
             f"bluesky-jit: python: tiled.client.from_uri({local.uri!r}, api_key=...)  "
             f"| bluesky-jit replay {data_dir} UID",

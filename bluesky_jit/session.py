@@ -67,6 +67,39 @@ DEFAULT_DATA_DIR: Final = Path("bluesky_jit_data")
 
 
 # ----------------------------------------------------------------------------- settings
+MAX_SETTINGS_BYTES = 1 << 20
+"""Largest settings file read (a few lines are usual; a huge one is a mistake or an attack)."""
+
+
+def _no_alias_loader() -> Any:
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """YAML's safe loader without anchors and aliases: a few bytes of nested aliases
+        ("billion laughs") would otherwise expand to gigabytes in memory."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(
+                    f"YAML aliases (*name) are not allowed in a settings file (line "
+                    f"{event.start_mark.line + 1}); write the values out."
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+class _LazyLoader:
+    """Builds the YAML loader class on first use (importing this module imports no yaml)."""
+
+    def __call__(self, stream: Any) -> Any:
+        return _no_alias_loader()(stream)
+
+
+_NoAliasLoader = _LazyLoader()
+
+
 def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
     """Read a settings file (``.toml``, ``.yaml`` or ``.yml``).
 
@@ -105,6 +138,12 @@ def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
         return settings
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SETTINGS_BYTES:
+            raise ConfigError(
+                f"The settings file {path} has {size} bytes; a settings file is a few lines "
+                f"(at most {MAX_SETTINGS_BYTES} bytes read). Pass the right file to --config."
+            )
         text = path.read_text()
     except OSError as err:
         raise ConfigError(
@@ -118,7 +157,7 @@ def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_NoAliasLoader) or {}
         else:
             raise ConfigError(
                 f"The settings file {path} must end in .toml, .yaml or .yml; got {suffix!r}."

@@ -270,6 +270,8 @@ def test_serve_runs_a_catalog_others_find_and_stops_on_sigterm(tmp_path):
         uri = next(line for line in lines if "serving the catalog" in line).split(" at ")[-1]
         connection = data_dir / "catalog" / "connection.json"
         assert stat.S_IMODE(connection.stat().st_mode) == 0o600
+        key = json.loads(connection.read_text())["api_key"]
+        assert not any(key in line for line in lines)  # the secret is never printed
         with open_catalog(data_dir, create=False) as session:  # finds the running server
             assert session.local is None and session.uri == uri.strip()
             session.runs("derived")
@@ -304,3 +306,19 @@ def test_environment_api_key_is_used(jit_catalog, demo_run, tmp_path, monkeypatc
     out = tmp_path / "s.png"
     assert main(["export", jit_catalog.uri, demo_run["derived_uid"], "--out", str(out)]) == 0
     assert os.path.exists(out)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    levels = ["a: &a [" + ",".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\n")  # 9**9 strings if expanded
+    t0 = time.monotonic()
+    assert main(["demo", "--config", str(bomb)]) == 2
+    assert time.monotonic() - t0 < 5
+    assert "YAML aliases" in capsys.readouterr().err
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# padding\n" * 200_000)
+    assert main(["demo", "--config", str(huge)]) == 2
+    assert "a settings file is a few lines" in capsys.readouterr().err
