@@ -74,6 +74,8 @@ class RunSummary:
     budget: dict[str, Any] | None = None
     """The CPU budget used (:meth:`bluesky_jit.budget.CpuBudget.to_dict`, with the
     backlog thresholds)."""
+    duplicates: int = 0
+    """Documents that came a second time (same uid) and were ignored."""
     train_paused_s: float = 0.0
     """Seconds the trainer paused because frames waited for the worker."""
     refreshes_skipped: int = 0
@@ -84,7 +86,7 @@ class RunSummary:
         keys = (
             "raw_uid derived_uid exit_status reason projections projections_per_s slices "
             "denoised train_steps train_steps_per_s final_alpha elapsed_s problems derived_path "
-            "budget train_paused_s refreshes_skipped"
+            "budget train_paused_s refreshes_skipped duplicates"
         ).split()
         return {k: getattr(self, k) for k in keys}
 
@@ -123,6 +125,8 @@ class RunPipeline:
         Where the derived run's HDF5 file goes.
     dropped : callable
         Returns (and forgets) the frame documents dropped for this run.
+    duplicates : callable
+        Returns (and forgets) the documents of this run that came twice (ignored).
     quality : bluesky_jit.steering.QualitySignals, optional
     backlog : callable
         Frames waiting for the worker; cheap, called once per projection.
@@ -144,6 +148,7 @@ class RunPipeline:
         emit: Callable[[str, dict], None] | None,
         directory: Path,
         dropped: Callable[[], int] = lambda: 0,
+        duplicates: Callable[[], int] = lambda: 0,
         quality: Any = None,
         backlog: Callable[[], int] = lambda: 0,
         arrivals: Any = None,
@@ -168,6 +173,7 @@ class RunPipeline:
         self.emit = emit
         self.directory = Path(directory)
         self.dropped = dropped
+        self.duplicates = duplicates
         self.rng = np.random.default_rng(config.seed)
         self.derived = None
         self.recon = None
@@ -616,6 +622,7 @@ class RunPipeline:
                 m["alpha"] for m in summary.metrics if math.isfinite(m.get("alpha", math.nan))
             ]
             summary.final_alpha = alphas[-1] if alphas else math.nan
+        summary.duplicates = self.duplicates()
         dropped = self.dropped()
         if dropped:
             self.problem(
@@ -807,6 +814,9 @@ class JitCallback:
         self._count_lock = threading.Lock()
         self._run_of_descriptor: dict[str, str] = {}
         self._dropped: collections.Counter[str] = collections.Counter()
+        self._duplicates: collections.Counter[str] = collections.Counter()
+        self._seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self._run_of_descriptor_seen: dict[str, str] = {}
         self._worker = threading.Thread(target=self._work, name="bluesky-jit-worker", daemon=True)
         self._closed = False
         self._worker.start()
@@ -863,11 +873,41 @@ class JitCallback:
                     with self._count_lock:
                         self._frames_waiting -= 1
                         self._behind[name == "stream_datum"] -= _frames_in(name, doc)
+                if self._duplicate(name, doc):
+                    continue
                 self._router(name, doc)
             except Exception:  # noqa: BLE001 - e.g. a document of a run we never saw start
                 logger.exception("bluesky_jit worker failed on a document")
             finally:
                 self._queue.task_done()
+
+    def _duplicate(self, name: str, doc: Any) -> bool:
+        """Whether this document came before (same uid): then it is counted and ignored.
+
+        A bus that delivers twice (a replayed Kafka partition, a doubled
+        subscription) would otherwise feed every frame twice.
+        """
+        if not isinstance(doc, dict):
+            return False
+        key = doc.get("uid", doc.get("datum_id"))
+        if isinstance(key, list):  # a page: a duplicate only if all of it came before
+            key = tuple(key) if key else None
+        if not isinstance(key, (str, tuple)):
+            return False
+        if name == "descriptor":
+            self._run_of_descriptor_seen[doc["uid"]] = doc.get("run_start", "")
+        if (name, key) not in self._seen:
+            self._seen[(name, key)] = None
+            if len(self._seen) > 100_000:  # hours of runs: forget the oldest
+                self._seen.popitem(last=False)
+            return False
+        run = doc.get("run_start") or self._run_of_descriptor_seen.get(doc.get("descriptor", ""))
+        run = doc["uid"] if name == "start" else run
+        if name != "stop":  # a second stop comes after its run's summary: only logged
+            self._duplicates[run or ""] += 1
+        if name == "stop" or self._duplicates[run or ""] == 1:
+            logger.warning("bluesky_jit ignores a second %r document with uid %s", name, key)
+        return True
 
     def _factory(self, name: str, start: dict) -> tuple[list, list]:
         if not is_tomography(start):
@@ -883,6 +923,7 @@ class JitCallback:
             emit=self.emit,
             directory=self.directory,
             dropped=lambda: self._dropped.pop(uid, 0),
+            duplicates=lambda: self._duplicates.pop(uid, 0),
             quality=self.quality,
             backlog=self._frames_behind,
             arrivals=self._arrivals,

@@ -458,3 +458,39 @@ def test_one_bad_frame_costs_that_frame_only(RE, tmp_path):
     assert summary.slices >= 1
     assert summary.exit_status == "fail"
     assert "event seq_num 5 rejected" in summary.reason, summary.reason
+
+
+def test_documents_delivered_twice_are_ignored_and_counted(RE, tmp_path):
+    """A bus that delivers every document twice: the run is processed as if once."""
+    from bluesky_jit.session import simulated_beamline
+
+    settings = {"size": 32, "rows": 4, "photons": 2000.0, "api": "v1", "external": False}
+    beamline = simulated_beamline(tmp_path / "raw", settings)
+    raw = Collector()
+    RE.subscribe(raw)
+    RE(
+        tomo_continuous(
+            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+            num_angles=16, rotations=2, num_darks=2, num_flats=2,
+        )
+    )  # fmt: skip
+    summaries = []
+    for copies in (1, 2):
+        jit = JitCallback(  # fed as a listener is: no scan beside it to yield to
+            config=CONFIG.replace(refresh_every=4, train=False),
+            directory=tmp_path,
+            run_engine_here=False,
+        )
+        for name, doc in raw.docs:
+            for _ in range(copies):
+                jit(name, doc)
+        assert jit.flush(timeout=60)
+        jit.close()
+        summaries.append(jit.summaries[0])
+    once, twice = summaries
+    assert twice.exit_status == "success", twice.reason
+    assert (twice.projections, twice.slices) == (once.projections, once.slices)
+    assert once.projections == 32 and once.slices >= 2
+    # every document but the stop, whose second copy comes after the run's summary
+    assert once.duplicates == 0 and twice.duplicates == len(raw.docs) - 1
+    np.testing.assert_array_equal(twice.last_slice, once.last_slice)
