@@ -225,8 +225,9 @@ class PaceGuard:
     training was paused with the rate just before, while it ran. If training
     slowed the scan by more than ``tolerance``, the share of time training may
     run (``duty``, a square wave of ``period_s``) is halved, down to nothing;
-    otherwise it grows back by a quarter, up to all the time. It starts at a
-    half, with a first probe as soon as a window of frames has arrived. Without frames
+    otherwise it grows back by an eighth, up to all the time (it settles where
+    training costs the scan about ``tolerance``). It starts at a half, with a
+    first probe as soon as a window of frames has arrived. Without frames
     for ``idle_s`` (no scan, or one paused) training runs freely.
 
     Parameters
@@ -272,6 +273,8 @@ class PaceGuard:
         self.duty = 0.5  # cautious until the first probe has measured the scan
         self.probes = 0
         self.slowdowns = 0
+        self.history: list[float] = []
+        """The duty after each probe."""
         self._paused = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bluesky-jit-pace", daemon=True)
@@ -342,7 +345,8 @@ class PaceGuard:
             self.slowdowns += 1
             self.duty = 0.0 if self.duty < 0.1 else self.duty / 2
         else:
-            self.duty = min(1.0, self.duty + 0.25)
+            self.duty = min(1.0, self.duty + 0.125)
+        self.history.append(self.duty)
         logger.debug(
             "pace probe: %.1f frames/s training, %.1f paused: duty %.2f", before, free, self.duty
         )

@@ -427,12 +427,15 @@ def test_the_pace_guard_yields_exactly_when_training_slows_the_scan(slowed, expe
     finally:
         guard.stop()
         scan.stop.set()
+    history = guard.history
     if expect == "yields":
-        # training costs the scan 30 % while it runs: the guard settles where the scan
-        # loses about its tolerance (4 %), a duty of about 0.13, never above 0.35
-        assert guard.slowdowns >= 3 and guard.duty <= 0.35, (guard.duty, guard.slowdowns)
+        # training costs the scan 30 % while it runs: the guard halves the duty on each
+        # slowdown and settles about where the scan loses its tolerance (4 %, a duty of
+        # about 0.13), going a step above it now and then to check
+        assert guard.slowdowns >= 3, history
+        assert sum(history[2:]) / len(history[2:]) <= 0.35 and min(history) <= 0.2, history
     else:
-        assert guard.slowdowns <= 1 and guard.duty == 1.0, (guard.duty, guard.slowdowns)
+        assert guard.slowdowns <= 1 and guard.duty == 1.0, history
     assert scan.paused is False  # stopped: training runs freely
 
 
