@@ -90,16 +90,6 @@ def _no_alias_loader() -> Any:
     return NoAliasLoader
 
 
-class _LazyLoader:
-    """Builds the YAML loader class on first use (importing this module imports no yaml)."""
-
-    def __call__(self, stream: Any) -> Any:
-        return _no_alias_loader()(stream)
-
-
-_NoAliasLoader = _LazyLoader()
-
-
 def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
     """Read a settings file (``.toml``, ``.yaml`` or ``.yml``).
 
@@ -157,7 +147,7 @@ def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.load(text, Loader=_NoAliasLoader) or {}
+            data = yaml.load(text, Loader=_no_alias_loader()) or {}
         else:
             raise ConfigError(
                 f"The settings file {path} must end in .toml, .yaml or .yml; got {suffix!r}."

@@ -211,13 +211,6 @@ class CatalogWriter:
         """Uids of runs waiting in the spool for the catalog."""
         return [run.uid for run in list(self._runs.values()) if run.pending]
 
-    def run_status(self, uid: str) -> dict[str, Any] | None:
-        """Spooled/written counts of a run still held by this writer (None once written)."""
-        run = self._runs.get(uid)
-        if run is None:
-            return None
-        return {"spooled": run.spooled, "written": run.fed, "pending": run.pending}
-
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every document received so far is written.
 

@@ -423,11 +423,8 @@ def test_a_refresh_failing_at_the_stop_still_writes_a_failed_stop(RE, tmp_path):
     assert summary.exit_status == "fail" and summary.reason == stop["reason"]
 
 
-def test_one_bad_frame_costs_that_frame_only(RE, tmp_path):
-    """A complex-valued frame (a numpy casting error, not a package error) is rejected and
-    named; the run goes on, its other frames are reconstructed."""
-    import copy
-
+def recorded_inline_scan(RE, tmp_path) -> Collector:
+    """The documents of a 2-rotation scan of 16 angles, frames inline (ophyd v1)."""
     from bluesky_jit.session import simulated_beamline
 
     settings = {"size": 32, "rows": 4, "photons": 2000.0, "api": "v1", "external": False}
@@ -440,6 +437,15 @@ def test_one_bad_frame_costs_that_frame_only(RE, tmp_path):
             num_angles=16, rotations=2, num_darks=2, num_flats=2,
         )
     )  # fmt: skip
+    return raw
+
+
+def test_one_bad_frame_costs_that_frame_only(RE, tmp_path):
+    """A complex-valued frame (a numpy casting error, not a package error) is rejected and
+    named; the run goes on, its other frames are reconstructed."""
+    import copy
+
+    raw = recorded_inline_scan(RE, tmp_path)
     primary = {d["uid"] for d in raw.named("descriptor") if d["name"] == "primary"}
     image_key = next(
         k for d in raw.named("descriptor") if d["uid"] in primary
@@ -462,18 +468,7 @@ def test_one_bad_frame_costs_that_frame_only(RE, tmp_path):
 
 def test_documents_delivered_twice_are_ignored_and_counted(RE, tmp_path):
     """A bus that delivers every document twice: the run is processed as if once."""
-    from bluesky_jit.session import simulated_beamline
-
-    settings = {"size": 32, "rows": 4, "photons": 2000.0, "api": "v1", "external": False}
-    beamline = simulated_beamline(tmp_path / "raw", settings)
-    raw = Collector()
-    RE.subscribe(raw)
-    RE(
-        tomo_continuous(
-            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
-            num_angles=16, rotations=2, num_darks=2, num_flats=2,
-        )
-    )  # fmt: skip
+    raw = recorded_inline_scan(RE, tmp_path)
     summaries = []
     for copies in (1, 2):
         jit = JitCallback(  # fed as a listener is: no scan beside it to yield to
