@@ -136,6 +136,8 @@ def test_astra_backend_refuses_3d_without_cuda(disks):
     q, geom, _, _ = disks
     with pytest.raises(ConfigError, match="no GPU"):
         AstraBackend().backproject(q, geom, Slice.xz(shape=(1, N)))
+    with pytest.raises(ConfigError, match="not training patches"):
+        AstraBackend().backproject_grids(q, geom, np.zeros((1, 3)), Slice.axial(shape=(4, 4)))
 
 
 def test_slice_turned_by_90_degrees_is_the_transposed_axial_slice(disks, numba_backend):
@@ -378,10 +380,10 @@ def test_backproject_split_equals_each_subset_and_reads_the_ring_in_place(
         for j in range(3):
             expected = numba_backend.backproject(q[j::3], geom[j::3], s)
             np.testing.assert_allclose(planes[j], expected, atol=1e-5 * np.abs(expected).max())
-    # the generic path (other backends: backproject on every subset) gives the same
-    from bluesky_jit.reconstruction.backends import backproject_split
-
-    generic = backproject_split(TorchBackend(), ring, geom, slices, slots=slots, groups=groups)
+    # the Protocol's default (other backends: backproject on every subset) gives the same
+    torch_backend = TorchBackend()
+    assert numba_backend.split_in_place and not torch_backend.split_in_place
+    generic = torch_backend.backproject_split(ring, geom, slices, slots=slots, groups=groups)
     for a, b in zip(got, generic, strict=True):
         # parallel axial: numba's fast path (resampled tables) is within 1 % of bilinear
         assert rel(a, b) < (0.01 if beam == "parallel" else 1e-5)

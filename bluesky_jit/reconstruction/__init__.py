@@ -1,12 +1,13 @@
 """Slice reconstruction from buffered, filtered projections.
 
 A slice (:class:`bluesky_jit.geometry.Slice`) or a batch of training patches
-is a set of world points; a backend (:func:`make_backend`: ``numba`` on the
-CPU, ``torch`` on any device, ``astra`` as the CPU reference, ``cupy`` on
-CUDA) backprojects filtered projections there through the geometry's
-projective matrices: parallel-beam FBP and cone-beam FDK at any position and
-orientation. :mod:`.streaming` keeps the projections of a running scan,
-:mod:`.sirt` runs windowed streaming SIRT (seed 001).
+is a set of world points; a backend (:class:`~.base.Backend`, made by
+:func:`make_backend`: ``numba`` on the CPU, ``torch`` on any device, ``astra``
+as the CPU reference, ``cupy`` on CUDA) backprojects filtered projections
+there through the geometry's projective matrices: parallel-beam FBP and
+cone-beam FDK at any position and orientation. :mod:`.streaming` keeps the
+projections of a running scan, :mod:`.sirt` runs windowed streaming SIRT
+(seed 001).
 
 Intensity scale conventions (every backend, every path)
 -------------------------------------------------------
@@ -36,11 +37,13 @@ Intensity scale conventions (every backend, every path)
 """
 
 from .backends import BACKENDS, make_backend
+from .base import Backend
 from .grids import patch_grid, slice_grid
 from .torch_backend import TorchBackend, TorchBackprojector
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "TorchBackend",
     "TorchBackprojector",
     "make_backend",

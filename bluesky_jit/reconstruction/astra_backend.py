@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
+from ..geometry import window_weight
+from .base import Backend, check_projections
+from .plans import axial_lines, interpolate_rows
+
 _FILTERS = {"ram-lak": "ram-lak", "shepp-logan": "shepp-logan", "cosine": "cosine", "hann": "hann"}
 
 
@@ -94,7 +99,7 @@ def centred(sinogram: np.ndarray, center_of_rotation: float) -> tuple[np.ndarray
     return np.pad(sinogram, ((0, 0), (left, right))), width
 
 
-class AstraBackend:
+class AstraBackend(Backend):
     """ASTRA Toolbox as a backend: backprojection of our filtered projections.
 
     On the CPU ASTRA's 2D ``BP`` algorithm handles slices on which the detector
@@ -122,11 +127,6 @@ class AstraBackend:
         self.projector = projector
 
     def backproject(self, filtered, geometry, slice_, *, row_offset: int = 0) -> np.ndarray:
-        from ..errors import ConfigError
-        from ..geometry import window_weight
-        from .backends import check_projections
-        from .plans import axial_lines, interpolate_rows
-
         data = filtered.detach().cpu().numpy() if hasattr(filtered, "detach") else filtered
         data = np.ascontiguousarray(data, dtype=np.float32)
         check_projections(data.shape, geometry, row_offset=row_offset)
@@ -147,6 +147,13 @@ class AstraBackend:
         q = interpolate_rows(data, lines.row)
         return _bp_2d(self._astra, q, lines, slice_.shape, self.projector) * np.float32(
             window_weight(len(geometry))
+        )
+
+    def backproject_grids(self, filtered, geometry, origins, like, *, row_offset: int = 0):
+        """Not available: ASTRA backprojects whole slices here, not training patches."""
+        raise ConfigError(
+            "backend='astra' reconstructs whole axial slices, not training patches; use "
+            "backend='numba' or backend='torch' for a pipeline that trains."
         )
 
 

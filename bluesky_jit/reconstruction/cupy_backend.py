@@ -5,7 +5,7 @@ bilinear sample (zero outside the detector) and, for cone beam, the FDK
 weight ``1 / w**2``, the same arithmetic as the numba bilinear kernel. Inputs
 may be numpy arrays, cupy arrays or CUDA torch tensors (through
 ``__cuda_array_interface__``, no copy). Same scale as every backend (see
-:mod:`.backends`). Needs cupy and a GPU (``pip install 'bluesky-jit[cuda]'``).
+:class:`.base.Backend`). Needs cupy and a GPU (``pip install 'bluesky-jit[cuda]'``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..geometry import Slice, window_weight
-from .backends import check_projections
+from .base import Backend, check_projections
 
 _SOURCE = r"""
 extern "C" __global__
@@ -58,7 +58,7 @@ void backproject(const float* data, const double* mats, const int n, const int d
 """
 
 
-class CupyBackend:
+class CupyBackend(Backend):
     """Backprojection with a cupy CUDA kernel.
 
     Parameters
@@ -91,7 +91,7 @@ class CupyBackend:
             self._kernel = cupy.RawKernel(_SOURCE, "backproject")
 
     def backproject(self, filtered, geometry, slice_: Slice, *, row_offset: int = 0) -> np.ndarray:
-        """FBP/FDK of one slice; see :mod:`.backends`."""
+        """FBP/FDK of one slice; see :meth:`.base.Backend.backproject`."""
         out = self._run(filtered, geometry, slice_.points().reshape(-1, 3), row_offset)
         return out.reshape(slice_.shape) * np.float32(window_weight(len(geometry)))
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import Slice, window_weight
-from .backends import check_projections, check_split
+from .base import Backend, check_projections, check_split
 from .plans import PlanCache, ShearPlan, axial_lines, interpolate_rows, row_lines
 
 # numba's workqueue threading layer must not be entered from two threads at once
@@ -44,7 +44,7 @@ def _as_numpy(filtered: Any) -> np.ndarray:
     return np.ascontiguousarray(filtered, dtype=np.float32)
 
 
-class NumbaBackend:
+class NumbaBackend(Backend):
     """Backprojection with numba on the CPU.
 
     Parameters
@@ -67,6 +67,7 @@ class NumbaBackend:
     """
 
     name = "numba"
+    split_in_place = True
 
     def __init__(
         self,
@@ -92,24 +93,7 @@ class NumbaBackend:
     def backproject(
         self, filtered: Any, geometry: Any, slice_: Slice, *, row_offset: int = 0
     ) -> np.ndarray:
-        """FBP of one slice from the given filtered projections.
-
-        Parameters
-        ----------
-        filtered : ndarray or Tensor, shape (n, det_rows, cols)
-            Filtered projections of detector rows ``row_offset ...``.
-        geometry : ProjectionGeometry or VectorGeometry with n projections
-        slice_ : Slice
-
-        Returns
-        -------
-        ndarray, shape slice_.shape, float32
-
-        Raises
-        ------
-        ScanDataError
-            If the projections do not fit the geometry (count, columns, rows).
-        """
+        """FBP/FDK of one slice; see :meth:`.base.Backend.backproject`."""
         data = _as_numpy(filtered)
         check_projections(data.shape, geometry, row_offset=row_offset)
         mats = _offset_rows(geometry.matrices(), row_offset)
@@ -156,32 +140,7 @@ class NumbaBackend:
         normalize: bool = True,
         num_groups: int | None = None,
     ) -> list[np.ndarray]:
-        """FBP/FDK of several slices from subsets of stored projections, without copying them.
-
-        Parameters
-        ----------
-        filtered : ndarray, shape (m, det_rows, cols)
-            Whole filtered frames, e.g. the storage of a
-            :class:`~bluesky_jit.projections.ProjectionBuffer`.
-        geometry : ProjectionGeometry or VectorGeometry with n projections
-        slices : sequence of Slice
-        slots : (n,) int, optional
-            Projection ``a`` of the geometry is ``filtered[slots[a]]`` (default ``arange(n)``).
-        groups : (n,) int, optional
-            Subset of every projection, ``0 .. k-1`` (default: one subset); e.g.
-            ``indices % 2`` for the Noise2Inverse halves.
-        normalize : bool
-            False: plain sums over every subset, no ``pi / n_j`` weight (for
-            running sums; subsets may then be empty).
-        num_groups : int, optional
-            k, when some subsets may be empty (``normalize=False``).
-
-        Returns
-        -------
-        list of ndarray, shape (k, rows, cols), float32
-            Per slice, the FBP of every subset (weight ``pi / n_j`` for the
-            ``n_j`` projections of subset ``j``); the subsets' mean weighted by
-            ``n_j / n`` is the FBP of all ``n``.
+        """Like :meth:`.base.Backend.backproject_split`, reading the frames in place.
 
         Notes
         -----
@@ -194,10 +153,8 @@ class NumbaBackend:
         are limited by memory bandwidth more than by arithmetic.
         """
         data = _as_numpy(filtered)
-        if not normalize and num_groups is None:
-            num_groups = int(np.max(groups, initial=0)) + 1 if groups is not None else 1
         slots, groups, counts = check_split(
-            data.shape, geometry, slots, groups, num_groups=None if normalize else num_groups
+            data.shape, geometry, slots, groups, normalize=normalize, num_groups=num_groups
         )
         weights = np.asarray(
             [window_weight(c) if normalize else 1.0 for c in counts], dtype=np.float32

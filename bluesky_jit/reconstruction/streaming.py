@@ -47,6 +47,7 @@ from ..errors import ConfigError, ScanDataError
 from ..geometry import ProjectionGeometry, ScanGeometry, Slice, orthogonal_slices, window_weight
 from ..projections import FlatField, ProjectionBuffer, ProjectionFilter, split_subsets
 from .backends import make_backend
+from .base import Backend
 
 MODES = ("sliding", "alternating")
 
@@ -163,7 +164,7 @@ class StreamingReconstructor:
                 f"use capacity >= {self.window} (default {2 * self.window})."
             )
         self.buffer = ProjectionBuffer(int(capacity), (rows, cols), device=self.device)
-        self.backend = make_backend(backend, device=self.device, threads=threads)
+        self.backend: Backend = make_backend(backend, device=self.device, threads=threads)
         self.n = geometry.slice_size
         self.slices: tuple[Slice, ...] = ()
         self.set_slices(
@@ -309,8 +310,6 @@ class StreamingReconstructor:
         ScanDataError
             If a subset is empty or an index is no longer buffered.
         """
-        from .backends import backproject_split
-
         self.geometry.check_slice(slice_)
         parts = [np.asarray(subset, dtype=np.int64).reshape(-1) for subset in subsets]
         if not parts or any(part.size == 0 for part in parts):
@@ -324,24 +323,24 @@ class StreamingReconstructor:
         storage = self.buffer.storage
         if storage is None:  # on a GPU: copy the frames of the subsets
             data, _ = self.buffer.select(indices)
-            return backproject_split(self.backend, data, geometry, [slice_], groups=groups)[0]
+            return self.backend.backproject_split(data, geometry, [slice_], groups=groups)[0]
         with self._lock:
             count = self.buffer.count
             slots = self.buffer.slots_of(indices)
-            images = backproject_split(
-                self.backend, storage, geometry, [slice_], slots=slots, groups=groups
+            images = self.backend.backproject_split(
+                storage, geometry, [slice_], slots=slots, groups=groups
             )[0]
             written = np.arange(count, self.buffer.count) % self.buffer.capacity
         if np.intersect1d(slots, written).size:  # pragma: no cover - appends from a thread
             data, _ = self.buffer.select(indices)
-            return backproject_split(self.backend, data, geometry, [slice_], groups=groups)[0]
+            return self.backend.backproject_split(data, geometry, [slice_], groups=groups)[0]
         return images
 
     def _reconstruct(self, planes: Sequence[Slice]) -> tuple[SliceSet, ...]:
         indices = self.window_indices()
         self._check_window(indices)
         storage = self.buffer.storage
-        if storage is None or not hasattr(self.backend, "backproject_split"):
+        if storage is None or not self.backend.split_in_place:
             return tuple(self._reconstruct_copy(p, indices) for p in planes)
         with self._lock:
             for _ in range(3):
@@ -381,8 +380,6 @@ class StreamingReconstructor:
 
         Returns the sums and the buffer slots read.
         """
-        from .backends import backproject_split
-
         buffer = self.buffer
         # planes whose sums can be moved along share one call per previous window
         plans: OrderedDict[bytes | None, list[tuple[Slice, _Sums | None]]] = OrderedDict()
@@ -404,8 +401,7 @@ class StreamingReconstructor:
         for key, members in plans.items():
             group_planes = [plane for plane, _ in members]
             if key is None:
-                out = backproject_split(
-                    self.backend,
+                out = self.backend.backproject_split(
                     storage,
                     self._geometry(indices),
                     group_planes,
@@ -425,8 +421,7 @@ class StreamingReconstructor:
                 delta = np.concatenate([added, removed])
                 slots = buffer.slots_of(delta)
                 used.append(slots)
-                out = backproject_split(
-                    self.backend,
+                out = self.backend.backproject_split(
                     storage,
                     self._geometry(delta),
                     group_planes,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import window_weight
-from .backends import check_projections
+from .base import Backend, check_projections
 
 
 class TorchBackprojector:
@@ -86,7 +86,7 @@ class TorchBackprojector:
         return (out * window_weight(n)).reshape(shape)
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """Backprojection in torch on any device: the portable backend and the CUDA path.
 
     Same interface and scale as :class:`~bluesky_jit.reconstruction.numba_backend.NumbaBackend`
