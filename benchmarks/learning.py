@@ -9,7 +9,7 @@ is scanned continuously in parallel beam at ``--photons`` per pixel (Poisson
 noise), in real time: projection ``i`` is taken at virtual time ``i / fps``
 and becomes available when the wall clock passes it. Projections go through
 ``bluesky_jit.projections`` (flat field, ramp filter, ring buffer); a
-:class:`bluesky_jit.splits.PairMaker` reconstructs Noise2Inverse patch pairs
+:class:`bluesky_jit.pairs.PairMaker` reconstructs Noise2Inverse patch pairs
 from the newest rotation every ``--refresh`` seconds into the trainer's
 capacity queue (and hold-out pairs, never trained on, from the same newest
 window: "later" than everything trained before) while the one
@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bluesky_jit import noise2inverse
 from bluesky_jit.baselines import (
     bm3d_available,
     bm3d_denoise,
@@ -66,13 +67,13 @@ from bluesky_jit.baselines import (
     tune_tv,
     tv_denoise,
 )
+from bluesky_jit.buffers import ReplayBuffer, make_buffer
 from bluesky_jit.evaluation import disc_mask, psnr
 from bluesky_jit.inference import Denoiser
 from bluesky_jit.models import build_model
-from bluesky_jit.pairs import ReplayBuffer, SamplingRegion, SequentialBuffer, split_inputs
+from bluesky_jit.pairs import PairMaker, SamplingRegion
 from bluesky_jit.projections import FlatField, ProjectionBuffer, RampFilter
 from bluesky_jit.reconstruction import TorchBackprojector
-from bluesky_jit.splits import PairMaker
 from bluesky_jit.training import Normalizer, Trainer
 
 # ----------------------------------------------------------------------------- models
@@ -87,14 +88,14 @@ class Spec:
     config: dict[str, Any] = field(default_factory=dict)
     stack: str | None = None
     frames: int = 1
-    strategy: str = "queue"  # or "sequential" (the no-buffer baseline)
+    online_strategy: str = "queue"  # or "sequential" (the no-buffer baseline)
 
 
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
         Spec("unet", "unet"),  # seed 000's Standard U-Net
-        Spec("unet_nobuffer", "unet", strategy="sequential"),  # seed 000 Fig. 10 baseline
+        Spec("unet_nobuffer", "unet", online_strategy="sequential"),  # seed 000 Fig. 10 baseline
         # Dilated networks, dilations fitted to 20x20 patches. With the papers' dilations
         # (up to 10 or 16) most taps of a patch fall into the zero padding, and the network
         # fails on full slices (17.3 and 12.3 dB here, worse than TV, at a fine hold-out
@@ -453,7 +454,7 @@ def run_stream(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         pixel_size=1.0,
         row=args.row,
         splits=2,
-        strategy="X:1",
+        n2i_strategy="X:1",
         patch_size=args.patch,
         region=region,
         slice_size=args.size,
@@ -464,8 +465,8 @@ def run_stream(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         rng=np.random.default_rng(args.seed + 7),
     )
     item_ndim = 4 if spec.stack else 3
-    cls = SequentialBuffer if spec.strategy == "sequential" else ReplayBuffer
-    buffer = cls(args.buffer, rng=np.random.default_rng(1), item_ndim=item_ndim)
+    rng = np.random.default_rng(1)
+    buffer = make_buffer(spec.online_strategy, args.buffer, rng=rng, item_ndim=item_ndim)
     trainer = Trainer(
         build(spec),
         buffer,
@@ -523,7 +524,7 @@ def run_stream(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
             t=t_mark,
             row=maker.row,
             window=windows[mid if spec.stack == "t" else 0],
-            inputs=split_inputs(splits, "X:1"),
+            inputs=noise2inverse.inputs(splits, "X:1"),
             fbp=halves.mean(axis=0),
             halves=halves,
             version=snap.version,
@@ -680,7 +681,7 @@ def baselines(
 def benchmark_model(spec: Spec, args: argparse.Namespace) -> tuple[dict[str, Any], dict]:
     print(f"[{spec.name}] speed ...", file=sys.stderr, flush=True)
     result: dict[str, Any] = {"model": spec.model, "config": spec.config, "stack": spec.stack}
-    result["strategy"] = spec.strategy
+    result["strategy"] = spec.online_strategy
     if not args.quality_only:
         result.update(speed(spec, quick=args.quick))
     if args.speed_only:

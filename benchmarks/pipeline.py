@@ -84,8 +84,8 @@ def ingest_rate(docs, *, config: JitConfig, train: bool, directory: Path) -> dic
 
 
 def training_rate(*, steps: int = 200, patch: int = 20, batch: int = 32) -> float:
+    from bluesky_jit.buffers import ReplayBuffer
     from bluesky_jit.models import build_model
-    from bluesky_jit.pairs import ReplayBuffer
     from bluesky_jit.training import Trainer
 
     rng = np.random.default_rng(0)

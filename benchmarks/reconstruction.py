@@ -15,7 +15,8 @@ reconstruction circle):
   filter, a naive torch ``grid_sample`` FBP, and diffct when it imports.
 - ``patch``: one 20 x 20 patch anywhere in that slice from the 180
   projections (seed 000: about 2 ms on a GPU), a Noise2Inverse pair from the
-  even/odd halves, and ``patch_pairs(64)`` of the streaming reconstructor.
+  even/odd halves, and 64 training pairs from the streaming reconstructor as
+  the pipeline makes them (``PairMaker.pairs(64)``).
   Peers: ASTRA's FBP on a 20 x 20 region of interest, torch ``grid_sample``
   on the patch points; scikit-image has no region of interest.
 - ``cone``: FDK of a 128 x 128 axial slice and of three orthogonal slices from
@@ -343,6 +344,7 @@ def astra_roi_fbp(sino, angles, *, cor, window, size) -> np.ndarray:
 
 
 def patch_case(n: int, n_angles: int, size: int, repeats: int) -> dict[str, Any]:
+    from bluesky_jit.pairs import PairMaker
     from bluesky_jit.reconstruction.numba_backend import NumbaBackend
     from bluesky_jit.reconstruction.streaming import StreamingReconstructor
 
@@ -364,14 +366,16 @@ def patch_case(n: int, n_angles: int, size: int, repeats: int) -> dict[str, Any]
     even, odd = geom[0::2], geom[1::2]
     images: dict[str, np.ndarray] = {}
 
-    # the streaming reconstructor's patch_pairs: 64 pairs as the pipeline draws them
+    # 64 training pairs from the streaming reconstructor, as the pipeline makes them
     rows = 5
     scan = ScanGeometry(detector_shape=(rows, n), center_of_rotation=cor, num_angles=n_angles)
     rec = StreamingReconstructor(scan, refresh_every=n_angles)
     rec.set_flatfield(np.zeros((1, rows, n)), np.ones((1, rows, n)))
     for i, (s, a) in enumerate(zip(sino, np.degrees(angles), strict=True)):
         rec.add_frame(np.repeat(np.exp(-s)[None], rows, 0), angle_deg=a, index=i)
-    rng = np.random.default_rng(0)
+    maker = PairMaker.from_reconstructor(
+        rec, patch_size=size, neighbourhood=2, rng=np.random.default_rng(0)
+    )
     half = size / 2
     window = (centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)
 
@@ -389,7 +393,7 @@ def patch_case(n: int, n_angles: int, size: int, repeats: int) -> dict[str, Any]
             numba_backend.backproject_grids(q[0::2], even, origin, like),
             numba_backend.backproject_grids(q[1::2], odd, origin, like),
         ),
-        "patch_pairs_64": lambda: rec.patch_pairs(64, size=size, rng=rng, neighbourhood=2),
+        "pair_maker_64": lambda: maker.pairs(64),
         "astra_cpu_fbp_roi": keep(
             "astra_cpu_fbp_roi",
             lambda: astra_roi_fbp(sino, angles, cor=cor, window=window, size=size),
@@ -413,12 +417,12 @@ def patch_case(n: int, n_angles: int, size: int, repeats: int) -> dict[str, Any]
     return {
         "case": "patch",
         "description": f"one {size}x{size} patch from {n_angles} projections of a {n}-wide "
-        "detector; a Noise2Inverse pair (even/odd); patch_pairs(64) with 5 rows",
+        "detector; a Noise2Inverse pair (even/odd); PairMaker.pairs(64) with 5 rows",
         "project": {
             "time_s": times["project"],
             "psnr_db": psnr(images["project"], truth, mask, peak),
             "pair_time_s": times["project_pair"],
-            "patch_pairs_64_time_s": times["patch_pairs_64"],
+            "pair_maker_64_time_s": times["pair_maker_64"],
             "backend": "numba",
         },
         "peers": {
@@ -997,7 +1001,7 @@ def table(results: dict[str, Any]) -> str:
             "time_with_filter_s",
             "time_1_thread_s",
             "pair_time_s",
-            "patch_pairs_64_time_s",
+            "pair_maker_64_time_s",
             "three_slices_time_s",
             "cpu_time_s",
             "full_refresh_time_s",

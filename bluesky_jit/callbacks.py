@@ -223,9 +223,8 @@ class RunPipeline:
     def _build(self, geometry: ScanGeometry) -> None:
         from .inference import Denoiser
         from .models import build_model
-        from .pairs import SamplingRegion
+        from .pairs import PairMaker, SamplingRegion
         from .reconstruction.streaming import StreamingReconstructor
-        from .splits import PairMaker
         from .training import resolve_precision
 
         cfg = self.config
@@ -253,7 +252,7 @@ class RunPipeline:
         self.pairs = PairMaker.from_reconstructor(
             self.recon,
             splits=cfg.splits,
-            strategy=cfg.n2i_strategy,
+            n2i_strategy=cfg.n2i_strategy,
             patch_size=cfg.patch_size,
             region=region,
             neighbourhood=cfg.neighbourhood_rows,
@@ -272,9 +271,12 @@ class RunPipeline:
         )
 
     def _make_trainer(self) -> Any:
-        """The trainer of ``config.online_strategy``, in a thread or its own process."""
-        from .strategies import ProcessTrainer, make_trainer
-        from .training import resolve_precision
+        """The trainer of ``config.online_strategy``, in a thread or its own process.
+
+        Either follows :class:`~bluesky_jit.training.OnlineTrainer`.
+        """
+        from .process_trainer import ProcessTrainer
+        from .training import make_trainer, resolve_precision
 
         cfg = self.config
         checkpoint_dir = None
@@ -298,7 +300,7 @@ class RunPipeline:
                 cfg.model,
                 cfg.model_config,
                 capacity=cfg.buffer_capacity,
-                strategy=cfg.online_strategy,
+                online_strategy=cfg.online_strategy,
                 warm_start=cfg.warm_start,
                 num_threads=self.budget.train_threads,
                 interop_threads=self.budget.interop_threads,
@@ -483,14 +485,7 @@ class RunPipeline:
 
     def _denoise(self, slices: Any) -> None:
         """The Noise2Inverse estimate: the mean of the network over its K inputs."""
-        cfg, pairs = self.config, self.pairs
-        if cfg.splits == 2 and cfg.stack is None:
-            inputs = np.stack([slices.even, slices.odd])  # the refresh's halves: no new FBP
-            window = slices.indices
-        else:
-            inputs = pairs.inference_inputs()
-            windows = pairs.windows()
-            window = windows[len(windows) // 2]  # a T stack denoises its middle window
+        inputs, window = self.pairs.inference_inputs(refresh=slices)
         denoised = self.denoiser.denoise_mean(inputs)
         self.summary.denoised += 1
         self.summary.last_denoised = denoised
@@ -664,7 +659,7 @@ def _warm_up() -> None:
     try:
         import torch.optim  # noqa: F401
 
-        from . import inference, splits, strategies, training  # noqa: F401
+        from . import inference, pairs, process_trainer, training  # noqa: F401
         from .reconstruction import streaming  # noqa: F401
     except Exception:  # noqa: BLE001 - the run itself will report it
         logger.exception("bluesky_jit could not import its learning stage")

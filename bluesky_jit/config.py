@@ -145,9 +145,9 @@ class JitConfig:
         self._check_learning()
 
     def _check_learning(self) -> None:
+        from .buffers import ONLINE_STRATEGIES
         from .models import resolve_config
-        from .pairs import check_strategy
-        from .strategies import BUFFER_STRATEGIES
+        from .noise2inverse import check_strategy
         from .training import PRECISIONS
 
         model_config = resolve_config(self.model, self.model_config)  # unknown names, bad types
@@ -167,7 +167,7 @@ class JitConfig:
                 f"{self.model!r} takes single slices. Set stack=None."
             )
         for name, choices in (
-            ("online_strategy", BUFFER_STRATEGIES),
+            ("online_strategy", ONLINE_STRATEGIES),
             ("train_precision", ("auto", *PRECISIONS)),
             ("infer_precision", ("auto", *PRECISIONS)),
         ):

@@ -230,7 +230,7 @@ class Denoiser:
         Parameters
         ----------
         inputs : ndarray, shape (K, H, W) or, for stacks, (K, frames, H, W)
-            E.g. :meth:`bluesky_jit.splits.PairMaker.inference_inputs` (X:1:
+            E.g. :meth:`bluesky_jit.pairs.PairMaker.inference_inputs` (X:1:
             mean of the other K - 1 splits; 1:X: each split). For K = 2 and
             even/odd halves this is ``(A(even) + A(odd)) / 2``.
 

@@ -1,397 +1,87 @@
-"""Noise2Inverse training pairs and the capacity-queue replay buffer.
+"""Training patch pairs straight from the projection buffer: K splits, Z and T stacks.
 
-The reconstruction thread pushes input-target pairs ``(u, v)`` into a
-:class:`ReplayBuffer`; the training thread draws batches uniformly at random
-from it while new pairs keep arriving. When the buffer is full the oldest
-pairs fall out, so the optimizer always trains on the most recent
-``capacity`` pairs: the online-learning capacity queue of seed 000 (Fig. 6,
-"Topic III: online learning"). A hold-out set is the same queue, read in full
-with :meth:`ReplayBuffer.snapshot` and never sampled for training.
+A :class:`PairMaker` reads filtered projections from a
+:class:`~bluesky_jit.projections.ProjectionBuffer` (anything with ``last(n)``
+and ``select(indices, rows=...)``) and reconstructs small patches from each
+of K disjoint projection subsets ``J_j = {i : i mod K == j}`` of a window,
+with a row backprojector such as
+:meth:`bluesky_jit.reconstruction.TorchBackprojector.backproject`. The splits
+become input-target pairs by :func:`bluesky_jit.noise2inverse.pairs` (X:1
+or 1:X), with patch centres inside a :class:`SamplingRegion`. Input and
+target are made from disjoint subsets, so they never share a projection, also
+across the rows of a Z stack and the windows of a T stack (split membership
+is by global projection index).
+
+Stacks (Graas et al. 2023, Table 1): ``stack="z"`` makes inputs of ``frames`` nearby
+detector rows (clipped at the detector edges) around the target row;
+``stack="t"`` makes inputs of ``frames`` consecutive windows, each
+``frame_step`` projections after the previous, whose middle window is the
+target's (so a Tx network denoises the frame ``(frames // 2) * frame_step``
+projections back).
+
+Everything here works on arrays. Patches are reconstructed either by a
+parallel-beam row backprojector (one detector row per axial slice) or, with
+:meth:`PairMaker.from_reconstructor`, by a
+:class:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor` on its
+own backend and geometry (parallel or cone beam): the path the live pipeline
+takes. Thread-safe: the patch size, the sampling region and the slice row may
+be changed from another thread while pairs are made.
 
 References
 ----------
-.. [1] Graas, Coban, Batenburg, Lucka, "Just-in-time deep learning for
-   real-time X-ray computed tomography", Sci. Rep. (2023) (seed 000).
-.. [2] Hendriksen, Pelt, Batenburg, "Noise2Inverse: self-supervised deep
-   convolutional denoising for tomography", IEEE TCI 6 (2020).
+.. [1] Hendriksen, Pelt, Batenburg, "Noise2Inverse: self-supervised deep
+   convolutional denoising for tomography", IEEE Transactions on
+   Computational Imaging 6 (2020).
+.. [2] Graas, Coban, Batenburg, Lucka, "Just-in-time deep learning for
+   real-time X-ray computed tomography", Scientific Reports 13 (2023).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .errors import ConfigError, EmptyBufferError, ScanDataError
+from . import noise2inverse
+from .errors import ConfigError, ScanDataError
+from .projections import split_subsets
+from .reconstruction import patch_grid
+
+RowBackprojector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``backproject(filtered (n, cols), angles (n,), x, y) -> values at (x, y)``, one detector row."""
+
+SubsetSlices = Callable[[list[np.ndarray], int], np.ndarray]
+"""``slices(subsets, row) -> (K, n, n)``: the axial slice at a detector row from each subset,
+e.g. :meth:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor.subset_slices`."""
+
+SubsetPatches = Callable[..., np.ndarray]
+"""``patches(subsets, centers (m, 2), rows (m,), *, size) -> (K, m, size, size)``: one
+FBP per subset of global projection indices, e.g.
+:meth:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor.subset_patches`."""
 
 
-class ReplayBuffer:
-    """Capacity queue of input-target pairs, sampled uniformly at random.
+class ProjectionSource(Protocol):
+    """What a :class:`PairMaker` needs from a projection buffer."""
 
-    Pairs are stored in preallocated float32 tensors (a ring): pushing is a
-    copy, sampling an index-select, both under one lock, so the reconstruction
-    thread may push while the training thread samples. The item shapes of
-    ``u`` and ``v`` are fixed by the first push (they may differ, e.g. several
-    input frames and one target frame); :meth:`clear` forgets them.
+    def last(self, n: int) -> np.ndarray: ...
 
-    Parameters
-    ----------
-    capacity : int
-        ``N_buffer`` of seed 000: the number of most recent pairs kept. Seed
-        000 (Fig. 10) finds 320 (about a second of data) better than 32;
-        :class:`bluesky_jit.config.JitConfig` defaults to 320.
-    rng : numpy.random.Generator, optional
-        Source of the random indices; a fresh unseeded one when omitted.
-    item_ndim : int
-        Dimensions of one pair member: 3 for ``(C, p, p)`` (2D networks),
-        4 for ``(C, D, p, p)`` (3D convolutions). An array with one more
-        dimension is a batch of pairs.
-    device : str or torch.device
-        Where the pairs are kept (``"cpu"``, or ``"cuda"`` next to the model).
-    on_shape_change : {"raise", "clear"}
-        What a push of pairs with another item shape does (e.g. after the
-        patch size was changed during the run): raise a ScanDataError
-        (default), or forget the pairs kept and start over with the new shape.
+    def select(
+        self, indices: np.ndarray, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    Raises
-    ------
-    ConfigError
-        If ``capacity`` or ``item_ndim`` is not a positive integer, or
-        ``on_shape_change`` is not one of the two choices.
-
-    Examples
-    --------
-    >>> buf = ReplayBuffer(320, rng=np.random.default_rng(0))
-    >>> buf.push(np.zeros((64, 1, 20, 20)), np.ones((64, 1, 20, 20)))
-    >>> u, v = buf.sample(32)
-    >>> tuple(u.shape)
-    (32, 1, 20, 20)
-    """
-
-    def __init__(
-        self,
-        capacity: int,
-        *,
-        rng: np.random.Generator | None = None,
-        item_ndim: int = 3,
-        device: str | torch.device = "cpu",
-        on_shape_change: str = "raise",
-    ) -> None:
-        if on_shape_change not in ("raise", "clear"):
-            raise ConfigError(
-                f"ReplayBuffer on_shape_change must be 'raise' or 'clear'; got {on_shape_change!r}."
-            )
-        for key, value in (("capacity", capacity), ("item_ndim", item_ndim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"ReplayBuffer {key} must be a positive integer; got {value!r}. "
-                    "Pass e.g. ReplayBuffer(320) (the buffer size of seed 000, Fig. 10)."
-                )
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise ConfigError(
-                f"ReplayBuffer rng must be a numpy.random.Generator; got {type(rng).__name__}. "
-                "Pass rng=np.random.default_rng(seed)."
-            )
-        self.capacity = capacity
-        self.item_ndim = item_ndim
-        self.on_shape_change = on_shape_change
-        self.device = torch.device(device)
-        self._rng = rng if rng is not None else np.random.default_rng()
-        self._lock = threading.Lock()
-        self._u: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._size = 0
-        self._next = 0  # ring position of the next write
-        self._pushed = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __repr__(self) -> str:
-        return (
-            f"ReplayBuffer(capacity={self.capacity}, len={self._size}, pushed={self._pushed}, "
-            f"item_shapes={self.item_shapes})"
-        )
-
-    @property
-    def pushed(self) -> int:
-        """Total number of pairs pushed since creation (or the last :meth:`clear`)."""
-        return self._pushed
-
-    @property
-    def item_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        """Shapes of one ``u`` and one ``v``; ``None`` before the first push."""
-        if self._u is None or self._v is None:
-            return None
-        return tuple(self._u.shape[1:]), tuple(self._v.shape[1:])
-
-    def push(self, u: np.ndarray | torch.Tensor, v: np.ndarray | torch.Tensor) -> None:
-        """Add one pair or a batch of pairs; the oldest pairs fall out when full.
-
-        Parameters
-        ----------
-        u, v : ndarray or Tensor, shape (C, p, p) or (n, C, p, p)
-            Input and target (with ``item_ndim=4``: (C, D, p, p) or
-            (n, C, D, p, p)). Copied; converted to float32.
-
-        Raises
-        ------
-        ScanDataError
-            If the shapes do not fit each other or the pairs already kept, or
-            if a value is NaN or infinite.
-        """
-        ut = self._as_batch(u, "u")
-        vt = self._as_batch(v, "v")
-        if ut.shape[0] != vt.shape[0]:
-            raise ScanDataError(
-                f"push() got {ut.shape[0]} inputs u but {vt.shape[0]} targets v; expected one "
-                "target per input."
-            )
-        if not (torch.isfinite(ut).all() and torch.isfinite(vt).all()):
-            raise ScanDataError(
-                "push() got NaN or infinite values in a pair; expected finite reconstructions. "
-                "Such a pair would poison the weights, so none of this batch was kept."
-            )
-        n = ut.shape[0]
-        if n > self.capacity:  # only the newest `capacity` pairs would survive anyway
-            ut, vt = ut[-self.capacity :], vt[-self.capacity :]
-        with self._lock:
-            if self._u is None or self._v is None:
-                self._u = torch.empty((self.capacity, *ut.shape[1:]), device=self.device)
-                self._v = torch.empty((self.capacity, *vt.shape[1:]), device=self.device)
-            elif (
-                ut.shape[1:] != self._u.shape[1:] or vt.shape[1:] != self._v.shape[1:]
-            ) and self.on_shape_change == "clear":
-                self._u = torch.empty((self.capacity, *ut.shape[1:]), device=self.device)
-                self._v = torch.empty((self.capacity, *vt.shape[1:]), device=self.device)
-                self._size = self._next = 0
-            elif ut.shape[1:] != self._u.shape[1:] or vt.shape[1:] != self._v.shape[1:]:
-                raise ScanDataError(
-                    f"push() got pairs of shapes u {tuple(ut.shape[1:])}, v "
-                    f"{tuple(vt.shape[1:])}; the buffer holds u {tuple(self._u.shape[1:])}, "
-                    f"v {tuple(self._v.shape[1:])}. Expected every pair to have the same patch "
-                    "size; call clear() first when changing it, or make the buffer with "
-                    "on_shape_change='clear'."
-                )
-            index = (self._next + torch.arange(ut.shape[0])) % self.capacity
-            index = index.to(self.device)
-            self._u[index] = ut.to(self.device)
-            self._v[index] = vt.to(self.device)
-            self._next = int((self._next + ut.shape[0]) % self.capacity)
-            self._size = min(self._size + ut.shape[0], self.capacity)
-            self._pushed += n
-
-    def sample(
-        self, batch_size: int, *, rng: np.random.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a batch uniformly at random from the pairs kept now.
-
-        Within a batch, pairs are drawn without replacement when the buffer
-        holds at least ``batch_size`` pairs and with replacement otherwise;
-        successive batches are independent, so a pair is drawn on average
-        ``n_opt / n_reco`` times during its life in the queue (seed 000,
-        Topic III).
-
-        Parameters
-        ----------
-        batch_size : int
-        rng : numpy.random.Generator, optional
-            Overrides the buffer's generator (the trainer passes its own).
-
-        Returns
-        -------
-        u, v : Tensor, shape (batch_size, C, p, p), float32
-            New tensors on the buffer's device; later pushes do not change them.
-
-        Raises
-        ------
-        EmptyBufferError
-            If nothing has been pushed yet.
-        ConfigError
-            If ``batch_size`` is not a positive integer.
-        """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(
-                f"sample() batch_size must be a positive integer; got {batch_size!r}. "
-                "Seed 000 trains with batches of 32."
-            )
-        gen = rng if rng is not None else self._rng
-        with self._lock:
-            if self._u is None or self._v is None or self._size == 0:
-                raise EmptyBufferError(
-                    "sample() was called on an empty ReplayBuffer; expected at least one pushed "
-                    "pair. Wait until len(buffer) >= batch_size before training."
-                )
-            size = self._size
-            replace = size < batch_size
-            picks = gen.choice(size, size=batch_size, replace=replace)
-            index = torch.from_numpy(picks).to(self.device)
-            return self._u.index_select(0, index), self._v.index_select(0, index)
-
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All pairs kept now, oldest first (a copy).
-
-        Returns
-        -------
-        u, v : Tensor, shape (len(self), C, p, p), float32
-
-        Raises
-        ------
-        EmptyBufferError
-            If nothing has been pushed yet.
-        """
-        with self._lock:
-            if self._u is None or self._v is None or self._size == 0:
-                raise EmptyBufferError(
-                    "snapshot() was called on an empty ReplayBuffer; push pairs first."
-                )
-            start = (self._next - self._size) % self.capacity
-            index = (start + torch.arange(self._size)) % self.capacity
-            index = index.to(self.device)
-            return self._u.index_select(0, index), self._v.index_select(0, index)
-
-    def clear(self) -> None:
-        """Forget every pair and the item shapes; ``pushed`` restarts at 0."""
-        with self._lock:
-            self._u = self._v = None
-            self._size = self._next = self._pushed = 0
-
-    def _as_batch(self, x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            t = x.detach()
-        else:
-            a = np.asarray(x, dtype=np.float32)  # also native byte order (HDF5 data)
-            t = torch.from_numpy(a if a.flags.writeable else a.copy())
-        if t.ndim == self.item_ndim:
-            t = t.unsqueeze(0)
-        elif t.ndim != self.item_ndim + 1:
-            raise ScanDataError(
-                f"push() got {what} with shape {tuple(t.shape)}; expected one pair member of "
-                f"{self.item_ndim} dimensions (C, p, p) or a batch of them (n, C, p, p). Add a "
-                f"channel axis with {what}[None] for a single-channel (p, p) patch."
-            )
-        return t.to(dtype=torch.float32)
+    def __len__(self) -> int: ...
 
 
-class SequentialBuffer(ReplayBuffer):
-    """The no-buffer baseline of seed 000 (Fig. 10, dotted line): every pair is trained on once.
-
-    Pairs wait in arrival order; :meth:`sample` hands out the oldest
-    ``batch_size`` waiting pairs and forgets them, so "single-time access per
-    sample" (seed 000, Topic III) holds and the optimizer idles until new
-    reconstructions arrive. ``len()`` counts the pairs still waiting; beyond
-    ``capacity`` waiting pairs the oldest are dropped. Same parameters as
-    :class:`ReplayBuffer`.
-    """
-
-    def sample(
-        self, batch_size: int, *, rng: np.random.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The oldest ``batch_size`` waiting pairs, removed from the queue.
-
-        Raises
-        ------
-        EmptyBufferError
-            If fewer than ``batch_size`` pairs are waiting.
-        """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(
-                f"sample() batch_size must be a positive integer; got {batch_size!r}."
-            )
-        with self._lock:
-            if self._u is None or self._v is None or self._size < batch_size:
-                raise EmptyBufferError(
-                    f"SequentialBuffer holds {self._size} unused pairs; a batch needs "
-                    f"{batch_size}. Wait until len(buffer) >= batch_size."
-                )
-            start = (self._next - self._size) % self.capacity
-            index = ((start + torch.arange(batch_size)) % self.capacity).to(self.device)
-            self._size -= batch_size
-            return self._u.index_select(0, index), self._v.index_select(0, index)
-
-
-# ---------------------------------------------------------------------------
-# Noise2Inverse pairs from K reconstructions of disjoint projection subsets
-# ---------------------------------------------------------------------------
-STRATEGIES = ("X:1", "1:X")
-"""Noise2Inverse training strategies (Hendriksen et al. 2020, section III-C).
-
-With K splits of the projections and reconstructions ``r_1 .. r_K`` from them:
-``"X:1"`` trains on input ``mean(r_i, i != j)`` and target ``r_j``; ``"1:X"``
-on input ``r_j`` and target ``mean(r_i, i != j)``. For K = 2 both are the
-even/odd pairs of seed 000.
-"""
-
-
-def check_strategy(strategy: str, splits: int) -> None:
-    """Raise a ConfigError unless ``strategy`` is in :data:`STRATEGIES` and ``splits >= 2``."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(
-            f"Unknown Noise2Inverse strategy {strategy!r}; expected one of {STRATEGIES} "
-            "(X:1 = mean of K-1 splits in, one split out; 1:X the reverse)."
-        )
-    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 2:
-        raise ConfigError(
-            f"Noise2Inverse needs at least 2 projection splits; got splits={splits!r}."
-        )
-
-
-def combine_splits(
-    recons: np.ndarray | torch.Tensor, strategy: str, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Input-target pairs from K reconstructions of each patch.
-
-    For every pair the target split ``j`` is drawn uniformly; see
-    :data:`STRATEGIES`.
-
-    Parameters
-    ----------
-    recons : ndarray or Tensor, shape (K, m, ...)
-        ``recons[i]`` holds the m patches reconstructed from split i.
-    strategy : {"X:1", "1:X"}
-    rng : numpy.random.Generator
-
-    Returns
-    -------
-    u, v : ndarray, shape (m, ...), float32
-    """
-    r = recons.detach().cpu().numpy() if isinstance(recons, torch.Tensor) else np.asarray(recons)
-    r = r.astype(np.float32, copy=False)
-    k, m = r.shape[:2]
-    check_strategy(strategy, k)
-    j = rng.integers(k, size=m)
-    one = r[j, np.arange(m)]
-    rest = (r.sum(axis=0) - one) / (k - 1)
-    return (rest, one) if strategy == "X:1" else (one, rest)
-
-
-def split_inputs(recons: np.ndarray, strategy: str) -> np.ndarray:
-    """The K network inputs whose outputs, averaged, are the Noise2Inverse estimate.
-
-    Parameters
-    ----------
-    recons : ndarray, shape (K, ...)
-        Full reconstructions from the K splits.
-    strategy : {"X:1", "1:X"}
-
-    Returns
-    -------
-    ndarray, shape (K, ...)
-        For ``"X:1"`` the mean of the other K - 1 splits, for ``"1:X"`` each split.
-    """
-    r = np.asarray(recons, dtype=np.float32)
-    check_strategy(strategy, r.shape[0])
-    if strategy == "1:X":
-        return r
-    return (r.sum(axis=0, keepdims=True) - r) / (r.shape[0] - 1)
+STACKS = (None, "z", "t")
 
 
 class SamplingRegion:
     """Where training patches may lie in the slice: a disc or a mask.
 
-    Seed 000: "The patches are sampled uniformly at random from a slice as well
+    Graas et al. (2023): "The patches are sampled uniformly at random from a slice as well
     as its spatial neighbourhood ... No patches are sampled outside the glass
     container"; "the patch-sampling region is adjustable during the
     experiment". Coordinates are those of
@@ -527,3 +217,393 @@ class SamplingRegion:
                 "patch_size or a larger region."
             )
         return inside
+
+
+class PairMaker:
+    """Make Noise2Inverse training pairs (and inference inputs) from buffered projections.
+
+    Parameters
+    ----------
+    source : ProjectionSource
+        Filtered projections with global indices, e.g. a ``ProjectionBuffer``.
+    backproject : RowBackprojector, optional
+        Parallel-beam backprojection of one detector row onto points (mm).
+    patches : SubsetPatches, optional
+        Instead of ``backproject``: reconstructs patches from subsets of
+        projections in any geometry (see :meth:`from_reconstructor`).
+    slices : SubsetSlices, optional
+        Full slices for :meth:`slice_splits`; by default one patch of side
+        ``slice_size`` from ``patches`` or ``backproject``.
+    window : int
+        Projections per reconstruction (one rotation).
+    rows : int
+        Detector rows (stacks and neighbourhoods are clipped to them).
+    pixel_size : float
+        Pixel size of patches and slices (mm).
+    row : int
+        Detector row of the slice.
+    splits : int
+        K, the number of disjoint projection subsets (2: even/odd).
+    n2i_strategy : {"X:1", "1:X"}
+        See :data:`bluesky_jit.noise2inverse.STRATEGIES`.
+    patch_size : int
+        Patch side (pixels); 20 in Graas et al. (2023).
+    region : SamplingRegion, optional
+        Where patch centres may lie; by default the disc inscribed in a
+        ``slice_size`` slice, shrunk to 90 %.
+    slice_size : int, optional
+        Side of full slices (:meth:`slice_splits`); default the number of
+        detector columns the source holds.
+    neighbourhood : int
+        Target rows are drawn up to this many rows from ``row`` (Graas et al.:
+        "from a slice as well as its spatial neighbourhood").
+    stack : {None, "z", "t"}
+    frames : int
+        Slices or windows per stack (odd; 1 without a stack).
+    frame_step : int, optional
+        Projections between the windows of a T stack; default ``window // 2``.
+    rng : numpy.random.Generator, optional
+    """
+
+    def __init__(
+        self,
+        source: ProjectionSource,
+        backproject: RowBackprojector | None = None,
+        *,
+        window: int,
+        rows: int,
+        pixel_size: float,
+        row: int,
+        splits: int = 2,
+        n2i_strategy: str = "X:1",
+        patch_size: int = 20,
+        region: SamplingRegion | None = None,
+        slice_size: int | None = None,
+        neighbourhood: int = 0,
+        stack: str | None = None,
+        frames: int = 1,
+        frame_step: int | None = None,
+        rng: np.random.Generator | None = None,
+        patches: SubsetPatches | None = None,
+        slices: SubsetSlices | None = None,
+    ) -> None:
+        if (backproject is None) == (patches is None):
+            raise ConfigError(
+                "PairMaker needs exactly one of backproject= (a parallel-beam row "
+                "backprojector) or patches= (e.g. StreamingReconstructor.subset_patches)."
+            )
+        noise2inverse.check_strategy(n2i_strategy, splits)
+        for key, value, low in (
+            ("window", window, 2),
+            ("rows", rows, 1),
+            ("frames", frames, 1),
+            ("neighbourhood", neighbourhood, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"PairMaker {key} must be an integer >= {low}; got {value!r}.")
+        if window < splits:
+            raise ConfigError(
+                f"A window of {window} projections cannot be split {splits} ways; expected "
+                "window >= splits."
+            )
+        if stack not in STACKS:
+            raise ConfigError(f"PairMaker stack must be one of {STACKS}; got {stack!r}.")
+        if stack is None and frames != 1:
+            raise ConfigError(f"frames={frames} needs stack='z' or 't'; got stack=None.")
+        if stack is not None and frames % 2 == 0:
+            raise ConfigError(f"Stacks need an odd number of frames (a middle one); got {frames}.")
+        if not (np.isfinite(pixel_size) and pixel_size > 0):
+            raise ConfigError(f"PairMaker pixel_size must be > 0 mm; got {pixel_size!r}.")
+        step = window // 2 if frame_step is None else frame_step
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ConfigError(f"PairMaker frame_step must be a positive integer; got {step!r}.")
+        self.source = source
+        self.backproject = backproject
+        self.subset_patches = patches
+        self.subset_slices = slices
+        self.window = window
+        self.rows = rows
+        self.pixel_size = float(pixel_size)
+        self.splits = splits
+        self.n2i_strategy = n2i_strategy
+        self.neighbourhood = neighbourhood
+        self.stack = stack
+        self.frames = frames
+        self.frame_step = step
+        self.slice_size = slice_size
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._lock = threading.Lock()
+        self._row = 0
+        self._patch_size = 0
+        self._region: SamplingRegion | None = None
+        self.set_row(row)
+        self.set_patch_size(patch_size)
+        if region is not None:
+            self.set_region(region)
+
+    @classmethod
+    def from_reconstructor(cls, reconstructor, **settings) -> PairMaker:
+        """Pairs reconstructed by a streaming reconstructor, on its backend and geometry.
+
+        Source, window, detector rows, pixel size, slice size and the slice
+        row come from ``reconstructor`` (a
+        :class:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor`);
+        ``settings`` are the other parameters (``splits``, ``n2i_strategy``,
+        ``patch_size``, ``region``, ``neighbourhood``, ``stack``, ``frames``,
+        ``frame_step``, ``rng``). Works for cone beam too: patches lie in
+        axial planes at the height of their detector row.
+        """
+        geometry = reconstructor.geometry
+        base = {
+            "window": reconstructor.window,
+            "rows": geometry.rows,
+            "pixel_size": geometry.voxel_size,
+            "row": reconstructor.row,
+            "slice_size": reconstructor.n,
+        }
+        return cls(
+            reconstructor.buffer,
+            patches=reconstructor.subset_patches,
+            slices=reconstructor.subset_slices,
+            **(base | settings),
+        )
+
+    # -- settings that may change during the run ------------------------------------
+    @property
+    def row(self) -> int:
+        """Detector row of the slice (target rows are drawn around it)."""
+        return self._row
+
+    @property
+    def patch_size(self) -> int:
+        return self._patch_size
+
+    @property
+    def region(self) -> SamplingRegion | None:
+        """The sampling region; ``None`` is the default disc (see the class docstring)."""
+        return self._region
+
+    def set_row(self, row: int) -> None:
+        """Move the slice to another detector row (Graas et al. 2023, Fig. 7a: repositioning)."""
+        if not isinstance(row, (int, np.integer)) or not 0 <= int(row) < self.rows:
+            raise ConfigError(f"Slice row must be an integer in [0, {self.rows}); got {row!r}.")
+        with self._lock:
+            self._row = int(row)
+
+    def set_patch_size(self, size: int) -> None:
+        """Change the patch side; pairs made afterwards have the new size."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"patch_size must be a positive integer; got {size!r}.")
+        n = self._slice_size()
+        if n is not None and size > n:
+            raise ConfigError(
+                f"A {size}x{size} patch is larger than the {n}x{n} slice; use patch_size <= {n}."
+            )
+        with self._lock:
+            self._patch_size = size
+
+    def set_region(self, region: SamplingRegion | None) -> None:
+        """Change where patches are drawn (``None``: the default disc)."""
+        if region is not None and not isinstance(region, SamplingRegion):
+            raise ConfigError(
+                f"set_region expects a SamplingRegion or None; got {type(region).__name__}."
+            )
+        with self._lock:
+            self._region = region
+
+    # -- readiness and windows -----------------------------------------------------------
+    @property
+    def span(self) -> int:
+        """Projections one pair needs: a window, plus the steps of a T stack."""
+        extra = (self.frames - 1) * self.frame_step if self.stack == "t" else 0
+        return self.window + extra
+
+    @property
+    def ready(self) -> bool:
+        """Whether the source holds enough projections for :meth:`pairs`."""
+        return len(self.source) >= self.span
+
+    def windows(self, *, end: int | None = None) -> list[np.ndarray]:
+        """Global projection indices of the window(s) of the newest pair, oldest first.
+
+        One window, or ``frames`` windows for a T stack.
+
+        Parameters
+        ----------
+        end : int, optional
+            Global index of the last projection to use; the newest by default.
+
+        Raises
+        ------
+        ScanDataError
+            If the source does not hold :attr:`span` projections (up to ``end``).
+        """
+        # one read of the buffered indices: projections may arrive meanwhile
+        held = np.asarray(self.source.last(len(self.source)), dtype=np.int64)
+        if end is not None:
+            if held.size and int(end) > int(held[-1]):
+                raise ScanDataError(
+                    f"Projection {end} was requested as the last one; the newest is "
+                    f"{int(held[-1])}."
+                )
+            held = held[held <= int(end)]
+        if held.size < self.span:
+            raise ScanDataError(
+                f"PairMaker needs {self.span} buffered projections"
+                + (f" up to projection {end}" if end is not None else "")
+                + f"; the buffer holds {held.size}. Wait for a full rotation (and the "
+                "frames of a T stack), or enlarge the projection buffer."
+            )
+        newest = held[-self.span :]
+        if self.stack != "t":
+            return [newest[-self.window :]]
+        return [
+            newest[k * self.frame_step : k * self.frame_step + self.window]
+            for k in range(self.frames)
+        ]
+
+    # -- training pairs --------------------------------------------------------------------
+    def pairs(
+        self, count: int, *, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` Noise2Inverse pairs from the newest window(s).
+
+        Returns
+        -------
+        u, v : ndarray, float32
+            Without a stack (count, 1, p, p) each; with a stack u is
+            (count, 1, frames, p, p) and v (count, 1, 1, p, p).
+        """
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"pairs() count must be a positive integer; got {count!r}.")
+        rng = rng if rng is not None else self._rng
+        with self._lock:
+            row, size, region = self._row, self._patch_size, self._region
+        region = region if region is not None else self._default_region()
+        centers = region.centers(count, size=size, pixel_size=self.pixel_size, rng=rng)
+        lo, hi = max(0, row - self.neighbourhood), min(self.rows - 1, row + self.neighbourhood)
+        target_rows = rng.integers(lo, hi + 1, size=count)
+        windows = self.windows()
+        mid = self.frames // 2
+        # the target: the middle row / window, (K, count, p, p); one split j per pair
+        target_splits = self._patches(*self._frame(windows, mid, target_rows), centers, size)
+        j = rng.integers(self.splits, size=count)
+        u, v = noise2inverse.pairs(target_splits, j, self.n2i_strategy)
+        if self.stack is None:
+            return u[:, None], v[:, None]
+        # stacks: the input side of every frame uses the same split choice j per pair
+        frames = []
+        for k in range(self.frames):
+            recon = (
+                target_splits
+                if k == mid
+                else self._patches(*self._frame(windows, k, target_rows), centers, size)
+            )
+            frames.append(noise2inverse.pairs(recon, j, self.n2i_strategy)[0])
+        u = np.stack(frames, axis=1)[:, None]  # (count, 1, frames, p, p)
+        return u.astype(np.float32), v[:, None, None].astype(np.float32)
+
+    # -- full slices for inference -------------------------------------------------------
+    def slice_splits(self, *, row: int | None = None, end: int | None = None) -> np.ndarray:
+        """Full slices from each split of the newest window(s), for inference.
+
+        ``end``: the last projection to use (see :meth:`windows`).
+
+        Returns
+        -------
+        ndarray, float32
+            (K, n, n); with a stack (K, frames, n, n), where split j of every
+            frame holds the projections ``i mod K == j``.
+        """
+        return self._slice_splits(self.windows(end=end), row)
+
+    def inference_inputs(
+        self, *, row: int | None = None, end: int | None = None, refresh: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The K network inputs whose denoised outputs, averaged, give the slice.
+
+        Parameters
+        ----------
+        row, end : int, optional
+            The detector row and the last projection to use (see :meth:`windows`).
+        refresh : SliceSet, optional
+            The newest refresh of the slice: with K = 2 and no stack its even
+            and odd halves are the two splits, so they are not reconstructed again.
+
+        Returns
+        -------
+        inputs : ndarray, float32
+            (K, n, n), or (K, frames, n, n) with a stack; see
+            :func:`bluesky_jit.noise2inverse.inputs`.
+        window : ndarray of int
+            Global indices of the projections of the denoised frame (a T
+            stack denoises its middle window).
+        """
+        if refresh is not None and self.splits == 2 and self.stack is None:
+            splits, window = np.stack([refresh.even, refresh.odd]), refresh.indices
+        else:
+            windows = self.windows(end=end)
+            splits, window = self._slice_splits(windows, row), windows[len(windows) // 2]
+        return noise2inverse.inputs(splits, self.n2i_strategy), window
+
+    # -- internals ---------------------------------------------------------------------------
+    def _slice_size(self) -> int | None:
+        if self.slice_size is not None:
+            return self.slice_size
+        shape = getattr(self.source, "shape", None)
+        return int(shape[-1]) if shape is not None else None
+
+    def _default_region(self) -> SamplingRegion:
+        n = self._slice_size()
+        if n is None:
+            raise ConfigError("PairMaker needs a region or slice_size to place patches.")
+        return SamplingRegion.disc(0.9 * n * self.pixel_size / 2)
+
+    def _frame(self, windows: list[np.ndarray], k: int, rows: Any) -> tuple[np.ndarray, Any]:
+        """Window and detector row(s) of frame ``k`` of a stack (the middle one: the target's)."""
+        if self.stack == "t":
+            return windows[k], rows
+        if self.stack == "z":
+            return windows[0], np.clip(rows + k - self.frames // 2, 0, self.rows - 1)
+        return windows[0], rows
+
+    def _slice_splits(self, windows: list[np.ndarray], row: int | None) -> np.ndarray:
+        n = self._slice_size()
+        if n is None:
+            raise ConfigError("PairMaker needs slice_size (or a source with .shape) for slices.")
+        row = self._row if row is None else row
+        frames = []
+        for k in range(self.frames):
+            window, row_k = self._frame(windows, k, row)
+            frames.append(self._slices(window, int(row_k), n))
+        return frames[0] if self.stack is None else np.stack(frames, axis=1)
+
+    def _slices(self, window: np.ndarray, row: int, n: int) -> np.ndarray:
+        """The n x n axial slice at ``row`` from each split of ``window``: (K, n, n)."""
+        subsets = split_subsets(window, self.splits)
+        if self.subset_slices is not None:
+            return np.asarray(self.subset_slices(subsets, row), dtype=np.float32)
+        center = np.zeros((1, 2))  # a whole slice is one patch of side n around the axis
+        return self._patches(window, np.array([row]), center, n)[:, 0]
+
+    def _patches(
+        self, window: np.ndarray, rows: np.ndarray, centers: np.ndarray, size: int
+    ) -> np.ndarray:
+        """Reconstruct patch i at detector row ``rows[i]`` from each split: (K, m, p, p)."""
+        subsets = split_subsets(window, self.splits)
+        if self.subset_patches is not None:
+            return self.subset_patches(subsets, centers, rows, size=size)
+        x, y = patch_grid(
+            torch.as_tensor(centers, dtype=torch.float32), size, pixel_size=self.pixel_size
+        )
+        m = x.shape[0]
+        out = np.empty((self.splits, m, *x.shape[1:]), dtype=np.float32)
+        r0, r1 = int(rows.min()), int(rows.max())
+        for j, subset in enumerate(subsets):
+            data, angles = self.source.select(subset, rows=slice(r0, r1 + 1))
+            for r in np.unique(rows):
+                sel = np.nonzero(rows == r)[0]
+                idx = torch.as_tensor(sel)
+                values = self.backproject(data[:, r - r0], angles, x[idx], y[idx])
+                out[j, sel] = values.detach().to("cpu", torch.float32).numpy()
+        return out

@@ -1,26 +1,18 @@
-"""Online-learning strategies (seed 000, Topic III and Fig. 10) around the one Trainer.
+"""The trainer in a process of its own: :class:`ProcessTrainer`.
 
-Seed 000 compares, on a stream of Noise2Inverse pairs:
-
-- the just-in-time capacity queue: the newest ``N_buffer`` pairs, sampled
-  uniformly while new ones arrive (:class:`~bluesky_jit.pairs.ReplayBuffer`);
-- training without a buffer, every pair used once in arrival order
-  (:class:`~bluesky_jit.pairs.SequentialBuffer`);
-- a frozen, pretrained network (``Trainer.from_checkpoint(..., frozen=True)``).
-
-:func:`make_trainer` builds any of them by name with the same
-:class:`~bluesky_jit.training.Trainer`; the strategies differ only in the
-buffer they hand it or in ``frozen``. :class:`ProcessTrainer` runs that same
-Trainer in a process of its own (``torch.multiprocessing``, spawned), so
-training does not share the GIL with reconstruction and inference; its
-weights reach the inference side through shared memory without a lock that
-inference could wait on (a two-slot sequence lock, see
-:meth:`ProcessTrainer.snapshot`).
+It runs the thread trainer (:class:`~bluesky_jit.training.Trainer`, built by
+:func:`~bluesky_jit.training.make_trainer`) in a spawned process
+(``torch.multiprocessing``), so training does not share the GIL with
+reconstruction and inference. Pairs reach it through a queue; its weights
+reach the inference side through shared memory without a lock that inference
+could wait on (a two-slot sequence lock, see :meth:`ProcessTrainer.snapshot`).
+Both trainers follow :class:`~bluesky_jit.training.OnlineTrainer`.
 
 References
 ----------
-.. [1] Graas et al., "Just-in-time deep learning for real-time X-ray computed
-   tomography", Sci. Rep. (2023) (seed 000), Topic III, Fig. 6 and Fig. 10.
+.. [1] Graas, Coban, Batenburg, Lucka, "Just-in-time deep learning for
+   real-time X-ray computed tomography", Scientific Reports 13 (2023),
+   Topic III: online training concurrent with inference.
 """
 
 from __future__ import annotations
@@ -30,110 +22,35 @@ import math
 import os
 import queue
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from .buffers import check_online_strategy
 from .errors import ConfigError, TrainerProcessError
 from .models import build_model, resolve_config
-from .models.checkpoint import save_checkpoint
-from .pairs import ReplayBuffer, SequentialBuffer
-from .training import PRECISIONS, Normalizer, Trainer, WeightsSnapshot
+from .training import PRECISIONS, Normalizer, TrainerMixin, WeightsSnapshot, make_trainer
 
 logger = logging.getLogger(__name__)
-
-BUFFER_STRATEGIES = ("queue", "sequential", "frozen")
-"""``queue``: capacity queue of N_buffer pairs (seed 000's just-in-time strategy);
-``sequential``: no buffer, every pair trained on once; ``frozen``: a pretrained
-model that is never trained (needs a checkpoint)."""
-
-
-def make_buffer(
-    strategy: str, capacity: int, *, rng: np.random.Generator | None = None, item_ndim: int = 3
-) -> ReplayBuffer:
-    """The pair buffer of a strategy (see :data:`BUFFER_STRATEGIES`).
-
-    Raises
-    ------
-    ConfigError
-        For an unknown strategy or a bad capacity.
-    """
-    if strategy not in BUFFER_STRATEGIES:
-        raise ConfigError(
-            f"Unknown online-learning strategy {strategy!r}; expected one of {BUFFER_STRATEGIES}."
-        )
-    cls = SequentialBuffer if strategy == "sequential" else ReplayBuffer
-    return cls(capacity, rng=rng, item_ndim=item_ndim, on_shape_change="clear")
-
-
-def make_trainer(
-    strategy: str,
-    *,
-    model: str | None = None,
-    model_config: Mapping[str, Any] | None = None,
-    capacity: int = 320,
-    checkpoint: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    **trainer_kwargs: Any,
-) -> Trainer:
-    """A :class:`~bluesky_jit.training.Trainer` following an online-learning strategy.
-
-    Parameters
-    ----------
-    strategy : {"queue", "sequential", "frozen"}
-    model, model_config : optional
-        Registry name (default ``"unet"``) and config of a fresh network.
-        With a ``checkpoint``: the network it must hold (``None``: any).
-    capacity : int
-        N_buffer (seed 000: 32 or 320).
-    checkpoint : path-like, optional
-        Warm start from an earlier run's checkpoint; required for ``"frozen"``.
-    seed : int
-        Seeds the weights of a fresh network and the sampling.
-    **trainer_kwargs
-        Further Trainer settings (batch_size, learning_rate, precision, ...).
-
-    Raises
-    ------
-    ConfigError
-        For an unknown strategy, ``"frozen"`` without a checkpoint, or a
-        capacity below the batch size.
-    CheckpointError
-        If the checkpoint cannot be loaded or holds another network.
-    """
-    frozen = strategy == "frozen"
-    if frozen and checkpoint is None:
-        raise ConfigError(
-            "The 'frozen' strategy is a pretrained model: pass checkpoint=<path of an earlier "
-            "run's checkpoint>."
-        )
-
-    def buffer_for(network: torch.nn.Module) -> ReplayBuffer:  # pairs sized by the network
-        item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
-        return make_buffer(
-            strategy, capacity, rng=np.random.default_rng(seed + 1), item_ndim=item_ndim
-        )
-
-    if checkpoint is not None:
-        return Trainer.from_checkpoint(
-            checkpoint, buffer_for, expected_name=model, expected_config=model_config,
-            seed=seed, frozen=frozen, **trainer_kwargs,
-        )  # fmt: skip
-    network = build_model(model or "unet", model_config, seed=seed)
-    return Trainer(network, buffer_for(network), seed=seed, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------
 # The trainer in its own process
 # ---------------------------------------------------------------------------------------
 class _RemoteBuffer:
-    """Parent-side face of the child's buffer: pushes go through a queue."""
+    """Parent-side face of the child's buffer: pushes go through a queue.
 
-    def __init__(self, owner: ProcessTrainer, capacity: int, item_ndim: int) -> None:
-        self._owner = owner
+    ``send`` puts a message on the child's queue; ``reported`` is the shared
+    count of pairs the child's buffer holds (-1 until the child reports).
+    """
+
+    def __init__(
+        self, send: Callable[[tuple], None], reported: Any, capacity: int, item_ndim: int
+    ) -> None:
+        self._send = send
+        self._reported = reported
         self.capacity = capacity
         self.item_ndim = item_ndim
         self._pushed = 0
@@ -141,11 +58,11 @@ class _RemoteBuffer:
     def push(self, u: Any, v: Any) -> None:
         u = np.ascontiguousarray(u, dtype=np.float32)
         v = np.ascontiguousarray(v, dtype=np.float32)
-        self._owner._send(("train", u, v))
+        self._send(("train", u, v))
         self._pushed += u.shape[0] if u.ndim == self.item_ndim + 1 else 1
 
     def clear(self) -> None:
-        self._owner._send(("clear",))
+        self._send(("clear",))
         self._pushed = 0
 
     @property
@@ -154,21 +71,18 @@ class _RemoteBuffer:
         return self._pushed
 
     def __len__(self) -> int:
-        child = self._owner._shared["buffer_len"].value
-        if self._owner._process is None or child < 0:  # child not reporting yet
+        child = self._reported.value
+        if child < 0:  # the child is not reporting yet
             return min(self._pushed, self.capacity)
         return int(child)
 
 
-class ProcessTrainer:
+class ProcessTrainer(TrainerMixin):
     """The :class:`~bluesky_jit.training.Trainer` in a spawned process of its own.
 
-    Same face as a Trainer for the pipeline: ``buffer.push``, ``add_holdout``,
-    ``start``, ``stop``, ``running``, ``snapshot`` / ``weights`` (for the
-    :class:`~bluesky_jit.inference.Denoiser`), ``normalizer``, ``steps``,
-    ``steps_per_second``, ``evaluate``, ``metrics`` / ``pop_metrics``,
-    ``save`` and ``error``. Pairs travel to the child through a queue
-    (pickled arrays); weights come back through shared memory.
+    An :class:`~bluesky_jit.training.OnlineTrainer`, like the Trainer. Pairs
+    travel to the child through a queue (pickled arrays); weights come back
+    through shared memory.
 
     Parameters
     ----------
@@ -178,7 +92,8 @@ class ProcessTrainer:
     model_config : mapping, optional
     capacity : int
         N_buffer.
-    strategy : {"queue", "sequential", "frozen"}
+    online_strategy : {"queue", "sequential", "frozen"}
+        See :data:`bluesky_jit.buffers.ONLINE_STRATEGIES`.
     warm_start : path-like, optional
         Checkpoint to continue from (required for ``"frozen"``).
     num_threads : int
@@ -215,7 +130,7 @@ class ProcessTrainer:
         model_config: Mapping[str, Any] | None = None,
         *,
         capacity: int = 320,
-        strategy: str = "queue",
+        online_strategy: str = "queue",
         warm_start: str | os.PathLike[str] | None = None,
         num_threads: int = 1,
         interop_threads: int | None = 1,
@@ -224,13 +139,7 @@ class ProcessTrainer:
         start_method: str = "spawn",
         **trainer_kwargs: Any,
     ) -> None:
-        if strategy not in BUFFER_STRATEGIES:
-            raise ConfigError(
-                f"Unknown online-learning strategy {strategy!r}; expected one of "
-                f"{BUFFER_STRATEGIES}."
-            )
-        if strategy == "frozen" and warm_start is None:
-            raise ConfigError("The 'frozen' strategy needs warm_start=<checkpoint path>.")
+        check_online_strategy(online_strategy, has_checkpoint=warm_start is not None)
         allowed = {
             "batch_size",
             "learning_rate",
@@ -283,7 +192,7 @@ class ProcessTrainer:
             "model": model,
             "model_config": self.model_config,
             "capacity": capacity,
-            "strategy": strategy,
+            "online_strategy": online_strategy,
             "warm_start": None if warm_start is None else str(warm_start),
             "num_threads": int(num_threads),
             "interop_threads": None if interop_threads is None else int(interop_threads),
@@ -322,7 +231,7 @@ class ProcessTrainer:
         self._popped = 0
         self._stopped = False
         item_ndim = 4 if getattr(template, "spatial_dims", 2) == 3 else 3
-        self.buffer = _RemoteBuffer(self, capacity, item_ndim)
+        self.buffer = _RemoteBuffer(self._send, self._shared["buffer_len"], capacity, item_ndim)
         self.holdout_pushed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -411,11 +320,6 @@ class ProcessTrainer:
             self._cache = self._cache._replace(normalizer=self.normalizer)
         return self._cache
 
-    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """The newest published weights and their version (steps)."""
-        snap = self.snapshot()
-        return snap.version, snap.state_dict
-
     @property
     def normalizer(self) -> Normalizer | None:
         """The child's frozen normaliser; None before its first step (or warm start)."""
@@ -478,36 +382,8 @@ class ProcessTrainer:
                 return float(row["alpha"])
         return math.nan
 
-    def final_row(self, *, elapsed_s: float) -> dict[str, Any]:
-        """A metric row of the state after :meth:`stop`, like ``Trainer.final_row``.
-
-        ``alpha`` and ``loss`` are the child's newest reported values.
-        """
-        self._drain()
-        last = self._metrics[-1] if self._metrics else {}
-        return {
-            "step": self.steps,
-            "time": time.time(),
-            "elapsed_s": float(elapsed_s),
-            "loss": float(last.get("loss", math.nan)),
-            "steps_per_second": self.steps_per_second,
-            "alpha": self.evaluate(),
-            "buffer_size": len(self.buffer),
-            "pairs_pushed": self.buffer.pushed,
-        }
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the newest published weights as a checkpoint (from this process)."""
-        version, state, normalizer = self.snapshot()
-        extra = {
-            "step": max(version, 0),
-            "normalizer": normalizer.to_dict() if normalizer is not None else None,
-            "learning_rate": self.learning_rate,
-            "batch_size": self.batch_size,
-        }
-        return save_checkpoint(
-            path, name=self.model_name, config=self.model_config, model=state, extra=extra
-        )
+    def _describe(self) -> tuple[str, dict[str, Any]]:
+        return self.model_name, self.model_config
 
 
 def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: no cover
@@ -525,7 +401,7 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
         kwargs["num_threads"] = spec["num_threads"]
         kwargs["pause"] = pause
         trainer = make_trainer(
-            spec["strategy"],
+            spec["online_strategy"],
             model=spec["model"],
             model_config=spec["model_config"],
             capacity=spec["capacity"],

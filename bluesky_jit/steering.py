@@ -1,13 +1,14 @@
 """Feedback for steering: the learning stage's quality as ophyd signals, and a plan that uses it.
 
-Seed 001 motivates streaming reconstruction with "experiment steering, e.g.
-early stopping"; seed 000 closes the loop ("DNNs may be able to close the
-experimentation loop ... by providing automated feedback and experimental
-control"). The learning stage knows how good its output is without any
-ground truth:
+Liu, Bicer, Kettimuthu and Foster ("Deep learning accelerated light source
+experiments", 2019) motivate streaming reconstruction with "experiment
+steering, e.g. early stopping"; Graas et al. (2023) close the loop ("DNNs may
+be able to close the experimentation loop ... by providing automated
+feedback and experimental control"). The learning stage knows how good its
+output is without any ground truth:
 
-- accuracy alpha (seed 000, eq. 3) on hold-out pairs: 1 means no denoising,
-  about 0.5 the best a Noise2Inverse denoiser can do;
+- accuracy alpha (Graas et al. 2023, eq. 3) on hold-out pairs: 1 means no
+  denoising, about 0.5 the best a Noise2Inverse denoiser can do;
 - the noise of the reconstructions, from the difference of independent
   split reconstructions, and an estimate of the error left in the denoised
   image (:func:`noise_levels`).
@@ -32,7 +33,7 @@ from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
 from .errors import ConfigError
-from .pairs import check_strategy
+from .noise2inverse import check_strategy
 
 Plan = Generator[Msg, Any, Any]
 
@@ -47,7 +48,7 @@ def noise_levels(
     ``s**2`` (1:X the reverse), so ``mean((u - v)**2) = s**2 K / (K - 1)``.
     Since the target's noise is independent of ``A(u)``,
     ``mean((A(u) - v)**2) = mean((A(u) - x)**2) + var(target noise)``
-    (seed 000, eq. 4), which gives the error left after denoising.
+    (Graas et al. 2023, eq. 4), which gives the error left after denoising.
 
     Parameters
     ----------
@@ -87,7 +88,7 @@ class QualitySignals(Device):
     Components
     ----------
     alpha : Signal
-        Hold-out accuracy alpha (seed 000, eq. 3); NaN until known.
+        Hold-out accuracy alpha (Graas et al. 2023, eq. 3); NaN until known.
     sigma_fbp : Signal
         Estimated noise std of the reconstruction (1/mm).
     sigma_denoised : Signal
@@ -168,12 +169,12 @@ def until_quality(
     error of the denoised image at most ``sigma_below``), it
 
     - runs ``on_good()`` once, if given (e.g. move the slice, change the
-      exposure: seed 000's closed loop), and
+      exposure: the closed loop of Graas et al. 2023), and
     - with ``stop=True`` skips the remaining events of ``stream`` and the
       moves of ``skip_motors`` (the rotation): the rest of the plan (e.g.
       flats at the end, closing the shutter) still runs and the run ends
-      with exit status "success", fewer projections than planned (seed 001's
-      early stopping).
+      with exit status "success", fewer projections than planned (the early
+      stopping of Liu et al. 2019).
 
     Parameters
     ----------

@@ -1,19 +1,25 @@
-"""Just-in-time training: one optimizer step, the background loop, checkpoints.
+"""Just-in-time training: the trainer seam, one optimizer step, the loop thread, checkpoints.
 
-The :class:`Trainer` draws batches from a :class:`~bluesky_jit.pairs.ReplayBuffer`
+:class:`OnlineTrainer` is what the pipeline and the
+:class:`~bluesky_jit.inference.Denoiser` need from a trainer; two follow it:
+the :class:`Trainer` here (a thread) and
+:class:`~bluesky_jit.process_trainer.ProcessTrainer` (a process of its own).
+The :class:`Trainer` draws batches from a :class:`~bluesky_jit.buffers.ReplayBuffer`
 that the reconstruction keeps filling, takes Adam steps on the
-Noise2Noise / Noise2Inverse loss ``||A(u) - v||^2`` (seed 000, eq. 1), and
-after every step publishes a versioned copy of the weights that the
-:class:`~bluesky_jit.inference.Denoiser` picks up. Training continues from the
-latest weights for as long as the scan runs (seed 000, Topic III).
+Noise2Noise / Noise2Inverse loss ``||A(u) - v||^2`` (Graas et al. 2023,
+eq. 1), and after every step publishes a versioned copy of the weights that
+the Denoiser picks up. Training continues from the latest weights for as
+long as the scan runs (Graas et al. 2023, Topic III). :func:`make_trainer`
+builds one for an online strategy (the capacity queue, no buffer, or a
+frozen pretrained network; Graas et al. 2023, Fig. 10).
 
-Accuracy is seed 000's alpha (eq. 3, 4), measured on hold-out pairs that are
-never trained on.
+Accuracy is the alpha of Graas et al. (2023) (eq. 3, 4), measured on
+hold-out pairs that are never trained on.
 
 References
 ----------
 .. [1] Graas, Coban, Batenburg, Lucka, "Just-in-time deep learning for
-   real-time X-ray computed tomography", Sci. Rep. (2023) (seed 000).
+   real-time X-ray computed tomography", Scientific Reports 13 (2023).
 .. [2] Lehtinen et al., "Noise2Noise: learning image restoration without
    clean data", ICML (2018).
 """
@@ -29,17 +35,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buffers import ReplayBuffer, check_online_strategy, make_buffer
 from .errors import ConfigError, EmptyBufferError
-from .models import describe_model
+from .models import build_model, describe_model
 from .models.checkpoint import save_checkpoint
-from .pairs import ReplayBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +68,12 @@ def alpha(
     u: np.ndarray | torch.Tensor,
     v: np.ndarray | torch.Tensor,
 ) -> float:
-    """Empirical accuracy ``R^alpha`` of seed 000 (eq. 3, 4).
+    """Empirical accuracy ``R^alpha`` of Graas et al. (2023) (eq. 3, 4).
 
     ``alpha(A, u, v) = ||A(u) - v||^2 / ||u - v||^2`` per pair, averaged over
     the pairs. An identity network gives 1; an ideal denoiser on pairs with
     independent, equally strong noise gives about 0.5; below 0.5 happens when
-    ``u`` and ``v`` differ by more than noise (seed 000, eq. 4 and after).
+    ``u`` and ``v`` differ by more than noise (Graas et al. 2023, eq. 4 and after).
     The ratio does not depend on an affine normalisation of the images.
 
     Parameters
@@ -166,7 +172,109 @@ class Normalizer:
             ) from exc
 
 
-class Trainer:
+@runtime_checkable
+class OnlineTrainer(Protocol):
+    """What the pipeline and the Denoiser need from a trainer that learns while the scan runs.
+
+    Followed by :class:`Trainer` (a thread) and
+    :class:`~bluesky_jit.process_trainer.ProcessTrainer` (a process of its
+    own). ``buffer`` takes the training pairs (``push(u, v)``, ``clear()``,
+    ``len()``, ``pushed``); ``pause`` is an event that holds the loop while set.
+    """
+
+    buffer: Any
+    pause: Any
+    error: BaseException | None
+
+    @property
+    def normalizer(self) -> Normalizer | None: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def steps_per_second(self) -> float: ...
+    @property
+    def paused_s(self) -> float: ...
+    @property
+    def latest_quality(self) -> dict[str, float]: ...
+    def start(self) -> None: ...
+    def stop(self, timeout: float | None = ...) -> None: ...
+    def add_holdout(self, u: Any, v: Any) -> None: ...
+    def clear_holdout(self) -> None: ...
+    def snapshot(self) -> WeightsSnapshot: ...
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]: ...
+    def evaluate(self) -> float: ...
+    def metrics(self) -> list[dict[str, Any]]: ...
+    def pop_metrics(self) -> list[dict[str, Any]]: ...
+    def final_row(self, *, elapsed_s: float) -> dict[str, Any]: ...
+    def save(self, path: str | os.PathLike[str]) -> Path: ...
+
+
+class TrainerMixin:
+    """What both trainers build from the rest of :class:`OnlineTrainer`: weights, rows, save."""
+
+    def weights(self: Any) -> tuple[int, dict[str, torch.Tensor]]:
+        """The newest published weights and their version (the step count).
+
+        Returns
+        -------
+        version : int
+            Steps taken when the weights were published; 0 for the initial weights.
+        state_dict : dict of str to Tensor
+            A private copy; treat it as read-only (it is shared by every
+            reader of this version).
+        """
+        snapshot = self.snapshot()
+        return snapshot.version, snapshot.state_dict
+
+    def final_row(self: Any, *, elapsed_s: float) -> dict[str, Any]:
+        """A metric row of the current state, with the keys of the loop's rows.
+
+        For the last row of a run (after ``stop``): ``loss`` repeats the last
+        recorded mean loss, ``alpha`` is :meth:`evaluate`.
+        """
+        rows = self.metrics()
+        loss = rows[-1]["loss"] if rows else math.nan
+        return self._row(elapsed_s, loss, self.steps_per_second, self.evaluate())
+
+    def _row(
+        self: Any, elapsed_s: float, loss: float, steps_per_second: float, alpha: float
+    ) -> dict[str, Any]:
+        return {
+            "step": self.steps,
+            "time": time.time(),
+            "elapsed_s": float(elapsed_s),
+            "loss": float(loss),
+            "steps_per_second": steps_per_second,
+            "alpha": alpha,
+            "buffer_size": len(self.buffer),
+            "pairs_pushed": self.buffer.pushed,
+        }
+
+    def save(self: Any, path: str | os.PathLike[str]) -> Path:
+        """Write the newest published weights as a checkpoint.
+
+        ``extra`` holds ``step``, ``normalizer`` (or None), ``learning_rate``
+        and ``batch_size``.
+
+        Raises
+        ------
+        ConfigError
+            If the model was not made by :func:`bluesky_jit.models.build_model`.
+        """
+        name, config = self._describe()
+        version, state, normalizer = self.snapshot()
+        extra = {
+            "step": max(version, 0),
+            "normalizer": normalizer.to_dict() if normalizer is not None else None,
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+        }
+        return save_checkpoint(path, name=name, config=config, model=state, extra=extra)
+
+
+class Trainer(TrainerMixin):
     """Trains a denoiser just in time from a replay buffer, in the foreground or a thread.
 
     Parameters
@@ -177,9 +285,9 @@ class Trainer:
     buffer : ReplayBuffer
         Training pairs, filled concurrently by the reconstruction.
     learning_rate : float
-        Adam learning rate; 1e-4 as in seed 000 ("Software set-up").
+        Adam learning rate; 1e-4 as in Graas et al. (2023) ("Software set-up").
     batch_size : int
-        Pairs per step; 32 as in seed 000.
+        Pairs per step; 32 as in Graas et al. (2023).
     device : str or torch.device
     seed : int
         Seeds the trainer's own batch sampling.
@@ -218,13 +326,13 @@ class Trainer:
         and the reconstruction first whenever they want a core. ``None``
         leaves it as it is.
     frozen : bool
-        A frozen (pretrained) model, the baseline of seed 000 (Fig. 10): the
-        loop never steps, it only records the hold-out accuracy.
+        A frozen (pretrained) model, the baseline of Graas et al. (2023), Fig. 10:
+        the loop never steps, it only records the hold-out accuracy.
     augment : bool
         Turn and mirror each batch at random (one of the 8 symmetries of the
         square, the same for input and target). The noise of a full-rotation
         reconstruction has no preferred direction, so this is free extra
-        data: with pairs reused 10-20 times (seed 000: 141 steps/s on 9
+        data: with pairs reused 10-20 times (Graas et al. 2023: 141 steps/s on 9
         batches/s), training on 20x20 patches otherwise memorised the noise
         within a minute (hold-out alpha rising, PSNR falling).
     average : float, optional
@@ -317,7 +425,8 @@ class Trainer:
             raise ConfigError(
                 f"The buffer holds at most {capacity} pairs (N_buffer) but batch_size is "
                 f"{batch_size}; the optimizer could never draw a full batch. Use a buffer of at "
-                f"least {batch_size} pairs (seed 000: 32 or 320) or a smaller batch_size."
+                f"least {batch_size} pairs (Graas et al. 2023: 32 or 320) or a smaller "
+                "batch_size."
             )
 
         self.device = torch.device(device)
@@ -478,20 +587,6 @@ class Trainer:
         return (len(times) - 1) / (times[-1] - times[0])
 
     # -- weight hand-over -----------------------------------------------------------------
-    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """The newest published weights and their version (the step count).
-
-        Returns
-        -------
-        version : int
-            Steps taken when the weights were published; 0 for the initial weights.
-        state_dict : dict of str to Tensor
-            A private copy, on the training device; treat it as read-only (it
-            is shared by every reader of this version).
-        """
-        snapshot = self.snapshot()
-        return snapshot.version, snapshot.state_dict
-
     def snapshot(self) -> WeightsSnapshot:
         """The newest published weights together with their normaliser (one atomic read)."""
         with self._weights_lock:
@@ -521,7 +616,7 @@ class Trainer:
         self.holdout.push(u, v)
 
     def evaluate(self) -> float:
-        """Accuracy alpha (seed 000, eq. 3, 4) of the current weights on the hold-out pairs.
+        """Accuracy alpha (Graas et al. 2023, eq. 3, 4) of the current weights on hold-out pairs.
 
         Returns
         -------
@@ -664,16 +759,7 @@ class Trainer:
 
     def _append_row(self, *, loss: float, steps_per_second: float, elapsed_s: float) -> None:
         details = self.evaluate_details()
-        row = {
-            "step": self._steps,
-            "time": time.time(),
-            "elapsed_s": elapsed_s,
-            "loss": loss,
-            "steps_per_second": steps_per_second,
-            "alpha": details["alpha"],
-            "buffer_size": len(self.buffer),
-            "pairs_pushed": self.buffer.pushed,
-        }
+        row = self._row(elapsed_s, loss, steps_per_second, details["alpha"])
         with self._metrics_lock:
             self._metrics.append(row)
             self.latest_quality = {"step": self._steps, "time": row["time"], **details}
@@ -707,25 +793,6 @@ class Trainer:
             self._metrics_popped = len(self._metrics)
             return [dict(row) for row in rows]
 
-    def final_row(self, *, elapsed_s: float) -> dict[str, Any]:
-        """A metric row of the current state, with the keys of the loop's rows.
-
-        For the last row of a run (after :meth:`stop`): ``loss`` repeats the
-        last recorded mean loss.
-        """
-        with self._metrics_lock:
-            last = self._metrics[-1]["loss"] if self._metrics else math.nan
-        return {
-            "step": self._steps,
-            "time": time.time(),
-            "elapsed_s": float(elapsed_s),
-            "loss": float(last),
-            "steps_per_second": self.steps_per_second,
-            "alpha": self.evaluate(),
-            "buffer_size": len(self.buffer),
-            "pairs_pushed": self.buffer.pushed,
-        }
-
     # -- checkpoints ----------------------------------------------------------------------
     @classmethod
     def from_checkpoint(
@@ -741,7 +808,7 @@ class Trainer:
 
         The network, its weights and the frozen normaliser come from the
         checkpoint (so the weights keep their meaning); the optimizer starts
-        afresh. With ``frozen=True`` this is seed 000's pretrained baseline.
+        afresh. With ``frozen=True`` this is the pretrained baseline of Graas et al. (2023).
 
         Parameters
         ----------
@@ -785,26 +852,64 @@ class Trainer:
         trainer.warm_start = {"path": str(path), "step": extra.get("step")}
         return trainer
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the newest published weights as a checkpoint.
+    def _describe(self) -> tuple[str, dict[str, Any]]:
+        return describe_model(self.model)
 
-        ``extra`` holds ``step``, ``normalizer`` (or None), ``learning_rate``
-        and ``batch_size``.
 
-        Raises
-        ------
-        ConfigError
-            If the model was not made by :func:`bluesky_jit.models.build_model`.
-        """
-        name, config = describe_model(self.model)
-        version, state, normalizer = self.snapshot()
-        extra = {
-            "step": version,
-            "normalizer": normalizer.to_dict() if normalizer is not None else None,
-            "learning_rate": self.learning_rate,
-            "batch_size": self.batch_size,
-        }
-        return save_checkpoint(path, name=name, config=config, model=state, extra=extra)
+def make_trainer(
+    online_strategy: str,
+    *,
+    model: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    capacity: int = 320,
+    checkpoint: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """A :class:`Trainer` following an online strategy (Graas et al. 2023, Fig. 10).
+
+    The strategies differ only in the buffer the Trainer gets
+    (:func:`~bluesky_jit.buffers.make_buffer`) or in ``frozen``.
+
+    Parameters
+    ----------
+    online_strategy : {"queue", "sequential", "frozen"}
+        See :data:`bluesky_jit.buffers.ONLINE_STRATEGIES`.
+    model, model_config : optional
+        Registry name (default ``"unet"``) and config of a fresh network.
+        With a ``checkpoint``: the network it must hold (``None``: any).
+    capacity : int
+        N_buffer (Graas et al. 2023: 32 or 320).
+    checkpoint : path-like, optional
+        Warm start from an earlier run's checkpoint; required for ``"frozen"``.
+    seed : int
+        Seeds the weights of a fresh network and the sampling.
+    **trainer_kwargs
+        Further Trainer settings (batch_size, learning_rate, precision, ...).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown strategy, ``"frozen"`` without a checkpoint, or a
+        capacity below the batch size.
+    CheckpointError
+        If the checkpoint cannot be loaded or holds another network.
+    """
+    check_online_strategy(online_strategy, has_checkpoint=checkpoint is not None)
+
+    def buffer_for(network: nn.Module) -> ReplayBuffer:  # pairs sized by the network
+        item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
+        rng = np.random.default_rng(seed + 1)
+        return make_buffer(online_strategy, capacity, rng=rng, item_ndim=item_ndim)
+
+    frozen = online_strategy == "frozen"
+    if checkpoint is not None:
+        return Trainer.from_checkpoint(
+            checkpoint, buffer_for, expected_name=model, expected_config=model_config,
+            seed=seed, frozen=frozen, **trainer_kwargs,
+        )  # fmt: skip
+    network = build_model(model or "unet", model_config, seed=seed)
+    return Trainer(network, buffer_for(network), seed=seed, **trainer_kwargs)
 
 
 PRECISIONS = ("float32", "bfloat16")

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from bluesky_jit.budget import MAX_TRAIN_THREADS, CpuBudget, available_cores
+from bluesky_jit.buffers import ReplayBuffer
 from bluesky_jit.callbacks import JitCallback, RunPipeline
 from bluesky_jit.config import JitConfig
 from bluesky_jit.errors import ConfigError
 from bluesky_jit.geometry import geometry_from_start
 from bluesky_jit.models import build_model
-from bluesky_jit.pairs import ReplayBuffer
-from bluesky_jit.strategies import ProcessTrainer
+from bluesky_jit.process_trainer import ProcessTrainer
 from bluesky_jit.training import Trainer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.plans import tomo_continuous

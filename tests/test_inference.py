@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from bluesky_jit.buffers import ReplayBuffer
 from bluesky_jit.errors import CheckpointError, ConfigError, ScanDataError
 from bluesky_jit.inference import Denoiser
 from bluesky_jit.models import build_model
 from bluesky_jit.models.checkpoint import save_checkpoint
-from bluesky_jit.pairs import ReplayBuffer
 from bluesky_jit.training import Normalizer, Trainer
 
 

@@ -18,7 +18,7 @@ from bluesky_jit.errors import ConfigError
 from bluesky_jit.models import build_model, resolve_config
 from bluesky_jit.models.checkpoint import save_checkpoint
 from bluesky_jit.pairs import SamplingRegion
-from bluesky_jit.strategies import ProcessTrainer
+from bluesky_jit.process_trainer import ProcessTrainer
 from bluesky_jit.training import Normalizer, resolve_precision
 from simulated_devices.beamline import hw as make_hw
 
@@ -57,8 +57,8 @@ def checkpoint(path, config: JitConfig):
 def test_k_splits_train_live_and_are_recorded(RE, tmp_path, splits, strategy):
     config = CONFIG.replace(splits=splits, n2i_strategy=strategy)
     summary, derived, pipeline = scan(RE, tmp_path, config)
-    assert (pipeline.pairs.splits, pipeline.pairs.strategy) == (splits, strategy)
-    inputs = pipeline.pairs.inference_inputs()
+    assert (pipeline.pairs.splits, pipeline.pairs.n2i_strategy) == (splits, strategy)
+    inputs, _ = pipeline.pairs.inference_inputs()
     assert inputs.shape == (splits, *summary.last_slice.shape)
     # the K inputs average to the reconstruction from all projections
     full = summary.last_slice

@@ -1,7 +1,8 @@
-"""The capacity-queue replay buffer (seed 000, Fig. 6)."""
+"""Patch pairs from the projection buffer (PairMaker, SamplingRegion): K splits, Z and T stacks."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -9,14 +10,11 @@ import pytest
 import torch
 
 from bluesky_jit.errors import ConfigError, ScanDataError
-from bluesky_jit.pairs import (
-    EmptyBufferError,
-    ReplayBuffer,
-    SamplingRegion,
-    SequentialBuffer,
-    combine_splits,
-    split_inputs,
-)
+from bluesky_jit.pairs import PairMaker, SamplingRegion
+from bluesky_jit.projections import ProjectionBuffer, RampFilter
+from bluesky_jit.reconstruction import TorchBackprojector
+
+from .phantom_utils import disk_image, disk_sinogram, psnr
 
 
 @pytest.fixture(autouse=True)
@@ -27,225 +25,345 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def tagged(ids, p=4):
-    """Pairs whose patches are constant: u = id, v = id + 0.5."""
-    ids = np.asarray(ids, dtype=np.float32)
-    u = np.broadcast_to(ids[:, None, None, None], (len(ids), 1, p, p)).copy()
-    return u, u + 0.5
+class BitSource:
+    """A projection buffer whose projection i is the constant 2**i (bits name projections)."""
+
+    def __init__(self, count: int, rows: int = 6, cols: int = 32):
+        self.count, self.rows, self.cols = count, rows, cols
+        self.shape = (rows, cols)
+
+    def __len__(self):
+        return self.count
+
+    def last(self, n):
+        return np.arange(self.count - n, self.count)
+
+    def select(self, indices, rows=None):
+        indices = np.asarray(indices)
+        rows = slice(None) if rows is None else rows
+        values = torch.tensor(2.0**indices, dtype=torch.float64)
+        data = values[:, None, None].expand(len(indices), self.rows, self.cols)[:, rows]
+        return data.clone(), torch.zeros(len(indices))
 
 
-def ids_of(u):
-    return u[:, 0, 0, 0].round().long().tolist()
+def sum_backproject(filtered, angles, x, y):
+    """Every point gets the sum of the projections' values: the bitmask of those used."""
+    return filtered[:, 0].sum() * torch.ones_like(x, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("capacity", [0, -3, 2.0, True, None])
-def test_capacity_must_be_positive_int(capacity):
-    with pytest.raises(ConfigError, match="capacity"):
-        ReplayBuffer(capacity)
+def bits(values, scale=1):
+    out = np.rint(np.asarray(values, dtype=np.float64) * scale).astype(np.int64)
+    assert np.allclose(out, np.asarray(values, np.float64) * scale)  # exact in float32
+    return out
 
 
-def test_rng_must_be_generator():
-    with pytest.raises(ConfigError, match="Generator"):
-        ReplayBuffer(4, rng=np.random.RandomState(0))
+def maker(source, **kwargs):
+    defaults = dict(window=12, rows=source.rows, pixel_size=1.0, row=3, patch_size=4)
+    defaults.update(kwargs)
+    return PairMaker(
+        source,
+        sum_backproject,
+        region=SamplingRegion.disc(12.0),
+        rng=np.random.default_rng(0),
+        **defaults,
+    )
 
 
-@pytest.mark.parametrize("trial", range(5))
-def test_keeps_capacity_and_drops_oldest(trial):
-    rng = np.random.default_rng(trial)
-    capacity = int(rng.integers(1, 12))
-    buf = ReplayBuffer(capacity, rng=rng)
-    pushed = 0
-    while pushed < 40:
-        n = int(rng.integers(1, 2 * capacity + 2))  # single pairs and batches, some > capacity
-        u, v = tagged(range(pushed, pushed + n))
-        if n == 1 and rng.random() < 0.5:
-            buf.push(u[0], v[0])  # one (C, p, p) pair
-        else:
-            buf.push(u, v)
-        pushed += n
-        assert len(buf) == min(pushed, capacity)
-        assert buf.pushed == pushed
-        su, sv = buf.snapshot()
-        assert ids_of(su) == list(range(max(0, pushed - capacity), pushed))  # oldest first
-        assert torch.equal(sv - su, torch.full_like(su, 0.5))
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("strategy", ["X:1", "1:X"])
+def test_input_and_target_never_share_a_projection(k, strategy):
+    source = BitSource(24)
+    pm = maker(source, splits=k, n2i_strategy=strategy)
+    u, v = pm.pairs(64)
+    assert u.shape == v.shape == (64, 1, 4, 4)
+    scale_u, scale_v = (k - 1, 1) if strategy == "X:1" else (1, k - 1)
+    bu, bv = bits(u[:, 0, 0, 0], scale_u), bits(v[:, 0, 0, 0], scale_v)
+    window = int(sum(2**i for i in range(12, 24)))  # the newest 12 projections
+    assert np.all(bu & bv == 0)  # disjoint
+    assert np.all(bu | bv == window)  # together the whole window
+    one = bv if strategy == "X:1" else bu
+    for b in one:  # the single split is one residue class mod K
+        members = [i for i in range(24) if b >> i & 1]
+        assert len({i % k for i in members}) == 1 and len(members) == 12 // k
 
 
-def test_sample_shapes_dtype_and_copies():
-    buf = ReplayBuffer(8, rng=np.random.default_rng(0))
-    u, v = tagged(range(8))
-    buf.push(torch.from_numpy(u).double(), v)  # torch float64 and numpy float32 in
-    su, sv = buf.sample(5)
-    assert su.shape == sv.shape == (5, 1, 4, 4)
-    assert su.dtype == sv.dtype == torch.float32
-    kept = su.clone()
-    buf.push(*tagged(range(100, 108)))  # overwrites every slot
-    assert torch.equal(su, kept)  # earlier batches are not views of the ring
-    assert buf.item_shapes == ((1, 4, 4), (1, 4, 4))
+@pytest.mark.parametrize("stack", ["z", "t"])
+@pytest.mark.parametrize("strategy", ["X:1", "1:X"])
+def test_stacks_never_share_a_projection_with_the_target(stack, strategy):
+    source = BitSource(24)
+    pm = maker(source, splits=3, n2i_strategy=strategy, stack=stack, frames=3, frame_step=6)
+    assert pm.span == (12 if stack == "z" else 24)
+    u, v = pm.pairs(32)
+    assert u.shape == (32, 1, 3, 4, 4) and v.shape == (32, 1, 1, 4, 4)
+    scale_u, scale_v = (2, 1) if strategy == "X:1" else (1, 2)
+    bv = bits(v[:, 0, 0, 0, 0], scale_v)
+    for f in range(3):
+        bu = bits(u[:, 0, f, 0, 0], scale_u)
+        assert np.all(bu & bv == 0)
+        if stack == "t":  # frame f comes from window f: projections 6 f .. 6 f + 11
+            lo, hi = 6 * f, 6 * f + 11
+            assert all(all(lo <= i <= hi for i in range(24) if b >> i & 1) for b in bu)
+    # the target is the middle frame: window 1 (t) or the window itself (z)
+    lo = 6 if stack == "t" else 12
+    assert all(all(lo <= i < lo + 12 for i in range(24) if b >> i & 1) for b in bv)
 
 
-def test_sampling_is_uniform_and_without_replacement_within_a_batch():
-    n, batch, draws = 10, 4, 3000
-    buf = ReplayBuffer(n, rng=np.random.default_rng(1))
-    buf.push(*tagged(range(100, 100 + 2 * n)))  # only the newest n = 10 remain
-    counts = np.zeros(n)
-    for _ in range(draws):
-        u, v = buf.sample(batch)
-        ids = ids_of(u)
-        assert len(set(ids)) == batch  # no pair twice in one batch
-        assert torch.equal(v - u, torch.full_like(u, 0.5))  # pairs stay together
-        for i in ids:
-            counts[i - 110] += 1  # IndexError if an evicted pair came back
-    expected = draws * batch / n
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+def test_z_stack_uses_nearby_rows_clipped_at_the_edges():
+    seen = []
+
+    def spy(filtered, angles, x, y):
+        seen.append(float(filtered[0, 0]))
+        return torch.zeros_like(x)
+
+    class RowSource(BitSource):
+        def select(self, indices, rows=None):
+            rows = slice(None) if rows is None else rows
+            data = torch.arange(self.rows, dtype=torch.float32)[None, :, None]
+            return data.expand(len(indices), self.rows, self.cols)[:, rows].clone(), torch.zeros(
+                len(indices)
+            )
+
+    source = RowSource(12)
+    pm = PairMaker(
+        source,
+        spy,
+        window=12,
+        rows=6,
+        pixel_size=1.0,
+        row=0,
+        patch_size=4,
+        stack="z",
+        frames=5,
+        region=SamplingRegion.disc(12.0),
+    )
+    pm.pairs(3)
+    assert set(seen) == {0.0, 1.0, 2.0}  # rows -2, -1 clipped to 0; then 1, 2
 
 
-def test_sampling_with_replacement_when_fewer_pairs_than_batch():
-    buf = ReplayBuffer(32, rng=np.random.default_rng(2))
-    buf.push(*tagged([7, 8, 9]))
-    u, _ = buf.sample(16)
-    assert u.shape[0] == 16
-    assert set(ids_of(u)) <= {7, 8, 9}
+def test_settings_change_during_the_run():
+    source = BitSource(24)
+    pm = maker(source, slice_size=32)
+    assert pm.pairs(2)[0].shape == (2, 1, 4, 4)
+    pm.set_patch_size(6)
+    pm.set_region(SamplingRegion.disc(10.0))
+    pm.set_row(5)
+    assert pm.pairs(2)[0].shape == (2, 1, 6, 6) and pm.row == 5
+    with pytest.raises(ConfigError, match="larger than the 32x32 slice"):
+        pm.set_patch_size(33)
+    with pytest.raises(ConfigError, match="does not fit"):
+        pm.set_patch_size(20)  # fits the slice, not the disc of radius 10
+        pm.pairs(1)
+    with pytest.raises(ConfigError, match="row"):
+        pm.set_row(6)
 
 
-def test_sample_uses_the_given_rng():
-    buf = ReplayBuffer(50)
-    buf.push(*tagged(range(50)))
-    a, _ = buf.sample(8, rng=np.random.default_rng(5))
-    b, _ = buf.sample(8, rng=np.random.default_rng(5))
-    assert torch.equal(a, b)
+def test_settings_may_change_from_another_thread():
+    source = BitSource(24)
+    pm = maker(source, slice_size=32)
+    stop = threading.Event()
 
+    def fiddle():
+        while not stop.wait(0.0005):
+            pm.set_patch_size(4)
+            pm.set_patch_size(5)
 
-def test_empty_buffer_raises():
-    buf = ReplayBuffer(4)
-    with pytest.raises(EmptyBufferError, match="empty"):
-        buf.sample(2)
-    with pytest.raises(LookupError):
-        buf.snapshot()
-
-
-def test_bad_pushes_raise_and_keep_nothing():
-    buf = ReplayBuffer(4)
-    buf.push(*tagged([1, 2]))
-    with pytest.raises(ScanDataError, match="same patch size"):
-        buf.push(*tagged([3], p=5))
-    with pytest.raises(ScanDataError, match="one target per input"):
-        buf.push(tagged([3, 4])[0], tagged([3])[1])
-    u, v = tagged([3, 4])
-    v[1, 0, 0, 0] = np.nan
-    with pytest.raises(ScanDataError, match="NaN"):
-        buf.push(u, v)
-    with pytest.raises(ScanDataError, match="channel axis"):
-        buf.push(np.zeros((4, 4)), np.zeros((4, 4)))
-    assert len(buf) == 2 and buf.pushed == 2
-    buf.clear()
-    assert len(buf) == 0 and buf.item_shapes is None
-    buf.push(*tagged([3], p=5))  # a new patch size after clear()
-    assert buf.item_shapes == ((1, 5, 5), (1, 5, 5))
-
-
-def test_read_only_and_big_endian_arrays_are_accepted():
-    u, v = tagged(range(3))
-    u = u.astype(">f4")
-    u.flags.writeable = False
-    buf = ReplayBuffer(3)
-    buf.push(u, v)
-    assert ids_of(buf.snapshot()[0]) == [0, 1, 2]
-
-
-@pytest.mark.timeout(20)
-def test_push_and_sample_from_two_threads():
-    buf = ReplayBuffer(16, rng=np.random.default_rng(3))
-    total = 2000
-    errors = []
-
-    def pusher():
-        try:
-            for start in range(0, total, 4):
-                buf.push(*tagged(range(start, start + 4), p=6))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    buf.push(*tagged(range(-4, 0), p=6))
-    thread = threading.Thread(target=pusher)
+    thread = threading.Thread(target=fiddle)
     thread.start()
-    seen = 0
-    while thread.is_alive() or seen == 0:
-        u, v = buf.sample(8)
-        # no torn pairs: every patch constant, and v belongs to the same pair as u
-        assert torch.equal(u, u[:, :, :1, :1].expand_as(u))
-        assert torch.equal(v - u, torch.full_like(u, 0.5))
-        assert max(ids_of(u)) < total
-        seen += 1
-    thread.join()
-    assert not errors
-    assert buf.pushed == total + 4
-    assert ids_of(buf.snapshot()[0]) == list(range(total - 16, total))
+    try:
+        for _ in range(30):
+            u, v = pm.pairs(2)
+            assert u.shape == v.shape and u.shape[-1] in (4, 5)
+    finally:
+        stop.set()
+        thread.join()
 
 
-# -- the no-buffer baseline, shape changes -------------------------------------------------
+def test_not_ready_and_bad_settings():
+    pm = maker(BitSource(10))
+    assert not pm.ready
+    with pytest.raises(ScanDataError, match="needs 12 buffered projections"):
+        pm.pairs(1)
+    pm_t = maker(BitSource(20), stack="t", frames=3, frame_step=6)
+    assert not pm_t.ready  # a T3 stack needs 12 + 2 * 6
+    with pytest.raises(ScanDataError, match="requested"):
+        maker(BitSource(24)).windows(end=30)
+    bad = [
+        ({"splits": 1}, "at least 2"),
+        ({"n2i_strategy": "2:1"}, "strategy"),
+        ({"stack": "x"}, "stack"),
+        ({"frames": 3}, "stack="),
+        ({"stack": "z", "frames": 4}, "odd"),
+        ({"window": 2, "splits": 3}, "split"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"frame_step": 0}, "frame_step"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            maker(BitSource(24), **kwargs)
 
 
-def test_sequential_buffer_hands_out_every_pair_once_in_order():
-    buf = SequentialBuffer(10, rng=np.random.default_rng(0))
-    buf.push(*tagged(range(6)))
-    assert len(buf) == 6
-    u, v = buf.sample(4)
-    assert ids_of(u) == [0, 1, 2, 3] and torch.equal(v - u, torch.full_like(u, 0.5))
-    assert len(buf) == 2
-    with pytest.raises(EmptyBufferError, match="unused pairs"):
-        buf.sample(4)  # only 2 waiting: the optimizer idles (seed 000, Topic III)
-    buf.push(*tagged(range(6, 20)))  # 16 waiting > capacity 10: the oldest drop out
-    assert len(buf) == 10 and buf.pushed == 20
-    assert ids_of(buf.sample(5)[0]) == [10, 11, 12, 13, 14]
-    assert ids_of(buf.snapshot()[0]) == [15, 16, 17, 18, 19]  # what still waits
+def test_windows_ending_at_an_earlier_projection():
+    pm = maker(BitSource(30))
+    np.testing.assert_array_equal(pm.windows()[0], np.arange(18, 30))
+    np.testing.assert_array_equal(pm.windows(end=25)[0], np.arange(14, 26))
 
 
-def test_buffer_can_start_over_when_the_patch_size_changes():
-    buf = ReplayBuffer(8, on_shape_change="clear")
-    buf.push(*tagged(range(5), p=4))
-    buf.push(*tagged(range(5, 7), p=6))  # the patch size was changed during the run
-    assert len(buf) == 2 and buf.item_shapes == ((1, 6, 6), (1, 6, 6))
-    assert ids_of(buf.snapshot()[0]) == [5, 6]
-    with pytest.raises(ConfigError, match="on_shape_change"):
-        ReplayBuffer(8, on_shape_change="ignore")
+# -- with real reconstructions ----------------------------------------------------------------
 
 
-def test_stacks_with_one_target_frame():
-    buf = ReplayBuffer(4, item_ndim=4)
-    buf.push(np.zeros((3, 1, 5, 8, 8)), np.ones((3, 1, 1, 8, 8)))  # Z5 / T5 pairs
-    u, v = buf.sample(2)
-    assert u.shape == (2, 1, 5, 8, 8) and v.shape == (2, 1, 1, 8, 8)
+@pytest.fixture(scope="module")
+def disk_scan():
+    """Filtered projections of the disks phantom (noiseless), 120 angles over 180 deg."""
+    n, cols, rows = 120, 96, 3
+    angles = np.arange(n) * np.pi / n
+    sino = disk_sinogram(angles, cols, (cols - 1) / 2)
+    ramp = RampFilter(cols)
+    buffer = ProjectionBuffer(2 * n, (rows, cols))
+    for i, a in enumerate(angles):
+        frame = np.repeat(sino[i][None], rows, axis=0)
+        buffer.append(ramp(torch.from_numpy(frame).float()), angle=float(a), index=i)
+    bp = TorchBackprojector(cols=cols, center_of_rotation=(cols - 1) / 2)
+    return buffer, bp.backproject, n, cols
 
 
-# -- Noise2Inverse splits: X:1 and 1:X -------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 3])
+def test_slice_splits_average_to_the_full_fbp(disk_scan, k):
+    buffer, backproject, n, cols = disk_scan
+    pm = PairMaker(
+        buffer, backproject, window=n, rows=3, pixel_size=1.0, row=1, splits=k, slice_size=cols
+    )
+    splits = pm.slice_splits()
+    assert splits.shape == (k, cols, cols)
+    data, angles = buffer.select(np.arange(n), rows=slice(1, 2))
+    x, y = torch.meshgrid(
+        torch.arange(cols) - (cols - 1) / 2, torch.arange(cols) - (cols - 1) / 2, indexing="xy"
+    )
+    full = backproject(data[:, 0], angles, x.float(), y.float()).numpy()
+    np.testing.assert_allclose(splits.mean(axis=0), full, atol=1e-4 * np.abs(full).max())
+    truth = disk_image(cols)
+    inside = np.hypot(x.numpy(), y.numpy()) < 40
+    assert psnr(full, truth, inside) > 20
+    inputs, window = pm.inference_inputs()
+    np.testing.assert_array_equal(window, np.arange(n))
+    np.testing.assert_allclose(inputs.mean(axis=0), full, atol=1e-4 * np.abs(full).max())
 
 
-@pytest.mark.parametrize("k", [2, 3, 5])
-def test_combine_splits_x1_and_1x(k):
-    m = 400
-    recons = np.arange(k, dtype=np.float32)[:, None, None, None] * np.ones((k, m, 2, 2))
-    u, v = combine_splits(recons, "X:1", np.random.default_rng(0))
-    total = k * (k - 1) / 2
-    # target: one split j; input: the mean of the other K - 1
-    np.testing.assert_allclose(u * (k - 1) + v, total)
-    assert set(np.unique(v)) == set(range(k))  # every split serves as target
-    u2, v2 = combine_splits(recons, "1:X", np.random.default_rng(0))
-    np.testing.assert_allclose(u2, v)  # the same j: roles swapped
-    np.testing.assert_allclose(v2, u)
-    with pytest.raises(ConfigError, match="strategy"):
-        combine_splits(recons, "2:2", np.random.default_rng(0))
-    with pytest.raises(ConfigError, match="at least 2"):
-        combine_splits(recons[:1], "X:1", np.random.default_rng(0))
+def test_pairs_of_a_noiseless_object_agree(disk_scan):
+    buffer, backproject, n, cols = disk_scan
+    pm = PairMaker(
+        buffer,
+        backproject,
+        window=n,
+        rows=3,
+        pixel_size=1.0,
+        row=1,
+        patch_size=16,
+        slice_size=cols,
+        neighbourhood=1,
+        rng=np.random.default_rng(0),
+    )
+    u, v = pm.pairs(16)
+    # same object, different projections: close up to angular undersampling
+    err = np.sqrt(np.mean((u - v) ** 2)) / np.sqrt(np.mean(v**2))
+    assert err < 0.2
+    assert not math.isclose(float(np.abs(u - v).max()), 0.0)  # but not the same projections
 
 
-def test_split_inputs():
-    r = np.stack([np.full((3, 3), float(j)) for j in range(4)])
-    x1 = split_inputs(r, "X:1")
-    np.testing.assert_allclose(x1[:, 0, 0], [(6 - j) / 3 for j in range(4)])
-    np.testing.assert_allclose(split_inputs(r, "1:X"), r)
-    # with K = 2 both give the even/odd halves of seed 000, swapped for X:1
-    np.testing.assert_allclose(split_inputs(r[:2], "X:1"), r[:2][::-1])
+# -- pairs made by the streaming reconstructor (the live pipeline's path) ---------------------
+
+
+def _fed_reconstructor(geometry, frames, angles_deg, **kwargs):
+    from bluesky_jit.reconstruction.streaming import StreamingReconstructor
+
+    rec = StreamingReconstructor(geometry, refresh_every=len(frames), backend="numba", **kwargs)
+    rows, cols = geometry.detector_shape
+    rec.set_flatfield(np.zeros((1, rows, cols)), np.full((1, rows, cols), 1000.0))
+    for i, (p, a) in enumerate(zip(frames, angles_deg, strict=True)):
+        rec.add_frame(1000 * np.exp(-p), angle_deg=float(a), index=i)
+    return rec
+
+
+def test_reconstructor_pairs_match_the_row_backprojector_on_parallel_beam():
+    from bluesky_jit.geometry import ScanGeometry
+
+    n, cols, rows = 120, 96, 3
+    angles = np.arange(n) * 180.0 / n
+    sino = disk_sinogram(np.radians(angles), cols, (cols - 1) / 2)
+    frames = np.repeat(sino[:, None], rows, axis=1)
+    geometry = ScanGeometry(detector_shape=(rows, cols), num_angles=n)
+    rec = _fed_reconstructor(geometry, frames, angles)
+    settings = dict(
+        splits=3, n2i_strategy="X:1", patch_size=16, neighbourhood=1, stack="z", frames=3
+    )
+    ours = PairMaker.from_reconstructor(rec, rng=np.random.default_rng(5), **settings)
+    assert ours.rows == rows and ours.window == n and ours.slice_size == geometry.slice_size
+    bp = TorchBackprojector(cols=cols, center_of_rotation=(cols - 1) / 2)
+    theirs = PairMaker(
+        rec.buffer,
+        bp.backproject,
+        window=n,
+        rows=rows,
+        pixel_size=1.0,
+        row=rec.row,
+        slice_size=geometry.slice_size,
+        rng=np.random.default_rng(5),
+        **settings,
+    )
+    (u1, v1), (u2, v2) = ours.pairs(8), theirs.pairs(8)
+    assert u1.shape == u2.shape == (8, 1, 3, 16, 16) and v1.shape == (8, 1, 1, 16, 16)
+    scale = np.abs(v2).max()
+    np.testing.assert_allclose(u1, u2, atol=2e-3 * scale)
+    np.testing.assert_allclose(v1, v2, atol=2e-3 * scale)
+    # full slices: the reconstructor's own (faster) slice path, equal to its FBP ...
+    (ours_in, _), (theirs_in, _) = ours.inference_inputs(), theirs.inference_inputs()
+    middle = ours_in[:, 1].mean(axis=0)
+    full = rec.reconstruct().full
+    np.testing.assert_allclose(middle, full, atol=1e-4 * np.abs(full).max())
+    # ... and within interpolation differences of the row backprojector's
+    assert np.linalg.norm(ours_in - theirs_in) < 0.02 * np.linalg.norm(theirs_in)
+
+
+def test_reconstructor_pairs_work_in_cone_beam_and_average_to_the_fdk():
+    from bluesky_jit.geometry import ScanGeometry
+    from simulated_devices.cone import ball_phantom, cone_projections
+
+    n, size = 120, 48
+    geometry = ScanGeometry(
+        detector_shape=(size, size),
+        pixel_size=1.5,
+        beam="cone",
+        source_origin=200.0,
+        origin_detector=100.0,
+        angular_range=(0, 360),
+        num_angles=n,
+    )
+    angles = np.arange(n) * 360.0 / n
+    frames = cone_projections(
+        ball_phantom(),
+        np.radians(angles),
+        detector_shape=(size, size),
+        pixel_size=1.5,
+        source_origin=200.0,
+        origin_detector=100.0,
+    )
+    rec = _fed_reconstructor(geometry, frames, angles, slice_row=20)
+    pm = PairMaker.from_reconstructor(
+        rec, splits=4, n2i_strategy="1:X", patch_size=12, rng=np.random.default_rng(0)
+    )
+    u, v = pm.pairs(6)
+    assert u.shape == v.shape == (6, 1, 12, 12) and np.isfinite(u).all()
+    splits = pm.slice_splits()
+    assert splits.shape == (4, geometry.slice_size, geometry.slice_size)
+    full = rec.reconstruct().full
+    np.testing.assert_allclose(splits.mean(axis=0), full, atol=1e-3 * np.abs(full).max())
+    # K = 2: the refresh's even/odd halves are the inputs (no second FBP), equal to the splits'
+    halves = PairMaker.from_reconstructor(rec, splits=2, patch_size=12)
+    refresh = rec.reconstruct()
+    inputs, window = halves.inference_inputs(refresh=refresh)
+    assert np.array_equal(inputs, np.stack([refresh.odd, refresh.even]))  # X:1: the other half
+    np.testing.assert_array_equal(window, refresh.indices)
+    again, _ = halves.inference_inputs()
+    np.testing.assert_allclose(again, inputs, atol=1e-3 * np.abs(full).max())
 
 
 # -- the sampling region ---------------------------------------------------------------------

@@ -4,7 +4,7 @@ import torch
 
 from bluesky_jit.errors import ScanDataError
 from bluesky_jit.geometry import ScanGeometry
-from bluesky_jit.projections import RampFilter
+from bluesky_jit.projections import RampFilter, split_subsets
 from bluesky_jit.reconstruction import TorchBackprojector, patch_grid, slice_grid
 from bluesky_jit.reconstruction.streaming import StreamingReconstructor
 
@@ -102,26 +102,6 @@ def test_streaming_reconstructor_refreshes_every_k_after_a_rotation_and_halves_a
     assert rel(s.even, s.odd, inner()) < 0.2
 
 
-def test_patch_pairs_come_from_disjoint_halves():
-    g = ScanGeometry(detector_shape=(5, 64), num_angles=60, angular_range=(0, 180))
-    angles_deg = np.arange(60) * 3.0
-    sino = disk_sinogram(np.radians(angles_deg), 64, 31.5, disks=[(5.0, 3.0, 12.0, 0.05)])
-    rng = np.random.default_rng(1)
-    noisy = [
-        (rng.poisson(1000 * np.exp(-np.repeat(s[None], 5, 0))).astype(float), a)
-        for s, a in zip(sino, angles_deg, strict=True)
-    ]
-    rec, _ = _stream(g, noisy, refresh_every=1)
-    u, v = rec.patch_pairs(50, size=8, rng=np.random.default_rng(0), neighbourhood=1)
-    assert u.shape == v.shape == (50, 1, 8, 8)
-    # same object, independent noise: u and v correlate, but are not equal
-    assert not np.allclose(u, v)
-    assert np.corrcoef(u.ravel(), v.ravel())[0, 1] > 0.3
-    # each pair is (even, odd) or (odd, even): compare against the subset slices directly
-    s = rec.reconstruct()
-    assert rel(s.even, s.odd, inner(64, 20)) > 0.01
-
-
 def test_default_slice_is_the_axial_one_at_slice_row_and_backends_agree():
     g = ScanGeometry(detector_shape=(5, 64), num_angles=60, angular_range=(0, 180))
     angles_deg = np.arange(60) * 3.0
@@ -139,10 +119,13 @@ def test_default_slice_is_the_axial_one_at_slice_row_and_backends_agree():
     assert three[1].full.shape == (5, 64)  # xz: as tall as the detector
     torch_rec, _ = _stream(g, frames, refresh_every=60, slice_row=1, backend="torch")
     assert rel(torch_rec.reconstruct().full, s.full, inner(64, 28)) < 0.01
-    u, v = torch_rec.patch_pairs(4, size=8, rng=np.random.default_rng(0))
-    u2, v2 = rec.patch_pairs(4, size=8, rng=np.random.default_rng(0))
-    np.testing.assert_allclose(u, u2, atol=1e-6)
-    np.testing.assert_allclose(v, v2, atol=1e-6)
+    halves = split_subsets(rec.window_indices(), 2)  # patches per split agree as well
+    centers, rows = np.array([[3.0, -4.0], [-10.0, 6.0]]), np.array([1, 2])
+    np.testing.assert_allclose(
+        torch_rec.subset_patches(halves, centers, rows, size=8),
+        rec.subset_patches(halves, centers, rows, size=8),
+        atol=1e-6,
+    )
 
 
 def test_parallel_incremental_refresh_equals_from_scratch():

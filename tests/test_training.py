@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bluesky_jit.errors import ConfigError
+from bluesky_jit import training
+from bluesky_jit.buffers import ReplayBuffer, SequentialBuffer
+from bluesky_jit.errors import CheckpointError, ConfigError
+from bluesky_jit.inference import Denoiser
 from bluesky_jit.models import build_model
 from bluesky_jit.models.checkpoint import load_checkpoint
-from bluesky_jit.pairs import ReplayBuffer
-from bluesky_jit.training import Normalizer, Trainer, alpha
+from bluesky_jit.process_trainer import ProcessTrainer
+from bluesky_jit.training import Normalizer, OnlineTrainer, Trainer, alpha
 
 
 @pytest.fixture(autouse=True)
@@ -315,8 +318,6 @@ def test_augmentation_keeps_pairs_aligned_and_covers_the_eight_symmetries():
 
 @pytest.mark.timeout(30)
 def test_sequential_buffer_trains_on_every_pair_once():
-    from bluesky_jit.pairs import SequentialBuffer
-
     rng = np.random.default_rng(12)
     buffer = SequentialBuffer(64, rng=np.random.default_rng(0))
     trainer = Trainer(build_model("unet", {"features": 2}, seed=0), buffer, batch_size=8)
@@ -419,3 +420,86 @@ def test_weight_averaging_publishes_and_evaluates_the_average():
     assert 0 < trainer.evaluate() < 10
     with pytest.raises(ConfigError, match="average"):
         make_trainer(rng, average=1.0)
+
+
+def test_make_trainer_by_online_strategy(tmp_path):
+    rng = np.random.default_rng(0)
+    queue = training.make_trainer("queue", model_config={"features": 2}, capacity=32, batch_size=8)
+    queue.buffer.push(*noise2noise_pairs(rng, 16)[1:])
+    queue.step()
+    path = queue.save(tmp_path / "pre.pt")
+    frozen = training.make_trainer("frozen", checkpoint=path, capacity=32, batch_size=8)
+    assert frozen.frozen and frozen.normalizer == queue.normalizer
+    same = training.make_trainer(
+        "queue", model="unet", model_config={"features": 2}, checkpoint=path
+    )
+    assert same.warm_start is not None
+    with pytest.raises(CheckpointError, match="msdnet"):  # holds a U-Net, not an MSD-Net
+        training.make_trainer("frozen", model="msdnet", checkpoint=path, capacity=32, batch_size=8)
+    with pytest.raises(CheckpointError, match="features"):
+        training.make_trainer("frozen", model="unet", model_config={"features": 4}, checkpoint=path)
+    with pytest.raises(CheckpointError, match="msdnet"):
+        ProcessTrainer("msdnet", warm_start=path, capacity=32, batch_size=8)
+    seq = training.make_trainer(
+        "sequential", model="unet3d", model_config={"features": 2}, batch_size=8
+    )
+    assert isinstance(seq.buffer, SequentialBuffer) and seq.buffer.item_ndim == 4
+    with pytest.raises(ConfigError, match="checkpoint"):
+        training.make_trainer("frozen")
+    with pytest.raises(ConfigError, match="N_buffer"):
+        training.make_trainer("queue", capacity=4, batch_size=8)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    with pytest.raises(CheckpointError):
+        training.make_trainer("frozen", checkpoint=bad)
+
+
+# -- the OnlineTrainer seam: one suite, both trainers -----------------------------------------
+
+
+@pytest.fixture(params=["thread", "process"])
+def online_trainer(request, tmp_path):
+    settings = dict(batch_size=8, learning_rate=1e-3, metrics_every_s=0.1, checkpoint_dir=tmp_path)
+    if request.param == "thread":
+        trainer = training.make_trainer("queue", model_config={"features": 2}, **settings)
+    else:
+        trainer = ProcessTrainer("unet", {"features": 2}, capacity=320, **settings)
+    yield trainer
+    trainer.stop()
+
+
+@pytest.mark.timeout(90)
+def test_online_trainer_contract(online_trainer, tmp_path):
+    trainer, rng = online_trainer, np.random.default_rng(1)
+    assert isinstance(trainer, OnlineTrainer)
+    denoiser = Denoiser(build_model("unet", {"features": 2}), source=trainer)
+    image = np.random.default_rng(2).normal(size=(24, 24)).astype(np.float32)
+    assert np.array_equal(denoiser(image), image)  # nothing trained yet: shown unchanged
+    trainer.buffer.push(*noise2noise_pairs(rng, 32)[1:])
+    trainer.add_holdout(*noise2noise_pairs(rng, 8)[1:])
+    assert len(trainer.buffer) == 32 and trainer.buffer.pushed == 32
+    trainer.start()
+    assert wait_for(lambda: trainer.steps >= 10 and trainer.normalizer is not None, 60)
+    assert wait_for(lambda: trainer.metrics(), 60) and trainer.running
+    times = []  # inference reads the newest weights without waiting for training
+    for _ in range(20):
+        t0 = time.perf_counter()
+        snap = trainer.snapshot()
+        times.append(time.perf_counter() - t0)
+    assert max(times) < 0.05 and trainer.weights()[0] >= snap.version
+    out = denoiser(image)
+    assert out.shape == image.shape and not np.array_equal(out, image)
+    assert 0 < trainer.evaluate() < 10 and trainer.steps_per_second >= 0
+    assert {"alpha", "mse_input", "mse_output"} <= set(trainer.latest_quality)
+    assert trainer.pop_metrics() and trainer.paused_s >= 0
+    trainer.stop()
+    assert not trainer.running and trainer.error is None
+    row = trainer.final_row(elapsed_s=1.0)
+    assert set(row) == set(trainer.metrics()[-1]) and row["step"] == trainer.steps
+    _, extra = load_checkpoint(tmp_path / "latest.pt", expected_name="unet")
+    assert extra["step"] >= 10  # written on stop
+    _, extra = load_checkpoint(trainer.save(tmp_path / "saved.pt"), expected_config={"features": 2})
+    assert extra["normalizer"] == trainer.normalizer.to_dict()
+    trainer.clear_holdout()
+    trainer.buffer.clear()
+    assert trainer.buffer.pushed == 0

@@ -4,7 +4,7 @@ Seed 000 (Table 1): "Zx-networks use x nearby spatial reconstructed slices,
 and Tx-networks use x timeframes, with the middle frame as target. Both
 increase the image input during training and inference, and use 3D
 convolutions." Both are this one architecture; Z or T is the choice of the
-stack (:func:`bluesky_jit.splits.PairMaker` with ``stack="z"`` or ``"t"``).
+stack (:class:`bluesky_jit.pairs.PairMaker` with ``stack="z"`` or ``"t"``).
 Input (B, C, frames, H, W), output the middle frame (B, C_out, 1, H, W); see
 :class:`bluesky_jit.models.unet.UNet`.
 """

@@ -4,7 +4,7 @@ Works on arrays only; :mod:`bluesky_jit.ingest` feeds it from documents.
 Each frame is corrected, (cone beam) FDK-weighted and ramp filtered once on
 arrival (:class:`~bluesky_jit.projections.ProjectionFilter`); every
 ``refresh_every`` projections the slices are reconstructed from the last full
-rotation, as even and odd halves (Noise2Inverse, seed 000) whose weighted mean
+rotation, as even and odd halves (Noise2Inverse; Graas et al. 2023) whose weighted mean
 is the full FBP/FDK. Slices are values (:class:`~bluesky_jit.geometry.Slice`)
 at any position and orientation: one axial slice at ``slice_row`` for
 :meth:`StreamingReconstructor.reconstruct`, three orthogonal ones (RECAST3D's
@@ -139,7 +139,7 @@ class StreamingReconstructor:
         ):
             raise ConfigError(
                 f"refresh_every must be a whole number of projections >= 1; got "
-                f"{refresh_every!r} (seed 000 refreshes every 60 of 150 projections)."
+                f"{refresh_every!r} (Graas et al. 2023 refresh every 60 of 150 projections)."
             )
         rows, cols = geometry.detector_shape
         row = rows // 2 if slice_row is None else slice_row
@@ -483,55 +483,7 @@ class StreamingReconstructor:
         while len(self._checked_windows) > 8:
             self._checked_windows.popitem(last=False)
 
-    # -- training pairs ----------------------------------------------------------
-    def patch_pairs(
-        self,
-        count: int,
-        *,
-        size: int,
-        rng: np.random.Generator,
-        radius: float = 0.9,
-        neighbourhood: int = 0,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Noise2Inverse training pairs as patches reconstructed directly from the buffer.
-
-        Patch centres are uniform in a disc of ``radius`` times the
-        reconstruction circle (the sampling region), on the slice row and up
-        to ``neighbourhood`` rows around it (seed 000, "Training data
-        generation"). For every patch, ``u`` comes from one of the even/odd
-        subsets and ``v`` from the other, chosen at random, so input and target
-        never share a projection.
-
-        Returns
-        -------
-        u, v : ndarray, shape (count, 1, size, size), float32
-        """
-        voxel = self.geometry.voxel_size
-        half = self.n * voxel / 2
-        max_r = radius * half - size * voxel / math.sqrt(2)
-        if max_r <= 0:
-            raise ConfigError(
-                f"A {size}x{size} patch does not fit inside the sampling region (radius "
-                f"{radius} of a {self.n}-pixel slice). Use a smaller patch_size or a larger "
-                "sampling_radius."
-            )
-        r = max_r * np.sqrt(rng.uniform(size=count))
-        phi = rng.uniform(0, 2 * np.pi, size=count)
-        rows = np.clip(
-            self.row + rng.integers(-neighbourhood, neighbourhood + 1, size=count),
-            0,
-            self.geometry.rows - 1,
-        )
-        swap = rng.uniform(size=count) < 0.5
-        centers = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
-        a, b = self.subset_patches(
-            split_subsets(self.window_indices(), 2), centers, rows, size=size
-        )
-        s = swap[:, None, None]
-        u = np.where(s, b, a)[:, None].astype(np.float32)
-        v = np.where(s, a, b)[:, None].astype(np.float32)
-        return u, v
-
+    # -- Noise2Inverse splits ----------------------------------------------------
     def subset_slices(self, subsets: Sequence[np.ndarray], row: int) -> np.ndarray:
         """The axial slice at a detector row from each subset: (len(subsets), n, n).
 
@@ -551,7 +503,7 @@ class StreamingReconstructor:
         """Axial patches reconstructed from each of several subsets of buffered projections.
 
         The building block of Noise2Inverse pairs with K splits and Z/T stacks
-        (:class:`bluesky_jit.splits.PairMaker`), for any geometry this
+        (:class:`bluesky_jit.pairs.PairMaker`), for any geometry this
         reconstructor handles (parallel and cone beam), on its backend.
 
         Parameters

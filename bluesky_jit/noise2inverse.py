@@ -1,0 +1,91 @@
+"""Noise2Inverse, the maths: X:1 / 1:X pairs and inputs from K reconstructions.
+
+The projections of a window are split into K disjoint subsets
+``J_j = {i : i mod K == j}`` (:func:`bluesky_jit.projections.split_subsets`)
+and reconstructed separately into ``r_1 .. r_K``. A network trained to map
+one side of a pair to the other learns to remove the noise, because the noise
+of disjoint subsets is independent. The estimate of the clean image is the
+mean of the network over the K inputs of :func:`inputs`, as
+:meth:`bluesky_jit.inference.Denoiser.denoise_mean` computes it. K = 2 gives
+the even/odd pairs of Graas et al. (2023).
+
+References
+----------
+.. [1] Hendriksen, Pelt, Batenburg, "Noise2Inverse: self-supervised deep
+   convolutional denoising for tomography", IEEE Transactions on
+   Computational Imaging 6 (2020), section III-C.
+.. [2] Graas, Coban, Batenburg, Lucka, "Just-in-time deep learning for
+   real-time X-ray computed tomography", Scientific Reports 13 (2023).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+STRATEGIES = ("X:1", "1:X")
+"""Noise2Inverse strategies (``JitConfig.n2i_strategy``; Hendriksen et al. 2020).
+
+``"X:1"`` trains on input ``mean(r_i, i != j)`` and target ``r_j``; ``"1:X"``
+on input ``r_j`` and target ``mean(r_i, i != j)``.
+"""
+
+
+def check_strategy(strategy: str, splits: int) -> None:
+    """Raise a ConfigError unless ``strategy`` is in :data:`STRATEGIES` and ``splits >= 2``."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            f"Unknown Noise2Inverse strategy {strategy!r}; expected one of {STRATEGIES} "
+            "(X:1 = mean of K-1 splits in, one split out; 1:X the reverse)."
+        )
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 2:
+        raise ConfigError(
+            f"Noise2Inverse needs at least 2 projection splits; got splits={splits!r}."
+        )
+
+
+def pairs(recons: np.ndarray, targets: np.ndarray, strategy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Input-target pairs from K reconstructions of each of m patches.
+
+    Parameters
+    ----------
+    recons : ndarray, shape (K, m, ...)
+        ``recons[i]`` holds the m patches reconstructed from split i.
+    targets : ndarray of int, shape (m,)
+        The split ``j`` of each pair (drawn uniformly by the caller).
+    strategy : {"X:1", "1:X"}
+
+    Returns
+    -------
+    u, v : ndarray, shape (m, ...)
+        X:1: ``u = mean(r_i, i != j)``, ``v = r_j``; 1:X the reverse.
+    """
+    k, m = recons.shape[:2]
+    check_strategy(strategy, k)
+    one = recons[targets, np.arange(m)]
+    rest = (recons.sum(axis=0) - one) / (k - 1)
+    return (rest, one) if strategy == "X:1" else (one, rest)
+
+
+def inputs(recons: np.ndarray, strategy: str) -> np.ndarray:
+    """The K network inputs whose outputs, averaged, are the Noise2Inverse estimate.
+
+    Parameters
+    ----------
+    recons : ndarray, shape (K, ...)
+        Full reconstructions from the K splits.
+    strategy : {"X:1", "1:X"}
+
+    Returns
+    -------
+    ndarray, shape (K, ...), float32
+        For ``"X:1"`` the mean of the other K - 1 splits, for ``"1:X"`` each split.
+    """
+    r = np.asarray(recons, dtype=np.float32)
+    check_strategy(strategy, r.shape[0])
+    if strategy == "1:X":
+        return r
+    if r.shape[0] == 2:  # the other split, exactly
+        return r[::-1].copy()
+    return (r.sum(axis=0, keepdims=True) - r) / (r.shape[0] - 1)
