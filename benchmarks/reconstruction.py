@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bluesky_jit import evaluation
 from bluesky_jit.geometry import ScanGeometry, Slice, parallel
 from bluesky_jit.projections import RampFilter
 from bluesky_jit.reconstruction.backends import make_backend
@@ -132,11 +133,8 @@ def timed(methods: dict[str, Callable[[], Any]], repeats: int) -> dict[str, floa
 def psnr(
     image: np.ndarray, truth: np.ndarray, mask: np.ndarray, peak: float | None = None
 ) -> float:
-    """PSNR (dB) inside ``mask``; the peak is the truth's range there unless given."""
-    a, b = np.asarray(image, dtype=np.float64)[mask], truth[mask]
-    mse = float(np.mean((a - b) ** 2))
-    peak = float(b.max() - b.min()) if peak is None else peak
-    return round(10 * math.log10(peak**2 / mse), 2)
+    """PSNR (dB, two decimals) inside ``mask``; the peak is the truth's range there unless given."""
+    return round(evaluation.psnr(image, truth, mask, data_range=peak), 2)
 
 
 def truth_image(balls, slice_: Slice, supersample: int = 4) -> np.ndarray:

@@ -7,19 +7,27 @@ import math
 import numpy as np
 
 
-def psnr(image: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Peak signal-to-noise ratio (dB) of ``image`` against ``truth``.
+def psnr(
+    image: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray | None = None,
+    data_range: float | None = None,
+) -> float:
+    """Peak signal-to-noise ratio (dB) of ``image`` against ``truth``, inside ``mask``.
 
-    The peak is the range of ``truth`` inside ``mask`` (the whole image by default).
+    scikit-image's ``peak_signal_noise_ratio`` with the peak ``data_range``:
+    by default the range of ``truth`` inside ``mask`` (the whole image
+    without one). An exact image gives ``inf``.
     """
-    if mask is None:
-        mask = np.ones(truth.shape, dtype=bool)
-    diff = (np.asarray(image) - truth)[mask]
-    mse = float(np.mean(diff**2))
-    peak = float(truth[mask].max() - truth[mask].min())
-    if mse == 0:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    image, truth = np.asarray(image, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if mask is not None:
+        image, truth = image[mask], truth[mask]
+    if np.array_equal(image, truth):
         return math.inf
-    return 10 * math.log10(peak**2 / mse)
+    peak = float(truth.max() - truth.min()) if data_range is None else data_range
+    return float(peak_signal_noise_ratio(truth, image, data_range=peak))
 
 
 def disc_mask(n: int, radius_fraction: float = 0.9) -> np.ndarray:

@@ -1,29 +1,31 @@
-"""Shared fixtures: a real RunEngine and fresh simulated hardware."""
+"""Shared fixtures: a real RunEngine, fresh simulated hardware, session Tiled catalogs.
+
+Plain helpers (``wait_for``, ``run_engine``, ``blobs``) are in :mod:`tests.helpers`.
+"""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
+
+from .helpers import run_engine
 
 
 @pytest.fixture
 def RE():
     """A real bluesky RunEngine on its own event loop, stopped and closed at teardown."""
-    from bluesky import RunEngine
-    from bluesky.utils import TransitionError
+    with run_engine() as engine:
+        yield engine
 
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): steady timings on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -35,26 +37,27 @@ def hw(RE, tmp_path):
 
 
 # -- catalog ---------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def local_catalog(tmp_path_factory):
-    """One embedded Tiled server (``tiled serve config``) for the session.
-
-    Tests write detector and derived files under ``local_catalog.data_root``,
-    which the server may read.
-    """
+def session_catalog(tmp_path_factory, name):
+    """An embedded Tiled server (``tiled serve config``) reading everything under ``.base``."""
     from bluesky_jit.catalog import LocalCatalog
 
-    root = tmp_path_factory.mktemp("jit-catalog")
-    catalog = LocalCatalog(root / "catalog", readable_storage=[root])
-    catalog.data_root = root
+    base = tmp_path_factory.mktemp(name)
+    catalog = LocalCatalog(base / "catalog", readable_storage=[base])
+    catalog.base = base
     yield catalog
     catalog.close()
+
+
+@pytest.fixture(scope="session")
+def local_catalog(tmp_path_factory):
+    """One session catalog for the callback and writer tests (files under ``.base``)."""
+    yield from session_catalog(tmp_path_factory, "jit-catalog")
 
 
 @pytest.fixture
 def data_dir(local_catalog, request):
     """A fresh directory the session catalog can read."""
-    path = local_catalog.data_root / "data" / request.node.name.replace("/", "_")
+    path = local_catalog.base / "data" / request.node.name.replace("/", "_")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -80,6 +83,7 @@ vertical_slices = false
 """
 """Settings file of a tiny, fast pipeline (detector 4 x 32, 16 angles per rotation)."""
 
+
 def spool_dir_for(catalog):
     """A spool directory beside a session catalog (writers of tests never share one)."""
     import tempfile
@@ -92,14 +96,8 @@ TINY_SCAN = ["--size", "32", "--rows", "4", "--angles", "16", "--rotations", "2"
 
 @pytest.fixture(scope="session")
 def jit_catalog(tmp_path_factory):
-    """An embedded Tiled catalog (``tiled serve config``) reading everything under ``.base``."""
-    from bluesky_jit.catalog import LocalCatalog
-
-    base = tmp_path_factory.mktemp("jit_session")
-    catalog = LocalCatalog(base / "catalog", readable_storage=[base])
-    catalog.base = base
-    yield catalog
-    catalog.close()
+    """The session catalog of the command line, listen, replay, profile and live tests."""
+    yield from session_catalog(tmp_path_factory, "jit_session")
 
 
 @pytest.fixture(scope="session")
@@ -156,17 +154,16 @@ def demo_run(jit_catalog, tiny_toml):
 @pytest.fixture(scope="session")
 def count_run(jit_catalog):
     """Uid of a plain `count` run (not a tomography scan) in the raw container."""
-    from bluesky import RunEngine
     from bluesky.plans import count
     from ophyd.sim import det1
 
     from bluesky_jit.catalog import runs_container, tiled_writer
 
-    RE = RunEngine({})
     raw = runs_container(jit_catalog.client(), "raw")
     writer = tiled_writer(raw, spool_dir=spool_dir_for(jit_catalog))
-    RE.subscribe(writer)
-    (uid,) = RE(count([det1], num=2))
+    with run_engine() as RE:
+        RE.subscribe(writer)
+        (uid,) = RE(count([det1], num=2))
     assert writer.flush(timeout=60)
     return uid
 
@@ -174,29 +171,26 @@ def count_run(jit_catalog):
 @pytest.fixture(scope="session")
 def bad_tomo_run(jit_catalog):
     """Uid of a tomography scan without darks and flats (its derived run fails), in raw."""
-    from bluesky import RunEngine
-
     from bluesky_jit.catalog import runs_container, tiled_writer
     from bluesky_jit.session import simulated_beamline
     from simulated_devices.plans import tomo_scan
 
-    RE = RunEngine({})
     raw = runs_container(jit_catalog.client(), "raw")
     writer = tiled_writer(raw, spool_dir=spool_dir_for(jit_catalog))
-    RE.subscribe(writer)
     settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1"}
     beamline = simulated_beamline(jit_catalog.base / "bad_run", settings)
-    (uid,) = RE(
-        tomo_scan(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
-            num_angles=16,
-            num_darks=0,
-            num_flats=0,
-        )
+    plan = tomo_scan(
+        beamline.det,
+        beamline.rot_stage,
+        beamline.shutter,
+        beamline.sample_stage,
+        num_angles=16,
+        num_darks=0,
+        num_flats=0,
     )
+    with run_engine() as RE:
+        RE.subscribe(writer)
+        (uid,) = RE(plan)
     assert writer.flush(timeout=60)
     return uid
 

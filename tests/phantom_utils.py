@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from bluesky_jit.evaluation import psnr  # noqa: F401 - test_pairs.py imports it from here
+
 DISKS = [(20.0, -10.0, 15.0, 0.02), (-30.0, 25.0, 8.0, 0.05), (0.0, 0.0, 50.0, 0.01)]
 
 
@@ -25,11 +27,3 @@ def disk_image(n, pixel_size=1.0, disks=DISKS, supersample=4):
     for cx, cy, r, mu in disks:
         img += mu * ((x - cx) ** 2 + (y - cy) ** 2 < r * r)
     return img.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
-
-
-def psnr(image, truth, mask=None):
-    """Peak signal-to-noise ratio (dB) of ``image`` against ``truth``; peak = truth's range."""
-    if mask is not None:
-        image, truth = image[mask], truth[mask]
-    mse = np.mean((np.asarray(image, dtype=np.float64) - truth) ** 2)
-    return 10 * np.log10((truth.max() - truth.min()) ** 2 / mse)

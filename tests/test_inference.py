@@ -13,23 +13,9 @@ from bluesky_jit.models import build_model
 from bluesky_jit.models.checkpoint import save_checkpoint
 from bluesky_jit.training import Normalizer, Trainer
 
+from .helpers import blobs
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def blobs(rng, n, size, k=5):
-    """Smooth random images, shape (n, size, size), values ~[0, 2] (k blobs per 20x20)."""
-    k = max(k, k * size * size // 400)
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx = rng.uniform(0, size, (2, n, k, 1, 1))
-    width = rng.uniform(2, 5, (n, k, 1, 1))
-    amp = rng.uniform(0.5, 1, (n, k, 1, 1))
-    return (amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))).sum(axis=1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def noisy(rng, clean, sigma=0.3, scale=0.01, offset=0.02):

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,10 @@ import pytest
 from bluesky_jit.catalog import LocalCatalog, runs_container
 from bluesky_jit.demo import INTERRUPTED_REASON
 
+from .helpers import wait_for
+
 BIN = Path(sys.executable).parent
 EXIT_INTERRUPTED = 130
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout:g} s")
-        time.sleep(0.05)
 
 
 def gone(pid: int) -> bool:
@@ -92,7 +85,7 @@ def test_one_signal_stops_the_demo_scan_cleanly(tmp_path, signum):
         process = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, start_new_session=True)
     try:
         # the detector writes its primary-stream file once the projections start
-        wait_until(
+        wait_for(
             lambda: len(list((data_dir / "raw").glob("*.h5"))) >= 3 or process.poll() is not None,
             60,
             "the scan's projections",
@@ -146,7 +139,7 @@ def test_ctrl_c_stops_listen_with_exit_130(tmp_path):
     )  # fmt: skip
     out = tmp_path / "stdout.txt"
     try:
-        wait_until(lambda: _answers(port_out), 20, "the 0MQ proxy")
+        wait_for(lambda: _answers(port_out), 20, "the 0MQ proxy")
         with open(out, "w") as stdout:
             listener = subprocess.Popen(
                 [BIN / "bluesky-jit", "listen", "--zmq", f"127.0.0.1:{port_out}",
@@ -154,7 +147,7 @@ def test_ctrl_c_stops_listen_with_exit_130(tmp_path):
                 stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         try:
-            wait_until(
+            wait_for(
                 lambda: "listening to 0MQ proxy" in out.read_text() or listener.poll() is not None,
                 60,
                 "the listener",
@@ -202,7 +195,7 @@ def test_sigkilled_owner_takes_the_catalog_server_with_it(tmp_path):
         assert os.getpgid(pid) == pid != os.getpgid(owner.pid)  # a process group of its own
         owner.kill()
         owner.wait(10)
-        wait_until(lambda: gone(pid), 8, f"the server (pid {pid}) to exit")
+        wait_for(lambda: gone(pid), 8, f"the server (pid {pid}) to exit")
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -260,14 +253,15 @@ def test_one_ctrl_c_in_the_profile_pauses_the_run_engine_with_the_catalog_up(tmp
         "BLUESKY_JIT_CONFIG": "",
     }
     env.pop("BLUESKY_JIT_CONFIG")
-    process = subprocess.Popen(
-        [sys.executable, "-c", PROFILE_SESSION, str(startup)],
-        stdout=subprocess.PIPE,
-        stderr=open(tmp_path / "stderr.txt", "w"),  # noqa: SIM115
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", PROFILE_SESSION, str(startup)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
     try:
         lines = []
         while len([line for line in lines if line.startswith("frame")]) < 30:
@@ -284,4 +278,5 @@ def test_one_ctrl_c_in_the_profile_pauses_the_run_engine_with_the_catalog_up(tmp
         assert process.wait(60) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     finally:
         stop(process)
+        process.stdout.close()
     assert result == {"interrupted": True, "state": "paused", "server": True, "answers": True}

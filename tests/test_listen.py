@@ -39,6 +39,8 @@ from bluesky_jit.listen import (
     zmq_serializer,
 )
 
+from .helpers import wait_for
+
 BIN = Path(sys.executable).parent
 
 
@@ -97,7 +99,7 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
     )
     listener = publisher = None
     try:
-        wait_for_port(port_out)
+        wait_for(lambda: listens(port_out), 20, f"a listener on port {port_out}")
         listener = subprocess.Popen(
             [
                 BIN / "bluesky-jit",
@@ -126,13 +128,14 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
         poison = context.socket(zmq.PUB)  # a message the dispatcher chokes on
         poison.connect(f"tcp://127.0.0.1:{port_in}")
         beamline = tiny_beamline(tmp_path / "det")
-        assert lines.wait_for("listening to 0MQ proxy", 60), lines.text
-        time.sleep(1.0)  # 0MQ subscriptions propagate asynchronously
+        lines.wait_for("listening to 0MQ proxy", 60)
+        lines.heard(poison, "probe-subscribed")
         # a pickle that would create a file if anyone unpickled it: refused, logged
         trap = tmp_path / "unpickled-by-the-listener"
         poison.send(b" ".join([b"", b"start", pickle.dumps(_Trap(trap))]))
         poison.send(b" ".join([b"", b"no_such_document", zmq_serializer()({})]))
-        time.sleep(2.0)  # the listener reconnects a new dispatcher after 1 s
+        lines.wait_for("0MQ dispatcher failed; reconnecting", 30)
+        lines.heard(poison, "probe-reconnected")  # a new dispatcher after 1 s
         poison.close()
         context.term()
         RE(count([det1], num=1))  # not a tomography scan: ignored
@@ -188,15 +191,13 @@ def test_zmq_messages_round_trip_msgpack_with_arrays_and_refuse_objects():
         zmq_deserializer()(pickle.dumps({"uid": "x"}))
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port}")
+def listens(port: int) -> bool:
+    """True if something accepts TCP connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 class Lines:
@@ -215,13 +216,17 @@ class Lines:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, needle: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.text:
-                return True
-            time.sleep(0.1)
-        return False
+    def wait_for(self, needle: str, timeout: float) -> None:
+        wait_for(lambda: needle in self.text, timeout, f"{needle!r} in\n{self.text}")
+
+    def heard(self, socket, tag: str, timeout: float = 30) -> None:
+        """Send a harmless document of run ``tag`` on ``socket`` until the listener logs it.
+
+        0MQ subscriptions propagate asynchronously: this is how a test knows
+        the listener's (re)connected dispatcher receives what is published.
+        """
+        doc = b" ".join([b"", b"descriptor", zmq_serializer()({"uid": tag, "run_start": tag})])
+        wait_for(lambda: socket.send(doc) or f"run {tag}:" in self.text, timeout, tag, 0.2)
 
 
 # ========================================================================= Kafka
@@ -455,14 +460,17 @@ def test_kafka_consumer_group_shares_runs_and_commits_after_derived_runs_are_wri
     ]
     for w in workers:
         w.thread.start()
-    deadline = time.monotonic() + 120
     expected = {good_a, bad, good_c}
-    while time.monotonic() < deadline:
+    ends = {tp: len(log) for tp, log in broker.logs.items() if log}
+
+    def committed():
+        return {tp: off for (g, tp), off in broker.committed.items() if g == "jit"}
+
+    def finished():
         done = {s.raw_uid for w in workers for s in w.listener.summaries if s.derived_uid}
-        if done >= expected:
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)  # a last commit
+        return done >= expected and committed() == ends
+
+    wait_for(finished, 120, "three runs processed and every offset committed")
     for w in workers:
         w.stop.set()
         w.thread.join(30)
@@ -478,9 +486,7 @@ def test_kafka_consumer_group_shares_runs_and_commits_after_derived_runs_are_wri
         for w in workers
         for s in w.listener.summaries
     )
-    ends = {tp: len(log) for tp, log in broker.logs.items() if log}
-    committed = {tp: off for (g, tp), off in broker.committed.items() if g == "jit"}
-    assert committed == ends  # everything committed, the junk messages too
+    assert committed() == ends  # everything committed, the junk messages too
     (a,) = derived_runs_for(derived, good_a)
     assert a.metadata["stop"]["exit_status"] == "success"
     (b,) = derived_runs_for(derived, bad)
@@ -510,10 +516,11 @@ def test_kafka_run_left_unfinished_by_a_dead_worker_is_redone(
 
     second = worker(broker, "g", derived, directory, tiny_config)
     second.thread.start()
-    deadline = time.monotonic() + 60
-    while not second.listener.summaries and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.3)
+    wait_for(
+        lambda: second.listener.summaries and broker.committed[("g", ("t", 0))] == n,
+        60,
+        "the run redone and committed",
+    )
     second.stop.set()
     second.thread.join(30)
     second.listener.close()

@@ -21,13 +21,7 @@ from bluesky_jit.models import (
 from bluesky_jit.models.checkpoint import load_checkpoint, save_checkpoint
 from bluesky_jit.models.unet import UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- registry ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bluesky_jit.evaluation import psnr
 from bluesky_jit.geometry import Slice, cone, parallel
 from bluesky_jit.projections import RampFilter
 from bluesky_jit.reconstruction.backends import make_backend
@@ -13,7 +14,7 @@ from bluesky_jit.reconstruction.numba_backend import NumbaBackend
 from bluesky_jit.reconstruction.torch_backend import TorchBackend
 from simulated_devices.cone import ball_phantom, cone_projections, parallel_projections
 
-from .phantom_utils import disk_image, disk_sinogram, psnr
+from .phantom_utils import disk_image, disk_sinogram
 
 N = 128
 

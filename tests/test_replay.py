@@ -20,6 +20,8 @@ from bluesky_jit.replay import (
 )
 from bluesky_jit.session import find_derived
 
+from .helpers import run_engine
+
 
 @pytest.fixture(scope="module")
 def containers(jit_catalog, demo_run):
@@ -177,32 +179,30 @@ def test_live_order_puts_each_frame_after_its_event():
 @pytest.fixture(scope="module")
 def hex_layout_scan(jit_catalog):
     """Uid of a scan whose darks and flats are in a separate dark/flat run (NSLS-II HEX)."""
-    from bluesky import RunEngine
-
     from bluesky_jit.catalog import tiled_writer
     from bluesky_jit.session import simulated_beamline
     from simulated_devices.plans import dark_flat_run, tomo_scan
 
-    RE = RunEngine({})
     writer = tiled_writer(
         runs_container(jit_catalog.client(), "raw"), spool_dir=jit_catalog.base / "hex_spool"
     )
-    RE.subscribe(writer)
     settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1"}
     bl = simulated_beamline(jit_catalog.base / "hex", settings)
-    (calibration,) = RE(
-        dark_flat_run(bl.det, bl.shutter, bl.sample_stage, num_darks=2, num_flats=2)
-    )
-    (scan,) = RE(
-        tomo_scan(
-            bl.det,
-            bl.rot_stage,
-            bl.shutter,
-            bl.sample_stage,
-            num_angles=16,
-            dark_flat_uid=calibration,
+    with run_engine() as RE:
+        RE.subscribe(writer)
+        (calibration,) = RE(
+            dark_flat_run(bl.det, bl.shutter, bl.sample_stage, num_darks=2, num_flats=2)
         )
-    )
+        (scan,) = RE(
+            tomo_scan(
+                bl.det,
+                bl.rot_stage,
+                bl.shutter,
+                bl.sample_stage,
+                num_angles=16,
+                dark_flat_uid=calibration,
+            )
+        )
     assert writer.flush(timeout=60)
     return scan
 
