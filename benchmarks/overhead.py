@@ -383,7 +383,8 @@ def _first(stats: dict[str, Any] | None, *keys: str) -> Any:
 
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds used so far by each thread of this process (by Python thread name,
-    numbered native threads as ``native-<tid>``) and by the catalog server's process."""
+    numbered native threads as ``native-<tid>``), by the catalog server's process and by
+    the JitProcess's worker process."""
     import threading as _threading
 
     names = {t.native_id: t.name for t in _threading.enumerate()}
@@ -406,9 +407,12 @@ def thread_cpu_s() -> dict[str, float]:
         except OSError:
             continue
         if int(fields[1]) == os.getpid():
-            out["catalog server (process)"] = out.get("catalog server (process)", 0.0) + (
-                int(fields[11]) + int(fields[12])
-            ) / tick
+            try:
+                worker = b"bluesky_jit.worker_process" in (child / "cmdline").read_bytes()
+            except OSError:
+                continue
+            name = "jit worker (process)" if worker else "catalog server (process)"
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -428,6 +432,7 @@ class Context:
     config: Any
     settle_s: float
     keep: bool
+    in_process: bool = False
 
 
 def run_case(
@@ -443,6 +448,7 @@ def run_case(
 
     from bluesky_jit.callbacks import JitCallback
     from bluesky_jit.catalog import runs_container
+    from bluesky_jit.worker_process import JitProcess
     from simulated_devices import hw
     from simulated_devices.plans import tomo_continuous
 
@@ -465,7 +471,8 @@ def run_case(
         spool = files / "spool" / "derived"
         writers["derived"] = make_writer(runs_container(client, "derived"), spool)
         derived_emit = Timed(writers["derived"])
-        jit = JitCallback(config=ctx.config, emit=derived_emit, directory=files / "derived")
+        kind = JitCallback if ctx.in_process else JitProcess
+        jit = kind(config=ctx.config, emit=derived_emit, directory=files / "derived")
         timed["jit_callback"] = Timed(jit)
         RE.subscribe(timed["jit_callback"])
     hook = None
@@ -619,7 +626,7 @@ def run_outage(scan: Scan, args: argparse.Namespace, config: Any) -> dict[str, A
             timeline["restart_error"] = f"{type(error).__name__}: {error}"
         timeline["down_s"] = timeline.get("back_at_s", math.nan) - timeline["killed_at_s"]
 
-    ctx = Context(Proxy(), workdir, config, args.settle_s, args.keep)
+    ctx = Context(Proxy(), workdir, config, args.settle_s, args.keep, args.in_process)
     try:
         out = run_case(scan, ("raw", "jit"), ctx, during=outage)
     finally:
@@ -805,6 +812,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--settle-s", type=float, default=300.0, help="longest wait after a scan (s)"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="subscribe a JitCallback (worker threads in the RunEngine's process) instead of "
+        "the README's JitProcess (worker in a child process)",
+    )
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary one")
     parser.add_argument("--keep", action="store_true", help="keep detector and derived files")
@@ -841,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         scan_cases = [c for c in chosen if c != "outage"]
         if scan_cases:
             with LocalCatalog(args.workdir / "catalog", readable_storage=[args.workdir]) as cat:
-                ctx = Context(cat, args.workdir, config, args.settle_s, args.keep)
+                ctx = Context(cat, args.workdir, config, args.settle_s, args.keep, args.in_process)
                 if not args.no_warmup:
                     kinds = {all_scans[c.split("/")[0]].source for c in scan_cases}
                     warm_up(kinds, ctx, all_scans)

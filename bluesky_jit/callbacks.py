@@ -22,6 +22,7 @@ in its derived run's stop document (``exit_status``, ``reason``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import queue
@@ -983,6 +984,21 @@ class JitCallback:
         """
         for pipeline in list(self.pipelines.values()):
             pipeline.set_sampling(patch_size=patch_size, region=region)
+
+    def progress(self) -> list[RunSummary]:
+        """Snapshots of the runs in progress, oldest first (safe to read from any thread)."""
+        out = []
+        for pipeline in list(self.pipelines.values()):
+            summary = pipeline.summary
+            if summary is None:
+                continue
+            snapshot = dataclasses.replace(
+                summary, metrics=list(summary.metrics), problems=list(summary.problems)
+            )
+            if pipeline.trainer is not None:
+                snapshot.train_steps = pipeline.trainer.steps
+            out.append(snapshot)
+        return out
 
     @property
     def backlog(self) -> int:

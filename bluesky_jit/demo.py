@@ -2,8 +2,9 @@
 
 A real RunEngine runs a continuous multi-rotation scan of the simulated
 bubble column (ophyd-async devices writing HDF5); the raw run goes into the
-embedded Tiled catalog (container ``raw``) and :class:`~bluesky_jit.JitCallback`
-publishes the derived run (container ``derived``). At the end the derived run
+embedded Tiled catalog (container ``raw``) and a
+:class:`~bluesky_jit.worker_process.JitProcess` (the JitCallback in a child
+process) publishes the derived run (container ``derived``). At the end the derived run
 is read back from the catalog and compared with the phantom's ground truth.
 
 Ctrl-C (SIGINT) stops the scan the way bluesky does: the RunEngine's handler
@@ -54,7 +55,7 @@ class DemoOptions:
     progress: bool = True
     config: JitConfig = field(default_factory=JitConfig)
     on_callback: Callable[[Any], None] | None = None
-    """Called with the ``JitCallback`` before the scan (e.g. to attach a live view)."""
+    """Called with the ``JitProcess`` before the scan (e.g. to attach a live view)."""
     on_run_engine: Callable[[Any], None] | None = None
     """Called with the ``RunEngine`` before the scan (e.g. to pause it from another thread)."""
 
@@ -82,7 +83,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from simulated_devices.sources import PhantomSource
 
     from . import catalog as cat
-    from .callbacks import JitCallback
+    from .worker_process import JitProcess
 
     data_dir = Path(options.data_dir).resolve()
     raw_dir = data_dir / "raw"
@@ -103,7 +104,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         spool = data_dir / "spool"
         writers.append(cat.tiled_writer(derived_runs, spool_dir=spool / "derived"))
         writers.append(cat.tiled_writer(raw_runs, spool_dir=spool / "raw"))
-        jit = JitCallback(config=options.config, emit=writers[0], directory=derived_dir)
+        # The work runs in a child process: the scan keeps its pace (README, "Never slow").
+        jit = JitProcess(config=options.config, emit=writers[0], directory=derived_dir)
         if options.on_callback is not None:
             options.on_callback(jit)
         # Ctrl-C handling needs the main thread; with a live view the scan runs in another.
@@ -220,13 +222,12 @@ class _Progress:
             self._update()
 
     def _update(self) -> None:
-        pipeline = next(iter(list(self.jit.pipelines.values())), None)
-        summary = self.jit.summaries[-1] if self.jit.summaries else None
-        if pipeline is not None and pipeline.summary is not None:
-            summary = pipeline.summary
+        running = self.jit.progress()
+        summary = running[-1] if running else (self.jit.summaries or [None])[-1]
         if summary is not None:
-            steps = pipeline.trainer.steps if pipeline and pipeline.trainer else summary.train_steps
-            self.bar.set_postfix(slices=summary.slices, train_steps=steps, refresh=False)
+            self.bar.set_postfix(
+                slices=summary.slices, train_steps=summary.train_steps, refresh=False
+            )
         self.bar.update(min(self.frames, self.bar.total) - self.bar.n)
 
     def close(self) -> None:

@@ -40,8 +40,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-
 from .callbacks import is_tomography
 from .config import JitConfig
 from .errors import BrokerError, ConfigError, ScanDataError
@@ -419,9 +417,6 @@ def parse_address(address: str, what: str = "address") -> tuple[str, int]:
 
 ZMQ_FORMATS = ("msgpack", "pickle")
 """How 0MQ messages are encoded: msgpack (safe, the default) or pickle (asked for only)."""
-_NUMPY_EXT = 42
-"""msgpack extension type of a numpy array: ``[dtype.str, shape, bytes]``."""
-_SAFE_KINDS = frozenset("biufc")  # bool, integers, floats, complex: no objects
 
 
 def zmq_serializer() -> Callable[[Any], bytes]:
@@ -431,12 +426,9 @@ def zmq_serializer() -> Callable[[Any], bytes]:
     (``bluesky.callbacks.zmq.Publisher`` pickles by default, which a listener
     must refuse: unpickling runs code from whoever can reach the proxy).
     """
-    import msgpack
+    from .codec import packb
 
-    def dumps(doc: Any) -> bytes:
-        return msgpack.packb(doc, default=_pack_numpy, use_bin_type=True)
-
-    return dumps
+    return packb
 
 
 def zmq_deserializer() -> Callable[[bytes], Any]:
@@ -444,13 +436,11 @@ def zmq_deserializer() -> Callable[[bytes], Any]:
 
     Decoding builds only plain values and numpy arrays of numbers: no code runs.
     """
-    import msgpack
+    from .codec import unpackb
 
     def loads(data: bytes) -> Any:
         try:
-            return msgpack.unpackb(
-                data, ext_hook=_unpack_numpy, raw=False, strict_map_key=False
-            )
+            return unpackb(data)
         except Exception as error:
             guess = "a pickle" if data[:1] == b"\x80" else "not msgpack"
             logger.warning(
@@ -463,32 +453,6 @@ def zmq_deserializer() -> Callable[[bytes], Any]:
             raise ScanDataError(f"undecodable 0MQ message ({guess}): {error}") from None
 
     return loads
-
-
-def _pack_numpy(value: Any) -> Any:
-    import msgpack
-
-    if isinstance(value, np.ndarray):
-        data = np.ascontiguousarray(value)
-        payload = msgpack.packb([data.dtype.str, list(data.shape), data.tobytes()])
-        return msgpack.ExtType(_NUMPY_EXT, payload)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"cannot encode a {type(value).__name__} for 0MQ")
-
-
-def _unpack_numpy(code: int, payload: bytes) -> Any:
-    import msgpack
-
-    if code != _NUMPY_EXT:
-        raise ValueError(f"unknown msgpack extension type {code}")
-    dtype_str, shape, raw = msgpack.unpackb(payload, raw=False)
-    dtype = np.dtype(str(dtype_str))
-    if dtype.kind not in _SAFE_KINDS:
-        raise ValueError(f"refused an array of dtype {dtype_str!r}: numbers only")
-    return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in shape]).copy()
 
 
 def check_reachable(host: str, port: int, what: str, timeout: float = 3.0) -> None:

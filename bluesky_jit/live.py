@@ -2,7 +2,7 @@
 
 Live::
 
-    view = LiveView(jit)      # jit: the JitCallback subscribed to the RunEngine
+    view = LiveView(jit)      # jit: the JitProcess or JitCallback subscribed to the RunEngine
     view.start()              # IPython with an interactive backend (%matplotlib)
     view.stop()
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from tiled.client.container import Container
 
     from .callbacks import JitCallback
+    from .worker_process import JitProcess
 
 __all__ = ["DerivedData", "LiveView", "export", "open_derived", "read_derived", "show"]
 
@@ -197,16 +198,17 @@ def export(
 
 # ------------------------------------------------------------------------------ live
 class LiveView:
-    """A live figure of the run a :class:`JitCallback` is processing.
+    """A live figure of the run a JitProcess or JitCallback is processing.
 
     Parameters
     ----------
-    jit : JitCallback
+    jit : JitProcess or JitCallback
+        Read through its ``progress()`` and ``summaries``.
     interval_s : float
         Refresh period.
     """
 
-    def __init__(self, jit: JitCallback, *, interval_s: float = 0.5) -> None:
+    def __init__(self, jit: JitProcess | JitCallback, *, interval_s: float = 0.5) -> None:
         self.jit = jit
         self.interval_s = interval_s
         self.figure: Figure | None = None
@@ -283,10 +285,8 @@ class LiveView:
 
     def _current(self) -> Any:
         """The newest scan's RunSummary: running first, else the last finished."""
-        pipelines = list(self.jit.pipelines.values())
-        for pipeline in reversed(pipelines):
-            summary = pipeline.summary
-            if summary is not None and summary.geometry is not None:
+        for summary in reversed(self.jit.progress()):
+            if summary.geometry is not None:
                 return summary
         finished = [s for s in list(self.jit.summaries) if s.last_slice is not None]
         return finished[-1] if finished else None

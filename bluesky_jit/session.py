@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from .callbacks import JitCallback
     from .catalog import LocalCatalog
+    from .worker_process import JitProcess
 
 logger = logging.getLogger(__name__)
 
@@ -449,7 +450,8 @@ def attach(
     config: JitConfig | None = None,
     write_raw: bool = True,
     on_run_finished: Callable[[Any], None] | None = None,
-) -> JitCallback:
+    in_process: bool = False,
+) -> JitProcess | JitCallback:
     """Subscribe the just-in-time callback (and a raw-run writer) to ``RE``.
 
     Parameters
@@ -464,18 +466,23 @@ def attach(
         Also store the raw runs (a beamline usually has its own writer: False).
     on_run_finished : callable, optional
         Called with each run's ``RunSummary``; by default one log line.
+    in_process : bool
+        Run the work in threads of this process (:class:`JitCallback`) instead
+        of a child process (:class:`~bluesky_jit.worker_process.JitProcess`,
+        the default: the scan keeps its pace).
 
     Returns
     -------
-    JitCallback
+    JitProcess or JitCallback
         Subscribed; ``RE.unsubscribe`` with ``jit.token`` to detach.
     """
     from .callbacks import JitCallback
     from .catalog import tiled_writer
+    from .worker_process import JitProcess
 
     if write_raw:
         RE.subscribe(tiled_writer(session.runs("raw"), spool_dir=session.spool_dir("raw")))
-    jit = JitCallback(
+    jit = (JitCallback if in_process else JitProcess)(
         config=config,
         emit=tiled_writer(session.runs("derived"), spool_dir=session.spool_dir("derived")),
         directory=session.data_dir / "derived",

@@ -1,0 +1,419 @@
+"""The JitCallback's work in a child process, so that the RunEngine's process only queues.
+
+A :class:`JitCallback` in the RunEngine's process shares the GIL with the
+RunEngine: its worker's Python code (routing, flat-fielding, bookkeeping)
+and the trainer take turns with the scan, and on a small machine an unpaced
+scan runs at half its speed. :class:`JitProcess` subscribes the same way and
+runs the same ``JitCallback`` in a child Python process at a lower priority
+(``nice``): the RunEngine's thread only puts each document on a queue, a
+sender thread writes it down a pipe (msgpack, :mod:`bluesky_jit.codec`,
+nothing pickled), and the operating system, not the GIL, shares the cores.
+
+The derived documents come back up a second pipe and go to ``emit`` here,
+in the RunEngine's process (a :class:`~bluesky_jit.writer.CatalogWriter`
+queues them for its own threads); run summaries, progress and quality
+signals come back the same way. The child ends when the pipe closes, so it
+never outlives the RunEngine's process.
+
+Example
+-------
+>>> jit = JitProcess(config=JitConfig(), emit=writer, directory="data/derived")  # doctest: +SKIP
+>>> RE.subscribe(jit)                                                           # doctest: +SKIP
+>>> RE(plan); jit.flush(); jit.close()                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .callbacks import RunSummary
+from .codec import packb, unpackb
+from .config import JitConfig
+from .errors import ConfigError
+from .geometry import ScanGeometry, Slice
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<I")
+_CONTROL = ("move_slices", "set_sampling")
+"""The JitCallback methods a JitProcess forwards to its child."""
+
+
+class JitProcess:
+    """Live just-in-time denoising in a child process: ``RE.subscribe(JitProcess(...))``.
+
+    Takes the parameters of :class:`~bluesky_jit.callbacks.JitCallback`
+    (except ``handler_registry`` and ``run_engine_here``) and offers its
+    methods: :meth:`flush`, :meth:`close`, :meth:`progress`,
+    :meth:`move_slices`, :meth:`set_sampling`, :attr:`summaries`.
+
+    Parameters
+    ----------
+    nice : int
+        How much lower the child's CPU priority is than this process's
+        (``os.nice``): the scan wins every core it asks for.
+    start_timeout : float
+        Seconds to wait for the child to import torch and start.
+
+    Notes
+    -----
+    ``on_run_finished`` and ``emit`` are called on a reader thread of this
+    process, as a JitCallback calls them on its worker thread. If the child
+    dies, the documents after it are counted in :attr:`lost`, logged, and
+    :meth:`flush` returns False; the RunEngine never sees it.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: JitConfig | None = None,
+        emit: Callable[[str, dict], None] | None = None,
+        directory: str | Path = "bluesky_jit_data/derived",
+        geometry_overrides: Mapping[str, Any] | None = None,
+        root_map: Mapping[str, str] | None = None,
+        on_run_finished: Callable[[RunSummary], None] | None = None,
+        keep_summaries: int = 20,
+        quality: Any = None,
+        nice: int = 10,
+        start_timeout: float = 120.0,
+    ) -> None:
+        if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
+            raise ConfigError(f"JitProcess(nice=...) must be an integer 0..19; got {nice!r}.")
+        self.config = config or JitConfig()
+        self.emit = emit
+        self.directory = Path(directory)
+        self.quality = quality
+        self.on_run_finished = on_run_finished
+        self.summaries: collections.deque[RunSummary] = collections.deque(maxlen=keep_summaries)
+        """The most recent runs' summaries, as the child reported them."""
+        self.lost = 0
+        """Documents not processed because the child had died."""
+        self._running: dict[str, RunSummary] = {}
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._flushed: dict[int, threading.Event] = {}
+        self._flush_ok: dict[int, bool] = {}
+        self._tokens = itertools.count()
+        self._closed = False
+        self._dead = threading.Event()
+        self._ready = threading.Event()
+        to_child, self._to_child = os.pipe()
+        self._from_child, from_child = os.pipe()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bluesky_jit.worker_process", str(to_child), str(from_child)],
+            pass_fds=(to_child, from_child),
+        )
+        os.close(to_child)
+        os.close(from_child)
+        settings = {
+            "config": self.config.to_dict(),
+            "emit": emit is not None,
+            "quality": quality is not None,
+            "directory": str(self.directory),
+            "geometry_overrides": dict(geometry_overrides or {}),
+            "root_map": dict(root_map or {}),
+            "keep_summaries": keep_summaries,
+            "nice": nice,
+            "log_level": logging.getLogger("bluesky_jit").getEffectiveLevel(),
+        }
+        self._pipe = os.fdopen(self._to_child, "wb")
+        _write(self._pipe, ["init", settings])
+        self._pipe.flush()
+        self._reader = threading.Thread(target=self._read, name="bluesky-jit-results", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(start_timeout) or self._dead.is_set():
+            self._process.kill()
+            raise ConfigError(
+                f"The bluesky-jit worker process did not start within {start_timeout} s (exit "
+                f"code {self._process.poll()}); its messages are above. Check that "
+                f"'{sys.executable} -m bluesky_jit.worker_process' runs, or use JitCallback."
+            )
+        self._sender = threading.Thread(target=self._send, name="bluesky-jit-sender", daemon=True)
+        self._sender.start()
+
+    # -- RunEngine side: one queue put --------------------------------------------------
+    def __call__(self, name: str, doc: dict) -> None:
+        if not self._closed:
+            self._outbox.put(("doc", name, doc))
+
+    # -- sender thread ------------------------------------------------------------------
+    def _send(self) -> None:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                # Polled like the JitCallback's worker: a put wakes no thread.
+                time.sleep(0.005)
+                continue
+            if item is None:
+                break
+            if self._dead.is_set():
+                self.lost += item[0] == "doc"
+                continue
+            try:
+                _write(self._pipe, list(item))
+                if self._outbox.empty():
+                    self._pipe.flush()
+            except (BrokenPipeError, OSError, ValueError) as error:
+                self.lost += item[0] == "doc"
+                self._died(f"the pipe to it broke ({error})")
+            except TypeError as error:  # a document with a value msgpack cannot carry
+                logger.warning("bluesky_jit could not send a %r document: %s", item[1], error)
+        try:
+            self._pipe.close()
+        except OSError:
+            pass
+
+    # -- reader thread: what the child reports --------------------------------------------
+    def _read(self) -> None:
+        with os.fdopen(self._from_child, "rb") as pipe:
+            while True:
+                try:
+                    message = _read(pipe)
+                except (OSError, ValueError) as error:
+                    logger.error("bluesky_jit: unreadable message from the worker: %s", error)
+                    message = None
+                if message is None:
+                    break
+                try:
+                    self._handle(message)
+                except Exception:  # noqa: BLE001 - e.g. emit raised; the next message still comes
+                    logger.exception("bluesky_jit could not handle the worker's %r", message[0])
+        code = self._process.wait()
+        if not self._closed or code != 0:
+            self._died(f"it exited with code {code}")
+        self._ready.set()
+
+    def _handle(self, message: list) -> None:
+        kind = message[0]
+        if kind == "emit" and self.emit is not None:
+            self.emit(message[1], message[2])
+        elif kind == "progress":
+            self._running = {s["raw_uid"]: _summary(s) for s in message[1]}
+        elif kind == "finished":
+            summary = _summary(message[1])
+            self._running.pop(summary.raw_uid, None)
+            self.summaries.append(summary)
+            if self.on_run_finished is not None:
+                self.on_run_finished(summary)
+        elif kind == "quality" and self.quality is not None:
+            details, step, n2i = message[1:]
+            self.quality.publish(details, step=step, **n2i)
+        elif kind == "flushed":
+            self._flush_ok[message[1]] = bool(message[2])
+            self._flushed.pop(message[1], threading.Event()).set()
+        elif kind == "ready":
+            self._ready.set()
+
+    def _died(self, why: str) -> None:
+        if self._dead.is_set():
+            return
+        self._dead.set()
+        logger.error(
+            "The bluesky-jit worker process stopped: %s. Documents from now on are not "
+            "processed (counted in JitProcess.lost); the scan and its raw data are not affected.",
+            why,
+        )
+        for event in list(self._flushed.values()):
+            event.set()
+
+    # -- control --------------------------------------------------------------------------
+    def progress(self) -> list[RunSummary]:
+        """Summaries of the runs in progress (updated twice a second), oldest first."""
+        return list(self._running.values())
+
+    def move_slices(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
+        """As :meth:`bluesky_jit.callbacks.JitCallback.move_slices`."""
+        planes = {int(k): dataclasses.asdict(v) for k, v in (vertical or {}).items()}
+        kwargs = {"slice_row": slice_row, "vertical": planes or None}
+        self._outbox.put(("call", "move_slices", kwargs))
+
+    def set_sampling(self, *, patch_size: int | None = None, region: Any = ...) -> None:
+        """As :meth:`bluesky_jit.callbacks.JitCallback.set_sampling` (a region goes by value)."""
+        kwargs: dict[str, Any] = {"patch_size": patch_size}
+        if region is not ...:
+            kwargs["region"] = (
+                None
+                if region is None
+                else {k: getattr(region, k) for k in ("radius", "center", "mask", "pixel_size")}
+            )
+        self._outbox.put(("call", "set_sampling", kwargs))
+
+    @property
+    def backlog(self) -> int:
+        """Documents not yet sent to the child."""
+        return self._outbox.qsize()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the child has processed every document received so far and ``emit``
+        has written what came back (when it has a ``flush``); False on timeout or if the
+        child died."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        token = next(self._tokens)
+        done = self._flushed[token] = threading.Event()
+        if self._dead.is_set():
+            return False
+        self._outbox.put(("flush", token))
+        if not done.wait(timeout) or not self._flush_ok.pop(token, False):
+            return False
+        emit_flush = getattr(self.emit, "flush", None)
+        if callable(emit_flush):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return bool(emit_flush(left))
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Process what is queued, then end the child (killed if it does not end in time)."""
+        if self._closed:
+            return
+        if not self._dead.is_set():
+            self.flush(timeout)
+        self._closed = True
+        self._outbox.put(None)
+        self._sender.join(timeout)
+        try:
+            self._process.wait(timeout if timeout is not None else 60)
+        except subprocess.TimeoutExpired:
+            logger.warning("The bluesky-jit worker process did not end; killing it.")
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(timeout)
+
+
+# ------------------------------------------------------------------------------ the pipe
+def _write(pipe: BinaryIO, message: Any) -> None:
+    data = packb(message)
+    pipe.write(_HEADER.pack(len(data)) + data)
+
+
+def _read(pipe: BinaryIO) -> Any:
+    header = pipe.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = pipe.read(size)
+    if len(data) < size:
+        return None
+    return unpackb(data)
+
+
+_ARRAY_FIELDS = ("last_slice", "last_denoised", "last_indices", "last_denoised_indices")
+
+
+def _summary_message(summary: RunSummary) -> dict[str, Any]:
+    out = summary.to_dict() | {"metrics": list(summary.metrics)}
+    out |= {k: getattr(summary, k) for k in _ARRAY_FIELDS}
+    out["geometry"] = None if summary.geometry is None else summary.geometry.to_dict()
+    return out
+
+
+def _summary(message: dict[str, Any]) -> RunSummary:
+    geometry = message.pop("geometry", None)
+    summary = RunSummary(**message)
+    summary.geometry = None if geometry is None else ScanGeometry(**geometry)
+    return summary
+
+
+# ------------------------------------------------------------------------------ the child
+class _Results:
+    """The child's end of the pipe back: one lock, so threads' messages never interleave."""
+
+    def __init__(self, fd: int) -> None:
+        self._pipe = os.fdopen(fd, "wb")
+        self._lock = threading.Lock()
+
+    def send(self, *message: Any) -> None:
+        with self._lock:
+            _write(self._pipe, list(message))
+            self._pipe.flush()
+
+    def emit(self, name: str, doc: dict) -> None:
+        self.send("emit", name, doc)
+
+    def finished(self, summary: RunSummary) -> None:
+        self.send("finished", _summary_message(summary))
+
+
+class _Quality:
+    """Stands in for the parent's QualitySignals: what is published goes up the pipe."""
+
+    def __init__(self, results: _Results) -> None:
+        self._results = results
+
+    def publish(self, details: Mapping[str, Any], *, step: int, **n2i: Any) -> None:
+        self._results.send("quality", dict(details), int(step), n2i)
+
+
+def _child(to_child: int, from_child: int) -> int:  # pragma: no cover - runs in the child
+    from .callbacks import JitCallback
+    from .pairs import SamplingRegion
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a scan stops
+    inbox = os.fdopen(to_child, "rb")
+    results = _Results(from_child)
+    init = _read(inbox)
+    if not init or init[0] != "init":
+        return 2
+    settings = init[1]
+    logging.basicConfig(
+        level=settings["log_level"], format="bluesky-jit worker: %(levelname)s %(message)s"
+    )
+    os.nice(settings["nice"])
+    jit = JitCallback(
+        config=JitConfig.from_dict(settings["config"]),
+        emit=results.emit if settings["emit"] else None,
+        directory=settings["directory"],
+        geometry_overrides=settings["geometry_overrides"],
+        root_map=settings["root_map"],
+        on_run_finished=results.finished,
+        keep_summaries=settings["keep_summaries"],
+        quality=_Quality(results) if settings["quality"] else None,
+    )
+    stop = threading.Event()
+
+    def report_progress() -> None:
+        while not stop.wait(0.5):
+            results.send("progress", [_summary_message(s) for s in jit.progress()])
+
+    def flush(token: int) -> None:
+        results.send("flushed", token, jit.flush())
+
+    threading.Thread(target=report_progress, daemon=True).start()
+    results.send("ready")
+    while (message := _read(inbox)) is not None:
+        kind = message[0]
+        if kind == "doc":
+            jit(message[1], message[2])
+        elif kind == "flush":
+            threading.Thread(target=flush, args=(message[1],), daemon=True).start()
+        elif kind == "call" and message[1] in _CONTROL:
+            kwargs = message[2]
+            if kwargs.get("vertical"):
+                kwargs["vertical"] = {int(k): Slice(**v) for k, v in kwargs["vertical"].items()}
+            if isinstance(kwargs.get("region"), dict):
+                region = kwargs["region"]
+                region["mask"] = None if region["mask"] is None else np.asarray(region["mask"])
+                kwargs["region"] = SamplingRegion(**region)
+            getattr(jit, message[1])(**kwargs)
+    jit.close()
+    stop.set()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the child's entry point
+    sys.exit(_child(int(sys.argv[1]), int(sys.argv[2])))
