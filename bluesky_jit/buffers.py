@@ -211,11 +211,7 @@ class ReplayBuffer:
         ConfigError
             If ``batch_size`` is not a positive integer.
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(
-                f"sample() batch_size must be a positive integer; got {batch_size!r}. "
-                "Graas et al. (2023) train with batches of 32."
-            )
+        _check_batch_size(batch_size)
         gen = rng if rng is not None else self._rng
         with self._lock:
             if self._u is None or self._v is None or self._size == 0:
@@ -246,9 +242,7 @@ class ReplayBuffer:
                 raise EmptyBufferError(
                     "snapshot() was called on an empty ReplayBuffer; push pairs first."
                 )
-            start = (self._next - self._size) % self.capacity
-            index = (start + torch.arange(self._size)) % self.capacity
-            index = index.to(self.device)
+            index = self._oldest(self._size)
             return self._u.index_select(0, index), self._v.index_select(0, index)
 
     def clear(self) -> None:
@@ -256,6 +250,11 @@ class ReplayBuffer:
         with self._lock:
             self._u = self._v = None
             self._size = self._next = self._pushed = 0
+
+    def _oldest(self, n: int) -> torch.Tensor:
+        """Ring positions of the ``n`` oldest pairs kept, oldest first (under the lock)."""
+        start = (self._next - self._size) % self.capacity
+        return ((start + torch.arange(n)) % self.capacity).to(self.device)
 
     def _as_batch(self, x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
@@ -295,20 +294,24 @@ class SequentialBuffer(ReplayBuffer):
         EmptyBufferError
             If fewer than ``batch_size`` pairs are waiting.
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(
-                f"sample() batch_size must be a positive integer; got {batch_size!r}."
-            )
+        _check_batch_size(batch_size)
         with self._lock:
             if self._u is None or self._v is None or self._size < batch_size:
                 raise EmptyBufferError(
                     f"SequentialBuffer holds {self._size} unused pairs; a batch needs "
                     f"{batch_size}. Wait until len(buffer) >= batch_size."
                 )
-            start = (self._next - self._size) % self.capacity
-            index = ((start + torch.arange(batch_size)) % self.capacity).to(self.device)
+            index = self._oldest(batch_size)
             self._size -= batch_size
             return self._u.index_select(0, index), self._v.index_select(0, index)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(
+            f"sample() batch_size must be a positive integer; got {batch_size!r}. "
+            "Graas et al. (2023) train with batches of 32."
+        )
 
 
 ONLINE_STRATEGIES = ("queue", "sequential", "frozen")

@@ -35,10 +35,13 @@ from .training import PRECISIONS, Normalizer, TrainerMixin, WeightsSnapshot, mak
 
 logger = logging.getLogger(__name__)
 
+TRAINER_SETTINGS = frozenset(
+    "batch_size learning_rate holdout_size precision metrics_every_s checkpoint_dir "
+    "checkpoint_every_s max_steps_per_s channels_last augment average nice".split()
+)
+"""The Trainer settings a ProcessTrainer passes on to the Trainer in its process."""
 
-# ---------------------------------------------------------------------------------------
-# The trainer in its own process
-# ---------------------------------------------------------------------------------------
+
 class _RemoteBuffer:
     """Parent-side face of the child's buffer: pushes go through a queue.
 
@@ -140,24 +143,11 @@ class ProcessTrainer(TrainerMixin):
         **trainer_kwargs: Any,
     ) -> None:
         check_online_strategy(online_strategy, has_checkpoint=warm_start is not None)
-        allowed = {
-            "batch_size",
-            "learning_rate",
-            "holdout_size",
-            "precision",
-            "metrics_every_s",
-            "checkpoint_dir",
-            "checkpoint_every_s",
-            "max_steps_per_s",
-            "channels_last",
-            "augment",
-            "average",
-            "nice",
-        }
-        unknown = sorted(set(trainer_kwargs) - allowed)
+        unknown = sorted(set(trainer_kwargs) - TRAINER_SETTINGS)
         if unknown:
             raise ConfigError(
-                f"ProcessTrainer got unknown setting(s) {unknown}; known: {sorted(allowed)}."
+                f"ProcessTrainer got unknown setting(s) {unknown}; known: "
+                f"{sorted(TRAINER_SETTINGS)}."
             )
         if trainer_kwargs.get("precision", "float32") not in PRECISIONS:
             raise ConfigError(
@@ -232,7 +222,6 @@ class ProcessTrainer(TrainerMixin):
         self._stopped = False
         item_ndim = 4 if getattr(template, "spatial_dims", 2) == 3 else 3
         self.buffer = _RemoteBuffer(self._send, self._shared["buffer_len"], capacity, item_ndim)
-        self.holdout_pushed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,7 +277,6 @@ class ProcessTrainer(TrainerMixin):
         self._send(
             ("holdout", np.ascontiguousarray(u, np.float32), np.ascontiguousarray(v, np.float32))
         )
-        self.holdout_pushed += 1
 
     def clear_holdout(self) -> None:
         """Forget the child's hold-out pairs (e.g. after the slice moved)."""
