@@ -39,8 +39,8 @@ import h5py
 import numpy as np
 
 from bluesky_jit import catalog as catalog_module
+from bluesky_jit.apps.demo import machine_description
 from bluesky_jit.catalog import LocalCatalog, runs_container
-from bluesky_jit.demo import machine_description
 
 FRAME = (8, 8)
 

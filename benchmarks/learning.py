@@ -159,8 +159,8 @@ def _trainer(spec: Spec, precision: str, channels_last: bool | None = None) -> T
     u = np.broadcast_to(clean, (320, *item)) if spec.stack else clean
     buffer.push(u + rng.normal(size=(320, *item)), clean + rng.normal(size=clean.shape))
     return Trainer(
-        build(spec), buffer, batch_size=32, learning_rate=2e-3, precision=precision,
-        channels_last=channels_last, augment=True, average=0.99,
+        build(spec), buffer, batch_size=32, learning_rate=2e-3, train_precision=precision,
+        channels_last=channels_last, augment=True, average_weights=0.99,
     )  # fmt: skip
 
 
@@ -231,7 +231,7 @@ def speed(spec: Spec, *, quick: bool) -> dict[str, Any]:
         shape = (spec.frames, size, size) if spec.stack else (size, size)
         image = rng.normal(size=shape).astype(np.float32)
         denoisers = {
-            key: Denoiser(build(spec), normalizer=Normalizer(), precision=key[0])
+            key: Denoiser(build(spec), normalizer=Normalizer(), infer_precision=key[0])
             for key in settings
         }
         for key, denoiser in denoisers.items():
@@ -310,7 +310,7 @@ def speed_ablation(*, quick: bool, threads: int = 2) -> dict[str, Any]:
         denoisers = {}
         for name, (precision, channels_last, compiled) in INFERENCE.items():
             denoiser = Denoiser(
-                build(unet), normalizer=Normalizer(), precision=precision,
+                build(unet), normalizer=Normalizer(), infer_precision=precision,
                 channels_last=channels_last,
             )  # fmt: skip
             t0 = time.perf_counter()
@@ -458,7 +458,7 @@ def run_stream(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         patch_size=args.patch,
         region=region,
         slice_size=args.size,
-        neighbourhood=args.neighbourhood,
+        neighbourhood_rows=args.neighbourhood,
         stack=spec.stack,
         frames=spec.frames,
         frame_step=args.angles // 2,
@@ -474,11 +474,11 @@ def run_stream(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         learning_rate=args.lr,
         holdout_size=args.holdout,
         metrics_every_s=1.0,
-        precision="bfloat16",
+        train_precision="bfloat16",
         num_threads=1,
         augment=not args.no_augment,
-        average=args.average or None,
-        max_steps_per_s=args.max_steps_per_s,
+        average_weights=args.average or None,
+        max_train_steps_per_s=args.max_steps_per_s,
     )
     stop = threading.Event()
     produced = {"pairs": 0, "refreshes": 0, "pair_s": 0.0}
@@ -615,7 +615,7 @@ def score(
     model = build(spec)
     model.load_state_dict(snap.state)
     denoiser = Denoiser(
-        model, normalizer=snap.normalizer, precision=precision, self_ensemble=self_ensemble
+        model, normalizer=snap.normalizer, infer_precision=precision, self_ensemble=self_ensemble
     )
     if snap.normalizer is None:
         return snap.fbp

@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         """Keep a refresh's FBP and denoised slice (same window), then move the slice if due."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            pipeline = next(iter(jit.pipelines.values()), None)
-            s = pipeline.summary if pipeline is not None else None
+            running = jit.progress()
+            s = running[0] if running else None
             if s is not None and s.last_indices is not None:
                 indices, denoised = s.last_indices, s.last_denoised
                 same = denoised is not None and s.last_denoised_indices is indices
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "slice": s.last_slice,
                         "indices": indices,
                         "denoised": denoised,
-                        "steps": pipeline.trainer.steps,
+                        "steps": s.train_steps,
                         "worker_lag": index - int(indices[-1]),
                         "alpha": quality.alpha.get(),
                     }
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recovery <= 20 s": recovered is not None and recovered <= 20,
     }
     if args.png is not None:
-        from bluesky_jit.figures import save_slices
+        from bluesky_jit.apps.figures import save_slices
 
         images = {
             f"FBP ({out['psnr_fbp']:.1f} dB)": test["slice"],

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bluesky_jit.apps.demo import machine_description
 from bluesky_jit.config import JitConfig
-from bluesky_jit.demo import machine_description
 
 
 def record_scan(directory: Path, *, shape, num_angles: int, rotations: int):

@@ -372,7 +372,7 @@ def patch_case(n: int, n_angles: int, size: int, repeats: int) -> dict[str, Any]
     for i, (s, a) in enumerate(zip(sino, np.degrees(angles), strict=True)):
         rec.add_frame(np.repeat(np.exp(-s)[None], rows, 0), angle_deg=a, index=i)
     maker = PairMaker.from_reconstructor(
-        rec, patch_size=size, neighbourhood=2, rng=np.random.default_rng(0)
+        rec, patch_size=size, neighbourhood_rows=2, rng=np.random.default_rng(0)
     )
     half = size / 2
     window = (centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)

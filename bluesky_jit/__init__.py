@@ -5,7 +5,7 @@ The package follows the data path::
     ingest -> projections -> geometry/reconstruction -> pairs -> models/training
     -> inference -> emit -> catalog
 
-The face: ``from bluesky_jit import JitCallback, JitConfig, LocalCatalog, replay``.
+The face: ``from bluesky_jit import JitProcess, JitCallback, JitConfig, LocalCatalog, replay``.
 Importing the package does no work and imports neither torch nor tiled: each
 name is imported from its module on first use (PEP 562).
 """
@@ -13,17 +13,16 @@ name is imported from its module on first use (PEP 562).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms)
 if TYPE_CHECKING:
     from typing import Any
 
+    from .apps.replay import replay
     from .callbacks import JitCallback
     from .catalog import LocalCatalog
     from .config import JitConfig
-    from .replay import replay
+    from .worker_process import JitProcess
 
 __version__ = "0.1.0"
 
@@ -31,9 +30,10 @@ _HOMES = {
     "JitCallback": ".callbacks",
     "JitConfig": ".config",
     "LocalCatalog": ".catalog",
-    "replay": ".replay",
+    "JitProcess": ".worker_process",
+    "replay": ".apps.replay",
 }
-__all__ = ["JitCallback", "JitConfig", "LocalCatalog", "replay"]
+__all__ = ["JitCallback", "JitConfig", "JitProcess", "LocalCatalog", "replay"]
 
 
 def __getattr__(name: str) -> Any:
@@ -46,17 +46,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return [*__all__, "__version__"]
-
-
-class _Face(types.ModuleType):
-    """Keeps ``bluesky_jit.replay`` the function once the submodule of that name is imported.
-
-    (Importing ``bluesky_jit.replay`` sets the package attribute to the module.)
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not (name in _HOMES and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Face

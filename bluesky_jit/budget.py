@@ -96,8 +96,8 @@ class CpuBudget:
         Parameters
         ----------
         config : JitConfig, optional
-            Reads ``cpu_threads``, ``train_threads`` and ``infer_threads``
-            (``None`` or missing: decide from the cores).
+            Reads ``runtime.cpu_threads``, ``runtime.train_threads`` and
+            ``runtime.infer_threads`` (``None``: decide from the cores).
         cores : int, optional
             Cores available; by default those of the process's CPU affinity.
 
@@ -113,9 +113,10 @@ class CpuBudget:
         detected = cores is None
         cores = available_cores() if cores is None else cores
         _check_positive("cores", cores)
-        total = getattr(config, "cpu_threads", None)
-        train_set = getattr(config, "train_threads", None)
-        infer_set = getattr(config, "infer_threads", None)
+        run = getattr(config, "runtime", None)
+        total = getattr(run, "cpu_threads", None)
+        train_set = getattr(run, "train_threads", None)
+        infer_set = getattr(run, "infer_threads", None)
         for name, value in (
             ("cpu_threads", total),
             ("train_threads", train_set),

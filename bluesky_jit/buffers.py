@@ -22,6 +22,7 @@ import threading
 import numpy as np
 import torch
 
+from .config import ONLINE_STRATEGIES
 from .errors import ConfigError, EmptyBufferError, ScanDataError
 
 
@@ -314,14 +315,6 @@ def _check_batch_size(batch_size: int) -> None:
         )
 
 
-ONLINE_STRATEGIES = ("queue", "sequential", "frozen")
-"""Online-learning strategies (``JitConfig.online_strategy``; Graas et al. 2023, Fig. 10).
-
-``queue``: the capacity queue of N_buffer pairs (the just-in-time strategy);
-``sequential``: no buffer, every pair trained on once; ``frozen``: a pretrained
-network that is never trained (needs a checkpoint)."""
-
-
 def check_online_strategy(online_strategy: str, *, has_checkpoint: bool = True) -> None:
     """Raise a ConfigError for an unknown strategy, or ``"frozen"`` without a checkpoint."""
     if online_strategy not in ONLINE_STRATEGIES:
@@ -332,7 +325,7 @@ def check_online_strategy(online_strategy: str, *, has_checkpoint: bool = True) 
     if online_strategy == "frozen" and not has_checkpoint:
         raise ConfigError(
             "The 'frozen' online strategy is a pretrained model: pass the checkpoint of an "
-            "earlier run (checkpoint= / warm_start=)."
+            "earlier run (warm_start=)."
         )
 
 

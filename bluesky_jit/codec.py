@@ -1,7 +1,7 @@
 """Documents as bytes without pickle: msgpack, with numpy arrays of numbers kept.
 
 One encoding for everything bluesky-jit sends between processes: the 0MQ
-bus (:func:`bluesky_jit.listen.zmq_serializer`) and the pipe to the worker
+bus (:func:`bluesky_jit.apps.listen.zmq_serializer`) and the pipe to the worker
 process (:mod:`bluesky_jit.worker_process`). Decoding builds only plain
 values and numeric arrays, so no code from the sender ever runs.
 """

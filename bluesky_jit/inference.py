@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, ScanDataError
 from .models.checkpoint import load_checkpoint
-from .training import PRECISIONS, Normalizer, WeightsSnapshot, memory_format_for
+from .training import Normalizer, WeightsSnapshot, memory_format_for, resolve_precision
 
 
 class WeightSource(Protocol):
@@ -52,8 +52,9 @@ class Denoiser:
         Keep the weights in channels-last memory format. By default on the CPU
         only, where oneDNN convolutions ran the U-Net about twice as fast on a
         1024x1024 slice (2 cores); untested on CUDA, hence off there.
-    precision : {"float32", "bfloat16"}
-        ``"bfloat16"`` keeps a bfloat16 copy of the weights and runs the
+    infer_precision : {"float32", "bfloat16", "auto"}
+        ``"auto"``: :func:`~bluesky_jit.training.resolve_precision` for
+        ``device``. ``"bfloat16"`` keeps a bfloat16 copy of the weights and runs the
         network in bfloat16 (input and output are float32). On a CPU with
         AVX512-BF16 this ran the Standard U-Net on a 1024x1024 slice 2.4-2.7x
         faster (2 cores: about 120 ms against 300 ms); the rounding (relative
@@ -89,7 +90,7 @@ class Denoiser:
         device: str | torch.device = "cpu",
         pad_multiple: int | None = None,
         channels_last: bool | None = None,
-        precision: str = "float32",
+        infer_precision: str = "float32",
         num_threads: int | None = None,
         self_ensemble: bool = False,
     ) -> None:
@@ -102,8 +103,6 @@ class Denoiser:
                 f"Denoiser needs a torch.nn.Module or a callable returning one; got "
                 f"{type(model).__name__}."
             )
-        if precision not in PRECISIONS:
-            raise ConfigError(f"Denoiser precision must be one of {PRECISIONS}; got {precision!r}.")
         if num_threads is not None and (
             not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
         ):
@@ -115,7 +114,7 @@ class Denoiser:
         self.device = torch.device(device)
         if channels_last is None:
             channels_last = self.device.type == "cpu"
-        self.precision = precision
+        self.precision = precision = resolve_precision(infer_precision, self.device)
         self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         self.memory_format = memory_format_for(model, channels_last)
         self.spatial_dims = int(getattr(model, "spatial_dims", 2))
@@ -144,7 +143,7 @@ class Denoiser:
     ) -> Denoiser:
         """A stand-alone denoiser with the weights and normaliser of a checkpoint.
 
-        ``kwargs`` are further :class:`Denoiser` settings (e.g. ``precision``).
+        ``kwargs`` are further :class:`Denoiser` settings (e.g. ``infer_precision``).
 
         Raises
         ------

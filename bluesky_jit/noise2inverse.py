@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import N2I_STRATEGIES
 from .errors import ConfigError
 
-STRATEGIES = ("X:1", "1:X")
-"""Noise2Inverse strategies (``JitConfig.n2i_strategy``; Hendriksen et al. 2020).
-
-``"X:1"`` trains on input ``mean(r_i, i != j)`` and target ``r_j``; ``"1:X"``
-on input ``r_j`` and target ``mean(r_i, i != j)``.
-"""
+STRATEGIES = N2I_STRATEGIES
+"""Noise2Inverse strategies (:data:`bluesky_jit.config.N2IStrategy`)."""
 
 
 def check_strategy(strategy: str, splits: int) -> None:

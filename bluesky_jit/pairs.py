@@ -254,7 +254,7 @@ class PairMaker:
     slice_size : int, optional
         Side of full slices (:meth:`slice_splits`); default the number of
         detector columns the source holds.
-    neighbourhood : int
+    neighbourhood_rows : int
         Target rows are drawn up to this many rows from ``row`` (Graas et al.:
         "from a slice as well as its spatial neighbourhood").
     stack : {None, "z", "t"}
@@ -263,6 +263,9 @@ class PairMaker:
     frame_step : int, optional
         Projections between the windows of a T stack; default ``window // 2``.
     rng : numpy.random.Generator, optional
+    pairs_per_refresh, holdout_per_refresh : int
+        Training and hold-out pairs the pipeline asks for at each refresh
+        (kept here as :attr:`pairs_per_refresh`, :attr:`holdout_per_refresh`).
     """
 
     def __init__(
@@ -279,11 +282,13 @@ class PairMaker:
         patch_size: int = 20,
         region: SamplingRegion | None = None,
         slice_size: int | None = None,
-        neighbourhood: int = 0,
+        neighbourhood_rows: int = 0,
         stack: str | None = None,
         frames: int = 1,
         frame_step: int | None = None,
         rng: np.random.Generator | None = None,
+        pairs_per_refresh: int = 64,
+        holdout_per_refresh: int = 8,
         patches: SubsetPatches | None = None,
         slices: SubsetSlices | None = None,
     ) -> None:
@@ -297,7 +302,7 @@ class PairMaker:
             ("window", window, 2),
             ("rows", rows, 1),
             ("frames", frames, 1),
-            ("neighbourhood", neighbourhood, 0),
+            ("neighbourhood_rows", neighbourhood_rows, 0),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"PairMaker {key} must be an integer >= {low}; got {value!r}.")
@@ -326,7 +331,9 @@ class PairMaker:
         self.pixel_size = float(pixel_size)
         self.splits = splits
         self.n2i_strategy = n2i_strategy
-        self.neighbourhood = neighbourhood
+        self.neighbourhood_rows = neighbourhood_rows
+        self.pairs_per_refresh = pairs_per_refresh
+        self.holdout_per_refresh = holdout_per_refresh
         self.stack = stack
         self.frames = frames
         self.frame_step = step
@@ -342,18 +349,29 @@ class PairMaker:
             self.set_region(region)
 
     @classmethod
-    def from_reconstructor(cls, reconstructor, **settings) -> PairMaker:
+    def from_reconstructor(
+        cls, reconstructor, *, sampling_radius: float | None = None, **settings
+    ) -> PairMaker:
         """Pairs reconstructed by a streaming reconstructor, on its backend and geometry.
 
         Source, window, detector rows, pixel size, slice size and the slice
         row come from ``reconstructor`` (a
         :class:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor`);
         ``settings`` are the other parameters (``splits``, ``n2i_strategy``,
-        ``patch_size``, ``region``, ``neighbourhood``, ``stack``, ``frames``,
-        ``frame_step``, ``rng``). Works for cone beam too: patches lie in
-        axial planes at the height of their detector row.
+        ``patch_size``, ``region``, ``neighbourhood_rows``, ``stack``,
+        ``frames``, ``frame_step``, ``rng``, ...), so that
+        ``from_reconstructor(recon, **cfg.pairs.model_dump(), frames=..., rng=...)``
+        takes the :class:`~bluesky_jit.config.Pairs` settings. A
+        ``sampling_radius`` (a fraction of the reconstruction circle) stands
+        for the ``region`` of that disc, checked to fit a patch. Works for cone
+        beam too: patches lie in axial planes at the height of their detector row.
         """
         geometry = reconstructor.geometry
+        if sampling_radius is not None:
+            voxel = geometry.voxel_size
+            region = SamplingRegion.disc(sampling_radius * reconstructor.n * voxel / 2)
+            region.check_fits(settings.get("patch_size", 20), voxel)
+            settings["region"] = region
         base = {
             "window": reconstructor.window,
             "rows": geometry.rows,
@@ -481,7 +499,8 @@ class PairMaker:
             row, size, region = self._row, self._patch_size, self._region
         region = region if region is not None else self._default_region()
         centers = region.centers(count, size=size, pixel_size=self.pixel_size, rng=rng)
-        lo, hi = max(0, row - self.neighbourhood), min(self.rows - 1, row + self.neighbourhood)
+        reach = self.neighbourhood_rows
+        lo, hi = max(0, row - reach), min(self.rows - 1, row + reach)
         target_rows = rng.integers(lo, hi + 1, size=count)
         windows = self.windows()
         mid = self.frames // 2

@@ -31,13 +31,19 @@ import torch
 from .buffers import check_online_strategy
 from .errors import ConfigError, TrainerProcessError
 from .models import build_model, resolve_config
-from .training import PRECISIONS, Normalizer, TrainerMixin, WeightsSnapshot, make_trainer
+from .training import (
+    Normalizer,
+    TrainerMixin,
+    WeightsSnapshot,
+    make_trainer,
+    resolve_precision,
+)
 
 logger = logging.getLogger(__name__)
 
 TRAINER_SETTINGS = frozenset(
-    "batch_size learning_rate holdout_size precision metrics_every_s checkpoint_dir "
-    "checkpoint_every_s max_steps_per_s channels_last augment average nice".split()
+    "batch_size learning_rate holdout_size train_precision metrics_every_s checkpoint_dir "
+    "checkpoint_every_s max_train_steps_per_s channels_last augment average_weights nice".split()
 )
 """The Trainer settings a ProcessTrainer passes on to the Trainer in its process."""
 
@@ -93,10 +99,10 @@ class ProcessTrainer(TrainerMixin):
         Registry name (default ``"unet"``); the child builds the network, or
         loads ``warm_start``, which must then hold this network (``None``: any).
     model_config : mapping, optional
-    capacity : int
+    buffer_capacity : int
         N_buffer.
     online_strategy : {"queue", "sequential", "frozen"}
-        See :data:`bluesky_jit.buffers.ONLINE_STRATEGIES`.
+        See :data:`bluesky_jit.config.OnlineStrategy`.
     warm_start : path-like, optional
         Checkpoint to continue from (required for ``"frozen"``).
     num_threads : int
@@ -112,9 +118,10 @@ class ProcessTrainer(TrainerMixin):
     start_method : str
         ``"spawn"`` (default; safe with threads in the parent) or ``"forkserver"``.
     **trainer_kwargs
-        batch_size, learning_rate, holdout_size, precision, metrics_every_s,
-        checkpoint_dir, checkpoint_every_s, max_steps_per_s, channels_last,
-        augment, average.
+        batch_size, learning_rate, holdout_size, train_precision ("auto":
+        for the CPU), metrics_every_s, checkpoint_dir, checkpoint_every_s,
+        max_train_steps_per_s, channels_last, augment, average_weights.
+        With ``**cfg.training.model_dump()`` these are the Training settings.
 
     Notes
     -----
@@ -132,7 +139,7 @@ class ProcessTrainer(TrainerMixin):
         model: str | None = None,
         model_config: Mapping[str, Any] | None = None,
         *,
-        capacity: int = 320,
+        buffer_capacity: int = 320,
         online_strategy: str = "queue",
         warm_start: str | os.PathLike[str] | None = None,
         num_threads: int = 1,
@@ -149,14 +156,13 @@ class ProcessTrainer(TrainerMixin):
                 f"ProcessTrainer got unknown setting(s) {unknown}; known: "
                 f"{sorted(TRAINER_SETTINGS)}."
             )
-        if trainer_kwargs.get("precision", "float32") not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {PRECISIONS}; got {trainer_kwargs['precision']!r}."
-            )
+        precision = trainer_kwargs.get("train_precision", "float32")
+        trainer_kwargs["train_precision"] = resolve_precision(precision, "cpu")
         batch_size = trainer_kwargs.get("batch_size", 32)
+        capacity = buffer_capacity
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < batch_size:
             raise ConfigError(
-                f"ProcessTrainer capacity (N_buffer) must be an integer >= batch_size "
+                f"ProcessTrainer buffer_capacity (N_buffer) must be an integer >= batch_size "
                 f"({batch_size}); got {capacity!r}."
             )
         if "checkpoint_dir" in trainer_kwargs and trainer_kwargs["checkpoint_dir"] is not None:
@@ -392,8 +398,8 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
             spec["online_strategy"],
             model=spec["model"],
             model_config=spec["model_config"],
-            capacity=spec["capacity"],
-            checkpoint=spec["warm_start"],
+            buffer_capacity=spec["capacity"],
+            warm_start=spec["warm_start"],
             seed=spec["seed"],
             **kwargs,
         )

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffers import ReplayBuffer, check_online_strategy, make_buffer
+from .config import PRECISIONS
 from .errors import ConfigError, EmptyBufferError
 from .models import build_model, describe_model
 from .models.checkpoint import save_checkpoint
@@ -299,7 +300,7 @@ class Trainer(TrainerMixin):
         Checkpoint interval of the background loop; ``None`` writes only on stop.
     metrics_every_s : float
         Interval of metric rows (mean loss, steps/s, hold-out alpha) in the loop.
-    max_steps_per_s : float, optional
+    max_train_steps_per_s : float, optional
         Throttle the loop (leave CPU to reconstruction); ``None`` runs flat out.
     normalizer : Normalizer, optional
         Frozen normalisation, e.g. from a warm-start checkpoint; by default
@@ -309,11 +310,12 @@ class Trainer(TrainerMixin):
     channels_last : bool, optional
         Keep the weights in channels-last memory format; by default on the
         CPU only, where it trained the U-Net about 20% faster (2 cores).
-    precision : {"float32", "bfloat16"}
-        ``"bfloat16"`` runs forward and backward under ``torch.autocast`` in
-        bfloat16 (weights, optimizer state and loss stay float32). On a CPU
-        with AVX512-BF16 (one thread, batches of 32 20x20 patches) the
-        Standard U-Net trained at about 55 steps/s against 45 in float32;
+    train_precision : {"float32", "bfloat16", "auto"}
+        ``"auto"``: :func:`resolve_precision` for ``device``. ``"bfloat16"``
+        runs forward and backward under ``torch.autocast`` in bfloat16
+        (weights, optimizer state and loss stay float32). On a CPU with
+        AVX512-BF16 (one thread, batches of 32 20x20 patches) the Standard
+        U-Net trained at about 55 steps/s against 45 in float32;
         quality held (``benchmarks/learning.py``).
     num_threads : int, optional
         Intra-op threads of the background loop (set in its own thread, so
@@ -335,12 +337,12 @@ class Trainer(TrainerMixin):
         data: with pairs reused 10-20 times (Graas et al. 2023: 141 steps/s on 9
         batches/s), training on 20x20 patches otherwise memorised the noise
         within a minute (hold-out alpha rising, PSNR falling).
-    average : float, optional
+    average_weights : float, optional
         Publish (and evaluate, and checkpoint) an exponential moving average
         of the weights with this decay per step, e.g. 0.99 (about the last 100
         steps), instead of the newest weights. On Noise2Inverse targets that
         are noisier than the signal the iterates fluctuate; their average
-        denoises better (Polyak averaging). The decay is ``min(average,
+        denoises better (Polyak averaging). The decay is ``min(average_weights,
         (1 + n) / (10 + n))`` after n steps, so early weights fade quickly.
     pause : threading.Event or multiprocessing.Event, optional
         While it is set the loop takes no step (and no metric row) and
@@ -369,15 +371,15 @@ class Trainer(TrainerMixin):
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every_s: float | None = None,
         metrics_every_s: float = 1.0,
-        max_steps_per_s: float | None = None,
+        max_train_steps_per_s: float | None = None,
         normalizer: Normalizer | None = None,
         loss_fn: LossFn = F.mse_loss,
         channels_last: bool | None = None,
-        precision: str = "float32",
+        train_precision: str = "float32",
         num_threads: int | None = None,
         frozen: bool = False,
         augment: bool = False,
-        average: float | None = None,
+        average_weights: float | None = None,
         pause: Any = None,
         nice: int | None = None,
     ) -> None:
@@ -390,7 +392,7 @@ class Trainer(TrainerMixin):
         _positive("metrics_every_s", metrics_every_s)
         for key, value in (
             ("checkpoint_every_s", checkpoint_every_s),
-            ("max_steps_per_s", max_steps_per_s),
+            ("max_train_steps_per_s", max_train_steps_per_s),
         ):
             if value is not None:
                 _positive(key, value)
@@ -399,21 +401,20 @@ class Trainer(TrainerMixin):
                 raise ConfigError(f"Trainer {key} must be a positive integer; got {value!r}.")
         if checkpoint_dir is not None:
             describe_model(model)  # fail now, not an hour into the scan
-        if precision not in PRECISIONS:
-            raise ConfigError(f"Trainer precision must be one of {PRECISIONS}; got {precision!r}.")
         if num_threads is not None and (
             not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
         ):
             raise ConfigError(
                 f"Trainer num_threads must be a positive integer or None; got {num_threads!r}."
             )
+        average = average_weights
         if average is not None and (
             not isinstance(average, (int, float))
             or isinstance(average, bool)
             or not 0 < average < 1
         ):
             raise ConfigError(
-                f"Trainer average must be a decay in (0, 1) or None; got {average!r}."
+                f"Trainer average_weights must be a decay in (0, 1) or None; got {average!r}."
             )
         if pause is not None and not callable(getattr(pause, "is_set", None)):
             raise ConfigError(
@@ -433,7 +434,7 @@ class Trainer(TrainerMixin):
         if channels_last is None:
             channels_last = self.device.type == "cpu"
         self.model = model.to(self.device, memory_format=memory_format_for(model, channels_last))
-        self.precision = precision
+        self.precision = resolve_precision(train_precision, self.device)
         self.num_threads = num_threads
         if nice is not None and (
             not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19
@@ -463,7 +464,7 @@ class Trainer(TrainerMixin):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every_s = checkpoint_every_s
         self.metrics_every_s = float(metrics_every_s)
-        self.max_steps_per_s = max_steps_per_s
+        self.max_steps_per_s = max_train_steps_per_s
         self.loss_fn = loss_fn
         self.normalizer = normalizer
         """Frozen at the first step (or given); ``None`` before."""
@@ -857,35 +858,37 @@ class Trainer(TrainerMixin):
 
 
 def make_trainer(
-    online_strategy: str,
+    online_strategy: str = "queue",
     *,
     model: str | None = None,
     model_config: Mapping[str, Any] | None = None,
-    capacity: int = 320,
-    checkpoint: str | os.PathLike[str] | None = None,
+    buffer_capacity: int = 320,
+    warm_start: str | os.PathLike[str] | None = None,
     seed: int = 0,
     **trainer_kwargs: Any,
 ) -> Trainer:
     """A :class:`Trainer` following an online strategy (Graas et al. 2023, Fig. 10).
 
     The strategies differ only in the buffer the Trainer gets
-    (:func:`~bluesky_jit.buffers.make_buffer`) or in ``frozen``.
+    (:func:`~bluesky_jit.buffers.make_buffer`) or in ``frozen``. The
+    parameters are the :class:`~bluesky_jit.config.Training` settings, by the
+    same names: ``make_trainer(**cfg.training.model_dump(), seed=..., device=...)``.
 
     Parameters
     ----------
     online_strategy : {"queue", "sequential", "frozen"}
-        See :data:`bluesky_jit.buffers.ONLINE_STRATEGIES`.
+        See :data:`bluesky_jit.config.OnlineStrategy`.
     model, model_config : optional
         Registry name (default ``"unet"``) and config of a fresh network.
-        With a ``checkpoint``: the network it must hold (``None``: any).
-    capacity : int
+        With a ``warm_start``: the network it must hold (``None``: any).
+    buffer_capacity : int
         N_buffer (Graas et al. 2023: 32 or 320).
-    checkpoint : path-like, optional
-        Warm start from an earlier run's checkpoint; required for ``"frozen"``.
+    warm_start : path-like, optional
+        Start from an earlier run's checkpoint; required for ``"frozen"``.
     seed : int
         Seeds the weights of a fresh network and the sampling.
     **trainer_kwargs
-        Further Trainer settings (batch_size, learning_rate, precision, ...).
+        Further Trainer settings (batch_size, learning_rate, train_precision, ...).
 
     Raises
     ------
@@ -895,25 +898,22 @@ def make_trainer(
     CheckpointError
         If the checkpoint cannot be loaded or holds another network.
     """
-    check_online_strategy(online_strategy, has_checkpoint=checkpoint is not None)
+    check_online_strategy(online_strategy, has_checkpoint=warm_start is not None)
 
     def buffer_for(network: nn.Module) -> ReplayBuffer:  # pairs sized by the network
         item_ndim = 4 if getattr(network, "spatial_dims", 2) == 3 else 3
         rng = np.random.default_rng(seed + 1)
-        return make_buffer(online_strategy, capacity, rng=rng, item_ndim=item_ndim)
+        return make_buffer(online_strategy, buffer_capacity, rng=rng, item_ndim=item_ndim)
 
     frozen = online_strategy == "frozen"
-    if checkpoint is not None:
+    if warm_start is not None:
         return Trainer.from_checkpoint(
-            checkpoint, buffer_for, expected_name=model, expected_config=model_config,
+            warm_start, buffer_for, expected_name=model, expected_config=model_config,
             seed=seed, frozen=frozen, **trainer_kwargs,
         )  # fmt: skip
     network = build_model(model or "unet", model_config, seed=seed)
     return Trainer(network, buffer_for(network), seed=seed, **trainer_kwargs)
 
-
-PRECISIONS = ("float32", "bfloat16")
-"""Training / inference precisions (bfloat16: autocast for training, bf16 weights for inference)."""
 
 FUSED_ADAM = ("cpu", "cuda")
 """Devices with torch's fused Adam (one kernel per step instead of a loop over parameters)."""

@@ -126,7 +126,7 @@ def demo_run(jit_catalog, tiny_toml):
     """
     import json
 
-    from bluesky_jit.cli import main
+    from bluesky_jit.apps.cli import main
 
     summary = jit_catalog.base / "demo_summary.json"
     code = main(
@@ -171,8 +171,8 @@ def count_run(jit_catalog):
 @pytest.fixture(scope="session")
 def bad_tomo_run(jit_catalog):
     """Uid of a tomography scan without darks and flats (its derived run fails), in raw."""
+    from bluesky_jit.apps.session import simulated_beamline
     from bluesky_jit.catalog import runs_container, tiled_writer
-    from bluesky_jit.session import simulated_beamline
     from simulated_devices.plans import tomo_scan
 
     raw = runs_container(jit_catalog.client(), "raw")

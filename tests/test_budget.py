@@ -19,11 +19,12 @@ import torch
 
 from bluesky_jit.budget import MAX_TRAIN_THREADS, CpuBudget, available_cores
 from bluesky_jit.buffers import ReplayBuffer
-from bluesky_jit.callbacks import JitCallback, RunPipeline
+from bluesky_jit.callbacks import JitCallback
 from bluesky_jit.config import JitConfig
 from bluesky_jit.errors import ConfigError
 from bluesky_jit.geometry import geometry_from_start
 from bluesky_jit.models import build_model
+from bluesky_jit.pipeline import RunPipeline
 from bluesky_jit.process_trainer import ProcessTrainer
 from bluesky_jit.training import Trainer
 from simulated_devices.beamline import hw as make_hw
@@ -91,7 +92,7 @@ def test_the_pipeline_applies_the_budget(tmp_path):
     pipeline.begin({"uid": "raw-1"}, _geometry())
     assert pipeline.trainer.num_threads == 4 and pipeline.denoiser.num_threads == 10
     assert pipeline.summary.budget["train_threads"] == 4
-    assert pipeline.summary.budget["pause_training_above"] == CONFIG.refresh_every
+    assert pipeline.summary.budget["pause_training_above"] == CONFIG.reconstruction.refresh_every
     assert pipeline.summary.budget["skip_refreshes_above"] == ANGLES  # a rotation
     pipeline.end({"exit_status": "success"})
     explicit = CONFIG.replace(train_threads=2, infer_threads=3, vertical_slices=False)
@@ -149,7 +150,7 @@ def test_the_trainer_shares_an_outside_pause_event():
 @pytest.mark.timeout(120)
 def test_the_process_trainer_pauses_on_a_shared_event():
     before = torch.get_num_threads()
-    trainer = ProcessTrainer("unet", {"features": 2}, capacity=64, batch_size=8)
+    trainer = ProcessTrainer("unet", {"features": 2}, buffer_capacity=64, batch_size=8)
     try:
         trainer.pause.set()
         trainer.buffer.push(*_pairs(32))
@@ -206,7 +207,7 @@ def _pipeline(tmp_path, **settings):
 
 
 def test_due_refreshes_are_coalesced_under_a_backlog_and_the_last_always_happens(tmp_path):
-    k = CONFIG.refresh_every
+    k = CONFIG.reconstruction.refresh_every
     frames = 3 * ANGLES - 2  # the last due refresh (66) is skipped; 4 projections after it
 
     pipeline, at = _pipeline(tmp_path)
@@ -227,7 +228,7 @@ def test_due_refreshes_are_coalesced_under_a_backlog_and_the_last_always_happens
 
 
 def test_a_lower_skip_threshold_and_a_backlog_that_drains(tmp_path):
-    k = CONFIG.refresh_every
+    k = CONFIG.reconstruction.refresh_every
     pipeline, at = _pipeline(tmp_path, skip_refreshes_above=4)
     # behind from the first rotation on, then caught up from projection 40
     _feed(pipeline, 2 * ANGLES, backlog=lambda i: 10 if ANGLES <= i < 40 else 0)
@@ -239,7 +240,7 @@ def test_a_lower_skip_threshold_and_a_backlog_that_drains(tmp_path):
 def test_the_backlog_pauses_the_pipelines_trainer(tmp_path):
     pipeline, _ = _pipeline(tmp_path)
     pause = pipeline.trainer.pause
-    threshold = CONFIG.refresh_every
+    threshold = CONFIG.reconstruction.refresh_every
     _feed(pipeline, 3, backlog=lambda i: threshold + 1)
     assert pause.is_set()
     _feed(pipeline, 1, backlog=lambda i: threshold, start=3)  # not drained enough: still paused

@@ -101,14 +101,14 @@ def test_live_scan_to_catalog_end_to_end(RE, local_catalog, data_dir):
     assert summary.problems == [], summary.problems
     assert summary.projections == 2 * ANGLES
     # a slice after the first full rotation, then every 6 projections
-    assert summary.slices == 1 + ANGLES // CONFIG.refresh_every
+    assert summary.slices == 1 + ANGLES // CONFIG.reconstruction.refresh_every
     assert summary.train_steps > 0
 
     start = derived_docs.named("start")[0]
     assert start["raw_uid"] == uid
-    assert start["config"]["refresh_every"] == CONFIG.refresh_every
+    assert start["config"]["reconstruction"]["refresh_every"] == CONFIG.reconstruction.refresh_every
     assert start["geometry"]["detector_shape"] == list(SHAPE)
-    assert start["model"]["name"] == CONFIG.model
+    assert start["model"]["name"] == CONFIG.training.model
     stop = derived_docs.named("stop")[0]
     assert stop["exit_status"] == "success"
     # images are not inline: they are in HDF5 referenced by stream resources
@@ -425,7 +425,7 @@ def test_a_refresh_failing_at_the_stop_still_writes_a_failed_stop(RE, tmp_path):
 
 def recorded_inline_scan(RE, tmp_path) -> Collector:
     """The documents of a 2-rotation scan of 16 angles, frames inline (ophyd v1)."""
-    from bluesky_jit.session import simulated_beamline
+    from bluesky_jit.apps.session import simulated_beamline
 
     settings = {"size": 32, "rows": 4, "photons": 2000.0, "api": "v1", "external": False}
     beamline = simulated_beamline(tmp_path / "raw", settings)

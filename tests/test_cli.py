@@ -1,4 +1,4 @@
-"""The command line (bluesky_jit.cli): help, settings precedence, exit codes, each subcommand.
+"""The command line (bluesky_jit.apps.cli): help, settings precedence, exit codes, each subcommand.
 
 Most tests call ``main(argv)`` in this process against the session's real Tiled server
 (conftest ``jit_catalog``); ``serve`` runs as a subprocess. The ``demo`` subcommand is
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bluesky_jit.apps.cli import COMMANDS, main, parse
 from bluesky_jit.catalog import derived_runs_for, runs_container
-from bluesky_jit.cli import COMMANDS, build_parser, main, resolve
-from bluesky_jit.session import load_settings
 
 BIN = Path(sys.executable).parent
 
@@ -35,9 +34,7 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------ help
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_has_help_with_examples_and_exit_codes(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
-    assert exit_info.value.code == 0
+    assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "examples:" in out and f"bluesky-jit {command}" in out
     assert "exit codes:" in out and "3 catalog or broker unreachable" in out
@@ -45,9 +42,7 @@ def test_every_subcommand_has_help_with_examples_and_exit_codes(command, capsys)
 
 
 def test_top_level_help_explains_the_settings_file(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in COMMANDS:
         assert command in out
@@ -55,8 +50,7 @@ def test_top_level_help_explains_the_settings_file(capsys):
 
 
 def test_demo_keeps_its_flags(capsys):
-    with pytest.raises(SystemExit):
-        main(["demo", "--help"])
+    assert main(["demo", "--help"]) == 0
     out = capsys.readouterr().out
     for flag in (
         "--data-dir --catalog --api-key --size --rows --angles --rotations --photons "
@@ -95,37 +89,40 @@ catalog:
 
 @pytest.mark.parametrize("suffix,text", [(".toml", TOML), (".yaml", YAML)])
 def test_flag_beats_file_beats_default(tmp_path, suffix, text):
-    from bluesky_jit.cli import _jit_config
-
     path = tmp_path / f"settings{suffix}"
     path.write_text(text)
-    args = build_parser().parse_args(
-        ["demo", "--config", str(path), "--refresh-every", "5", "--rows", "8"]
-    )
-    settings = load_settings(args.config)
-    values = resolve("demo", args, settings)
-    assert values["refresh_every"] == 5  # flag over file
+    call = parse(["demo", "--config", str(path), "--refresh-every", "5", "--rows", "8"])
+    values = call.values
     assert values["rows"] == 8  # flag over default
-    assert values["seed"] == 3 and values["size"] == 48  # file over default
-    assert values["paced"] is False  # `--no-pace` is `pace = false` in the file
+    assert values["size"] == 48  # file over default
+    assert values["pace"] is False  # `--no-pace` is `pace = false` in the file
     assert values["data_dir"] == Path("from-file")
-    assert values["num_angles"] == 90 and values["model"] == "unet"  # defaults
-    config = _jit_config(settings, values)
-    assert (config.refresh_every, config.seed, config.batch_size) == (5, 3, 8)
+    assert values["angles"] == 90  # default
+    config = call.jit_config()
+    assert config.reconstruction.refresh_every == 5  # flag over file
+    assert (config.runtime.seed, config.training.batch_size) == (3, 8)  # file over default
+    assert config.training.model == "unet"  # default
+
+
+def test_nested_jit_tables_and_every_setting_as_a_flag(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text("[jit.training]\nlearning_rate = 0.01\n[jit.runtime]\nseed = 4\n")
+    argv = ["demo", "--config", str(path), "--seed", "5", "--no-augment", "--stack", "z"]
+    config = parse([*argv, "--model", "unet3d"]).jit_config()
+    assert (config.training.learning_rate, config.runtime.seed) == (0.01, 5)
+    assert (config.training.augment, config.pairs.stack) == (False, "z")
+    assert parse(["demo", "--n2i-strategy", "2:1"]) == 2  # a choice of the model's Literal
 
 
 def test_a_variant_names_the_network_from_the_flag_or_the_file(tmp_path):
-    from bluesky_jit.cli import _jit_config
-
     path = tmp_path / "settings.toml"
     path.write_text('[jit]\nvariant = "T3"\nsplits = 3\n')
-    args = build_parser().parse_args(["demo", "--config", str(path)])
-    settings = load_settings(args.config)
-    config = _jit_config(settings, resolve("demo", args, settings))
-    assert (config.model, config.stack, config.frames, config.splits) == ("unet3d", "t", 3, 3)
-    args = build_parser().parse_args(["demo", "--config", str(path), "--variant", "C16"])
-    config = _jit_config(settings, resolve("demo", args, settings))
-    assert (config.model, config.model_config, config.stack) == ("unet", {"features": 16}, None)
+    config = parse(["demo", "--config", str(path)]).jit_config()
+    t, p = config.training, config.pairs
+    assert (t.model, p.stack, config.frames, p.splits) == ("unet3d", "t", 3, 3)
+    config = parse(["demo", "--config", str(path), "--variant", "C16"]).jit_config()
+    t, p = config.training, config.pairs
+    assert (t.model, t.model_config, p.stack) == ("unet", {"features": 16}, None)
 
 
 @pytest.mark.parametrize(
@@ -149,9 +146,7 @@ def test_a_bad_settings_file_exits_2_with_a_clear_message(tmp_path, capsys, text
 def test_missing_settings_file_and_bad_usage_exit_2(tmp_path, capsys):
     assert main(["demo", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "Cannot read the settings file" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["replay", "--pace", "slow", "somewhere", "uid"])
-    assert exit_info.value.code == 2
+    assert main(["replay", "--pace", "slow", "somewhere", "uid"]) == 2
     assert main(["listen"]) == 2
     assert "exactly one source" in capsys.readouterr().err
     assert main(["listen", "--zmq", "h:1", "--kafka", "k:9092"]) == 2
@@ -191,8 +186,8 @@ def test_replay_command_writes_a_derived_run_linked_to_the_raw_run(
     run = runs_container(jit_catalog.client(), "derived")[result["derived_uid"]]
     start = run.metadata["start"]
     assert start["raw_uid"] == demo_run["raw_uid"]
-    assert start["config"]["refresh_every"] == 16  # the flag
-    assert start["config"]["batch_size"] == 8  # the file
+    assert start["config"]["reconstruction"]["refresh_every"] == 16  # the flag
+    assert start["config"]["training"]["batch_size"] == 8  # the file
     assert (jit_catalog.base / "cli" / "derived" / f"{result['derived_uid']}.h5").exists()
 
 
@@ -253,7 +248,7 @@ def test_listen_to_an_unreachable_broker_exits_3(capsys):
 # ---------------------------------------------------------------------------- serve
 @pytest.mark.slow
 def test_serve_runs_a_catalog_others_find_and_stops_on_sigterm(tmp_path):
-    from bluesky_jit.session import open_catalog
+    from bluesky_jit.apps.session import open_catalog
 
     data_dir = tmp_path / "served"
     process = subprocess.Popen(

@@ -13,7 +13,7 @@ def test_demo_command_end_to_end(tmp_path):
     summary = tmp_path / "summary.json"
     figures = tmp_path / "figures"
     cmd = [
-        sys.executable, "-m", "bluesky_jit.cli", "demo",
+        sys.executable, "-m", "bluesky_jit.apps.cli", "demo",
         "--data-dir", str(tmp_path / "data"),
         "--size", "48", "--rows", "8", "--angles", "24", "--rotations", "2",
         "--no-pace", "--no-progress", "--refresh-every", "6",

@@ -128,7 +128,7 @@ def test_bfloat16_inference_is_close_to_float32(trained):
     truth = blobs(rng, 1, 48)[0]
     image = noisy(rng, truth)
     exact = Denoiser(build_model("unet"), source=trained)(image)
-    fast = Denoiser(build_model("unet"), source=trained, precision="bfloat16")
+    fast = Denoiser(build_model("unet"), source=trained, infer_precision="bfloat16")
     low = fast(image)
     assert low.dtype == np.float32 and low.shape == image.shape
     assert next(fast.model.parameters()).dtype == torch.bfloat16
@@ -136,7 +136,7 @@ def test_bfloat16_inference_is_close_to_float32(trained):
     # the rounding is far below the error left by denoising
     assert np.sqrt(np.mean((low - exact) ** 2)) < 0.1 * np.sqrt(np.mean((exact - clean) ** 2))
     with pytest.raises(ConfigError, match="precision"):
-        Denoiser(build_model("unet"), precision="int8")
+        Denoiser(build_model("unet"), infer_precision="int8")
 
 
 def test_stack_networks_take_frames_and_return_the_middle_one():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bluesky_jit.apps.demo import INTERRUPTED_REASON
 from bluesky_jit.catalog import LocalCatalog, runs_container
-from bluesky_jit.demo import INTERRUPTED_REASON
 
 from .helpers import wait_for
 

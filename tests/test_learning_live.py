@@ -47,9 +47,10 @@ def scan(RE, tmp_path, config, *, rotations=2, frame_rate=20.0, hook=None):
 
 def checkpoint(path, config: JitConfig):
     """A network of ``config``'s architecture with a normaliser, as an earlier run leaves it."""
-    model = build_model(config.model, config.model_config, seed=3)
+    model = build_model(config.training.model, config.training.model_config, seed=3)
     extra = {"step": 0, "normalizer": Normalizer(offset=0.0, scale=0.02).to_dict()}
-    name, resolved = config.model, resolve_config(config.model, config.model_config)
+    t = config.training
+    name, resolved = t.model, resolve_config(t.model, t.model_config)
     return str(save_checkpoint(path, name=name, config=resolved, model=model, extra=extra))
 
 
@@ -80,10 +81,13 @@ def test_k_splits_train_live_and_are_recorded(RE, tmp_path, splits, strategy):
 @pytest.mark.parametrize("name", ["Z3", "T3"])
 def test_stacks_denoise_live_from_a_warm_start(RE, tmp_path, name):
     """A Zx/Tx network denoises every slice it has a full stack for; Tx the middle window."""
-    network = ("model", "model_config", "stack")
-    others = {k: v for k, v in CONFIG.to_dict().items() if k not in network}
+    others = CONFIG.to_dict()
+    for key in ("model", "model_config"):
+        others["training"].pop(key)
+    others["pairs"].pop("stack")
     base = JitConfig.for_variant(name, **others)
-    assert base.model == "unet3d" and base.frames == 3 and base.stack == name[0].lower()
+    assert base.training.model == "unet3d" and base.frames == 3
+    assert base.pairs.stack == name[0].lower()
     ckpt = checkpoint(tmp_path / "net.pt", base)
     config = base.replace(warm_start=ckpt, train=False)
     summary, derived, pipeline = scan(RE, tmp_path, config, rotations=3)
@@ -128,14 +132,14 @@ def test_trainer_in_its_own_process_live(RE, tmp_path):
     summary, derived, pipeline = scan(RE, tmp_path, config, rotations=6, frame_rate=12.0)
     assert isinstance(pipeline.trainer, ProcessTrainer)
     assert summary.train_steps > 0, "the training process took no step during the scan"
-    assert derived.named("start")[0]["config"]["trainer_process"] is True
+    assert derived.named("start")[0]["config"]["runtime"]["trainer_process"] is True
 
 
 def test_default_learning_settings_reach_the_trainer_and_denoiser(RE, tmp_path):
     summary, derived, pipeline = scan(RE, tmp_path, CONFIG)
     trainer, denoiser, cfg = pipeline.trainer, pipeline.denoiser, CONFIG
     assert trainer.precision == resolve_precision("auto") == denoiser.precision
-    assert trainer.augment is True and trainer.average == cfg.average_weights == 0.99
+    assert trainer.augment is True and trainer.average == cfg.training.average_weights == 0.99
     assert trainer.num_threads == pipeline.budget.train_threads and trainer.learning_rate == 2e-3
     assert derived.named("start")[0]["precision"]["train"] == trainer.precision
 
@@ -191,8 +195,8 @@ def test_bad_learning_settings_are_clear_errors(settings, match):
 def test_for_variant_does_not_let_settings_replace_the_network():
     with pytest.raises(ConfigError, match="sets model, model_config and stack"):
         JitConfig.for_variant("Z3", model="unet")
-    assert JitConfig.for_variant("V30").patch_size == 30
-    assert JitConfig.for_variant("C16").model_config == {"features": 16}
+    assert JitConfig.for_variant("V30").pairs.patch_size == 30
+    assert JitConfig.for_variant("C16").training.model_config == {"features": 16}
 
 
 def test_a_checkpoint_of_another_network_fails_the_run_clearly(RE, tmp_path):

@@ -1,4 +1,4 @@
-"""Out-of-process listening (bluesky_jit.listen): 0MQ end to end, Kafka against a stand-in.
+"""Out-of-process listening (bluesky_jit.apps.listen): 0MQ end to end, Kafka against a stand-in.
 
 0MQ: a real ``bluesky-0MQ-proxy`` subprocess, ``bluesky-jit listen --zmq`` in another
 subprocess, a RunEngine with bluesky's ``Publisher`` in this process, a real Tiled server.
@@ -6,7 +6,7 @@ subprocess, a RunEngine with bluesky's ``Publisher`` in this process, a real Til
 Kafka: no broker can be installed here, so :class:`StandInBroker` plays one: partitions
 keyed like Kafka (one key -> one partition), consumer groups that split partitions, and
 committed offsets a restarted member resumes from. Messages are produced by
-:class:`~bluesky_jit.listen.RunKeyedPublisher` with bluesky-kafka's encoding.
+:class:`~bluesky_jit.apps.listen.RunKeyedPublisher` with bluesky-kafka's encoding.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bluesky_jit.catalog import derived_runs_for, runs_container
-from bluesky_jit.errors import ScanDataError
-from bluesky_jit.listen import (
+from bluesky_jit.apps.listen import (
     KafkaSource,
     Listener,
     OffsetTracker,
@@ -38,6 +36,8 @@ from bluesky_jit.listen import (
     zmq_deserializer,
     zmq_serializer,
 )
+from bluesky_jit.catalog import derived_runs_for, runs_container
+from bluesky_jit.errors import ScanDataError
 
 from .helpers import wait_for
 
@@ -70,7 +70,7 @@ def tomo_runs(RE, beamline, *, bad: bool = False, num_angles: int = 16):
 
 def tiny_beamline(path: Path, external: bool = True):
     """ophyd v1 devices: frames in HDF5 files (Resource/Datum) or inline in the events."""
-    from bluesky_jit.session import simulated_beamline
+    from bluesky_jit.apps.session import simulated_beamline
 
     settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1", "external": external}
     return simulated_beamline(path, settings)

@@ -1,4 +1,4 @@
-"""Live view and read-back (bluesky_jit.live), headless (matplotlib Agg), real Tiled server."""
+"""Live view and read-back (bluesky_jit.apps.live), headless (matplotlib Agg), real Tiled server."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def derived(jit_catalog, demo_run):
 def test_live_view_follows_a_run_while_it_is_processed(
     jit_catalog, demo_run, tiny_config, tmp_path
 ):
+    from bluesky_jit.apps.live import LiveView
+    from bluesky_jit.apps.replay import replay_documents
     from bluesky_jit.callbacks import JitCallback
-    from bluesky_jit.live import LiveView
-    from bluesky_jit.replay import replay_documents
 
     raw = runs_container(jit_catalog.client(), "raw")[demo_run["raw_uid"]]
     docs = list(documents(raw))
@@ -48,7 +48,7 @@ def test_live_view_follows_a_run_while_it_is_processed(
 
 
 def test_show_reads_a_derived_run_back_in_two_lines(jit_catalog, demo_run, derived):
-    from bluesky_jit.live import show
+    from bluesky_jit.apps.live import show
 
     figure = show(jit_catalog.uri, demo_run["derived_uid"][:8], api_key=jit_catalog.api_key)
 
@@ -60,7 +60,7 @@ def test_show_reads_a_derived_run_back_in_two_lines(jit_catalog, demo_run, deriv
 def test_export_png_and_gif(derived, tmp_path):
     from PIL import Image
 
-    from bluesky_jit.live import export, read_derived
+    from bluesky_jit.apps.live import export, read_derived
 
     data = read_derived(derived)
     assert data.reconstruction.shape[1:] == (32, 32)
@@ -76,12 +76,12 @@ def test_export_png_and_gif(derived, tmp_path):
 
 
 def test_a_raw_run_is_not_a_derived_run(jit_catalog, demo_run):
-    from bluesky_jit.live import NotDerivedError, read_derived
+    from bluesky_jit.apps.live import NotDerivedError, read_derived
 
     raw = runs_container(jit_catalog.client(), "raw")[demo_run["raw_uid"]]
     with pytest.raises(NotDerivedError, match="not a bluesky_jit derived run"):
         read_derived(raw)
     with pytest.raises(ValueError, match="Export to .png or .gif"):
-        from bluesky_jit.live import export
+        from bluesky_jit.apps.live import export
 
         export(raw, "slices.jpg")

@@ -1,4 +1,4 @@
-"""The package's face: four lazy names, and an import that pulls in nothing heavy."""
+"""The package's face: five lazy names, and an import that pulls in nothing heavy."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ PROBE = f"""
 import json, sys
 import bluesky_jit
 heavy = [name for name in {HEAVY!r} if name in sys.modules]
-import bluesky_jit.replay
-from bluesky_jit import JitCallback, JitConfig, LocalCatalog, replay
+import bluesky_jit.apps.replay
+from bluesky_jit import JitCallback, JitConfig, JitProcess, LocalCatalog, replay
 from bluesky_jit.callbacks import JitCallback as home_callback
 from bluesky_jit.catalog import LocalCatalog as home_catalog
 from bluesky_jit.config import JitConfig as home_config
-from bluesky_jit.replay import replay as home_replay
-same = [JitCallback is home_callback, JitConfig is home_config,
+from bluesky_jit.apps.replay import replay as home_replay
+from bluesky_jit.worker_process import JitProcess as home_process
+same = [JitCallback is home_callback, JitConfig is home_config, JitProcess is home_process,
         LocalCatalog is home_catalog, replay is home_replay, bluesky_jit.replay is home_replay]
 print(json.dumps({{"heavy": heavy, "same": same, "dir": dir(bluesky_jit)}}))
 """
@@ -33,8 +34,9 @@ def test_import_is_light_and_the_face_resolves_to_the_homes():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["heavy"] == []
-    assert result["same"] == [True] * 5
-    assert set(result["dir"]) >= {"JitCallback", "JitConfig", "LocalCatalog", "replay"}
+    assert result["same"] == [True] * 6
+    names = {"JitCallback", "JitConfig", "JitProcess", "LocalCatalog", "replay"}
+    assert set(result["dir"]) >= names
 
 
 def test_an_unknown_name_is_an_attribute_error():

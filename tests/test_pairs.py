@@ -259,7 +259,7 @@ def test_pairs_of_a_noiseless_object_agree(disk_scan):
         row=1,
         patch_size=16,
         slice_size=cols,
-        neighbourhood=1,
+        neighbourhood_rows=1,
         rng=np.random.default_rng(0),
     )
     u, v = pm.pairs(16)
@@ -293,7 +293,7 @@ def test_reconstructor_pairs_match_the_row_backprojector_on_parallel_beam():
     geometry = ScanGeometry(detector_shape=(rows, cols), num_angles=n)
     rec = _fed_reconstructor(geometry, frames, angles)
     settings = dict(
-        splits=3, n2i_strategy="X:1", patch_size=16, neighbourhood=1, stack="z", frames=3
+        splits=3, n2i_strategy="X:1", patch_size=16, neighbourhood_rows=1, stack="z", frames=3
     )
     ours = PairMaker.from_reconstructor(rec, rng=np.random.default_rng(5), **settings)
     assert ours.rows == rows and ours.window == n and ours.slice_size == geometry.slice_size

@@ -31,7 +31,7 @@ def wait_for(predicate, timeout=20.0):
 
 @pytest.mark.timeout(60)
 def test_process_trainer_reports_a_failure():
-    trainer = ProcessTrainer("unet", {"features": 2}, capacity=16, batch_size=8)
+    trainer = ProcessTrainer("unet", {"features": 2}, buffer_capacity=16, batch_size=8)
     trainer.buffer.push(np.zeros((8, 1, 6, 6)), np.full((8, 1, 6, 6), np.nan))  # refused there
     trainer.start()
     assert wait_for(lambda: not trainer.running)
@@ -47,6 +47,6 @@ def test_process_trainer_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="unknown setting"):
         ProcessTrainer("unet", momentum=0.9)
     with pytest.raises(ConfigError, match="capacity"):
-        ProcessTrainer("unet", capacity=8, batch_size=32)
+        ProcessTrainer("unet", buffer_capacity=8, batch_size=32)
     with pytest.raises(ConfigError, match="Unknown model"):
         ProcessTrainer("resnet")

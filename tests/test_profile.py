@@ -30,7 +30,7 @@ def test_startup_files_are_numbered_and_thin():
             for line in path.read_text().splitlines()
             if line.strip() and not line.lstrip().startswith(("#", '"""', "from ", "import "))
         ]
-        assert len(code) <= 10, path  # logic lives in bluesky_jit.session
+        assert len(code) <= 10, path  # logic lives in bluesky_jit.apps.session
 
 
 @pytest.mark.slow
@@ -80,5 +80,6 @@ def test_ipython_with_the_profile_runs_a_scan_into_the_catalog(jit_catalog, tiny
     assert uid in runs_container(client, "raw")  # the raw run, written by the profile
     (derived,) = derived_runs_for(runs_container(client, "derived"), uid)
     assert derived.metadata["stop"]["exit_status"] == "success"
-    assert derived.metadata["start"]["config"]["refresh_every"] == 8  # from the settings file
+    config = derived.metadata["start"]["config"]
+    assert config["reconstruction"]["refresh_every"] == 8  # from the settings file
     assert f"-> derived run {derived.metadata['start']['uid']} (success" in out

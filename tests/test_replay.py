@@ -1,4 +1,4 @@
-"""Replay of stored runs (bluesky_jit.replay) against a real Tiled server, no mocks.
+"""Replay of stored runs (bluesky_jit.apps.replay) against a real Tiled server, no mocks.
 
 The run replayed is the one `bluesky-jit demo` wrote (conftest ``demo_run``);
 its live derived run is the reference: replaying with the same settings and
@@ -10,15 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bluesky_jit.catalog import derived_runs_for, runs_container
-from bluesky_jit.errors import ScanDataError
-from bluesky_jit.replay import (
+from bluesky_jit.apps.replay import (
     NotTomographyError,
     RunNotFoundError,
     live_order,
     replay,
 )
-from bluesky_jit.session import find_derived
+from bluesky_jit.apps.session import find_derived
+from bluesky_jit.catalog import derived_runs_for, runs_container
+from bluesky_jit.errors import ScanDataError
 
 from .helpers import run_engine
 
@@ -108,7 +108,7 @@ def test_derived_runs_are_found_by_search(containers, demo_run, tiny_config):
     assert len(by_model) == len(by_raw)
     assert find_derived(derived, model="no-such-model") == []
     by_config = find_derived(
-        derived, config={"seed": 0, "refresh_every": tiny_config.refresh_every}
+        derived, config={"seed": 0, "refresh_every": tiny_config.reconstruction.refresh_every}
     )
     assert demo_run["derived_uid"] in [r.metadata["start"]["uid"] for r in by_config]
     assert find_derived(derived, raw_uid=raw_uid, config={"refresh_every": 999}) == []
@@ -179,8 +179,8 @@ def test_live_order_puts_each_frame_after_its_event():
 @pytest.fixture(scope="module")
 def hex_layout_scan(jit_catalog):
     """Uid of a scan whose darks and flats are in a separate dark/flat run (NSLS-II HEX)."""
+    from bluesky_jit.apps.session import simulated_beamline
     from bluesky_jit.catalog import tiled_writer
-    from bluesky_jit.session import simulated_beamline
     from simulated_devices.plans import dark_flat_run, tomo_scan
 
     writer = tiled_writer(

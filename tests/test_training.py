@@ -246,7 +246,7 @@ def test_an_error_in_the_loop_is_kept_and_logged(caplog):
 @pytest.mark.timeout(30)
 def test_throttled_loop_and_save(tmp_path):
     rng = np.random.default_rng(9)
-    trainer = make_trainer(rng, n_train=8, features=2, batch_size=4, max_steps_per_s=20)
+    trainer = make_trainer(rng, n_train=8, features=2, batch_size=4, max_train_steps_per_s=20)
     trainer.start()
     time.sleep(0.5)
     trainer.stop()
@@ -266,14 +266,16 @@ def test_buffer_smaller_than_a_batch_is_refused():
 
 def test_bfloat16_training_lowers_holdout_alpha():
     rng = np.random.default_rng(10)
-    trainer = make_trainer(rng, features=4, learning_rate=3e-3, batch_size=16, precision="bfloat16")
+    trainer = make_trainer(
+        rng, features=4, learning_rate=3e-3, batch_size=16, train_precision="bfloat16"
+    )
     before = trainer.evaluate()
     for _ in range(80):
         trainer.step()
     assert trainer.evaluate() < 0.8 < before
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights
     with pytest.raises(ConfigError, match="precision"):
-        make_trainer(rng, precision="float16")
+        make_trainer(rng, train_precision="float16")
 
 
 def test_auto_precision_follows_the_cpu_flags(tmp_path):
@@ -402,7 +404,7 @@ def test_loop_threads_quality_and_final_row():
 
 def test_weight_averaging_publishes_and_evaluates_the_average():
     rng = np.random.default_rng(16)
-    trainer = make_trainer(rng, features=2, batch_size=8, learning_rate=1e-2, average=0.9)
+    trainer = make_trainer(rng, features=2, batch_size=8, learning_rate=1e-2, average_weights=0.9)
     first = {k: t.clone() for k, t in trainer.model.state_dict().items()}
     trainer.step()
     version, state = trainer.weights()
@@ -419,27 +421,31 @@ def test_weight_averaging_publishes_and_evaluates_the_average():
     assert not torch.equal(w, first[key]) and not torch.equal(w, trainer.model.state_dict()[key])
     assert 0 < trainer.evaluate() < 10
     with pytest.raises(ConfigError, match="average"):
-        make_trainer(rng, average=1.0)
+        make_trainer(rng, average_weights=1.0)
 
 
 def test_make_trainer_by_online_strategy(tmp_path):
     rng = np.random.default_rng(0)
-    queue = training.make_trainer("queue", model_config={"features": 2}, capacity=32, batch_size=8)
+    queue = training.make_trainer(
+        "queue", model_config={"features": 2}, buffer_capacity=32, batch_size=8
+    )
     queue.buffer.push(*noise2noise_pairs(rng, 16)[1:])
     queue.step()
     path = queue.save(tmp_path / "pre.pt")
-    frozen = training.make_trainer("frozen", checkpoint=path, capacity=32, batch_size=8)
+    frozen = training.make_trainer("frozen", warm_start=path, buffer_capacity=32, batch_size=8)
     assert frozen.frozen and frozen.normalizer == queue.normalizer
     same = training.make_trainer(
-        "queue", model="unet", model_config={"features": 2}, checkpoint=path
+        "queue", model="unet", model_config={"features": 2}, warm_start=path
     )
     assert same.warm_start is not None
     with pytest.raises(CheckpointError, match="msdnet"):  # holds a U-Net, not an MSD-Net
-        training.make_trainer("frozen", model="msdnet", checkpoint=path, capacity=32, batch_size=8)
+        training.make_trainer(
+            "frozen", model="msdnet", warm_start=path, buffer_capacity=32, batch_size=8
+        )
     with pytest.raises(CheckpointError, match="features"):
-        training.make_trainer("frozen", model="unet", model_config={"features": 4}, checkpoint=path)
+        training.make_trainer("frozen", model="unet", model_config={"features": 4}, warm_start=path)
     with pytest.raises(CheckpointError, match="msdnet"):
-        ProcessTrainer("msdnet", warm_start=path, capacity=32, batch_size=8)
+        ProcessTrainer("msdnet", warm_start=path, buffer_capacity=32, batch_size=8)
     seq = training.make_trainer(
         "sequential", model="unet3d", model_config={"features": 2}, batch_size=8
     )
@@ -447,11 +453,11 @@ def test_make_trainer_by_online_strategy(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint"):
         training.make_trainer("frozen")
     with pytest.raises(ConfigError, match="N_buffer"):
-        training.make_trainer("queue", capacity=4, batch_size=8)
+        training.make_trainer("queue", buffer_capacity=4, batch_size=8)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
     with pytest.raises(CheckpointError):
-        training.make_trainer("frozen", checkpoint=bad)
+        training.make_trainer("frozen", warm_start=bad)
 
 
 # -- the OnlineTrainer seam: one suite, both trainers -----------------------------------------
@@ -463,7 +469,7 @@ def online_trainer(request, tmp_path):
     if request.param == "thread":
         trainer = training.make_trainer("queue", model_config={"features": 2}, **settings)
     else:
-        trainer = ProcessTrainer("unet", {"features": 2}, capacity=320, **settings)
+        trainer = ProcessTrainer("unet", {"features": 2}, buffer_capacity=320, **settings)
     yield trainer
     trainer.stop()
 

@@ -53,7 +53,7 @@ def test_scan_through_the_child_process_into_the_catalog(RE, local_catalog, data
     assert finished == [summary] or finished[0].derived_uid == summary.derived_uid
     assert summary.exit_status == "success" and summary.problems == []
     assert summary.projections == 2 * ANGLES
-    assert summary.slices == 1 + ANGLES // CONFIG.refresh_every
+    assert summary.slices == 1 + ANGLES // CONFIG.reconstruction.refresh_every
     assert summary.geometry.detector_shape == SHAPE  # rebuilt from the child's message
     # the derived documents came back through the pipe, valid, and reached the catalog
     assert derived.named("start")[0]["raw_uid"] == uid

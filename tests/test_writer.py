@@ -220,7 +220,7 @@ def test_a_restarted_process_writes_back_what_the_spool_holds(tmp_path, monkeypa
         raw = runs_container(catalog.client(), "raw")
         assert uid not in raw
         # `bluesky-jit spool`: the next process on this data directory writes it back
-        from bluesky_jit.cli import main
+        from bluesky_jit.apps.cli import main
 
         monkeypatch.setenv("TILED_API_KEY", key)
         argv = ["spool", "--catalog", catalog.uri, "--data-dir", str(tmp_path)]

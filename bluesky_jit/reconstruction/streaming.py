@@ -110,6 +110,9 @@ class StreamingReconstructor:
     capacity : int or None
         Filtered projections kept (default two rotations); more for
         Noise2Inverse T stacks, which reach back over several windows.
+    vertical_slices : bool
+        Whether the pipeline shows the two vertical slices (``slices[1:3]``)
+        at each refresh too; kept as :attr:`vertical_slices`.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class StreamingReconstructor:
         mode: str = "sliding",
         incremental: bool = True,
         capacity: int | None = None,
+        vertical_slices: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(
@@ -151,6 +155,7 @@ class StreamingReconstructor:
         self.row = row
         self.window = geometry.num_angles
         self.refresh_every = refresh_every
+        self.vertical_slices = bool(vertical_slices)
         self.device = torch.device(device)
         self.flatfield: FlatField | None = None
         self.prefilter = ProjectionFilter(geometry, filter_name=filter_name, device=self.device)

@@ -2,7 +2,7 @@
 
 from bluesky import RunEngine
 
-from bluesky_jit.session import profile_settings
+from bluesky_jit.apps.session import profile_settings
 
 settings = profile_settings()
 RE = RunEngine({})

@@ -3,7 +3,7 @@
 
 import atexit
 
-from bluesky_jit.session import open_catalog
+from bluesky_jit.apps.session import open_catalog
 
 catalog = open_catalog(
     settings["catalog"].get("uri"),

@@ -4,9 +4,14 @@ Settings come from flags, then a settings file (``--config FILE``, TOML or
 YAML), then the defaults: a flag always wins over the file, the file over the
 default. File keys are the long flag names without dashes (``refresh_every``,
 ``frame_rate``; ``--no-pace`` is ``pace = false``), in sections ``[jit]``
-(any :class:`~bluesky_jit.config.JitConfig` setting: ``--model``,
-``--device``, ``--seed``, ``--refresh-every``), ``[catalog]`` (``uri`` for
+(any :class:`~bluesky_jit.config.JitConfig` setting, flat or in tables such as
+``[jit.training]``; every setting is also a flag: ``--model``, ``--device``,
+``--seed``, ``--refresh-every``, ...), ``[catalog]`` (``uri`` for
 ``--catalog``, ``api_key``, ``data_dir``) and one per subcommand.
+
+The flags are click options; the JitConfig flags are made from the model's
+fields (name, type, choices, description, default), and a settings file
+becomes click's ``default_map``, so the precedence is click's own.
 
 Exit codes (for scripts):
 
@@ -32,25 +37,30 @@ directly: the command stops it on the way out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
 import sys
 import threading
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BlueskyJitError, CatalogError, ConfigError
+import click
 
-logger = logging.getLogger("bluesky_jit.cli")
+from ..config import SECTION_OF, SECTIONS
+from ..errors import BlueskyJitError, CatalogError, ConfigError
+
+logger = logging.getLogger("bluesky_jit.apps.cli")
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUG = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
 
-EXIT_CODES = """exit codes:
+EXIT_CODES = """\b
+exit codes:
   0 success; 1 a run failed (its derived run's exit_status is not success);
   2 bad usage or input; 3 catalog or broker unreachable (or failing);
   4 internal error (a bug); 130 interrupted (Ctrl-C or SIGTERM)
@@ -58,20 +68,20 @@ settings: flag > --config file (TOML/YAML) > default; `bluesky-jit --help` expla
 """
 
 EXAMPLES = {
-    "demo": """examples:
+    "demo": """
   bluesky-jit demo
   bluesky-jit demo --rotations 2 --size 96 --summary summary.json --figures figures/
   bluesky-jit demo --photons 300 --no-pace --model unet --device cuda
   bluesky-jit demo --config bluesky-jit.toml --seed 3
 """,
-    "replay": """examples:
+    "replay": """
   bluesky-jit replay bluesky_jit_data 3f2a9c1e            # runs of `bluesky-jit demo`
   bluesky-jit replay http://tiled:8000/api/v1/metadata/bl 3f2a9c1e 77b0 --pace realtime
   bluesky-jit replay http://tiled:8000 3f2a --raw raw --to http://other:8000 \\
       --derived-dir /shared/derived --refresh-every 5 --summary replay.json
   TILED_API_KEY=secret bluesky-jit replay http://tiled:8000 3f2a --root-map /old=/new
 """,
-    "listen": """examples:
+    "listen": """
   bluesky-0MQ-proxy --in-address 127.0.0.1:5577 --out-address 127.0.0.1:5578 &
   bluesky-jit listen --zmq 127.0.0.1:5578                 # embedded catalog in ./bluesky_jit_data
   bluesky-jit listen --zmq beamline:5578 --catalog http://tiled:8000 --api-key KEY
@@ -79,16 +89,16 @@ EXAMPLES = {
       --topic bl.bluesky.runengine.documents --group bluesky-jit --device cuda
   bluesky-jit listen --config bluesky-jit.toml --max-runs 1 --live
 """,
-    "serve": """examples:
+    "serve": """
   bluesky-jit serve                                        # ./bluesky_jit_data, free port
   bluesky-jit serve --data-dir /data/jit --port 8000 --readable /data/detector
   then: bluesky-jit replay /data/jit UID   (finds the running server)
 """,
-    "spool": """examples:
+    "spool": """
   bluesky-jit spool                                        # ./bluesky_jit_data/spool -> its catalog
   bluesky-jit spool --data-dir /data/jit --catalog http://tiled:8000
 """,
-    "export": """examples:
+    "export": """
   bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.gif
   bluesky-jit export http://tiled:8000 3f2a9c1e --out report/slices.png --api-key KEY
 """,
@@ -98,9 +108,12 @@ DESCRIPTION = """Live just-in-time denoising of tomography scans (a Bluesky plug
 
 Settings file (--config FILE.toml or FILE.yaml), e.g.:
 
-  [jit]                 # any JitConfig setting
+\b
+  [jit]                 # any JitConfig setting (flat, or in [jit.training] etc.)
   model = "unet"
   refresh_every = 10
+  [jit.training]
+  learning_rate = 0.001
   [catalog]
   uri = "http://tiled.example.org:8000"   # omit for the embedded catalog
   data_dir = "bluesky_jit_data"
@@ -112,473 +125,215 @@ Settings file (--config FILE.toml or FILE.yaml), e.g.:
 A flag wins over the file, the file over the default.
 """
 
+CATALOG_KEYS = {"catalog_uri": "uri", "api_key": "api_key", "data_dir": "data_dir"}
+"""Options read from the file's [catalog] section (option name -> key there)."""
+EXTRA_KEYS = {"listen": {"consumer_config"}}
+"""File keys of a subcommand's section that are no flag (Kafka consumer settings)."""
+
 
 # ------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
-class Opt:
-    """One setting: its flag(s), its key in a settings-file section, and its default."""
+class Invocation:
+    """What the command line asks for: a subcommand, its values and the settings file."""
 
-    flags: tuple[str, ...]
-    section: str
-    key: str
-    default: Any = None
-    help: str = ""
-    type: Callable[[Any], Any] | None = None
-    action: str | None = None  # "store_true" / "store_false" / "append"
-    choices: Sequence[str] | None = None
-    metavar: str | None = None
-    dest: str | None = None
+    command: str
+    values: dict[str, Any]
+    settings: Mapping[str, Mapping[str, Any]]
+    verbose: int = 0
 
-    @property
-    def name(self) -> str:
-        return self.dest or self.key
+    def jit_config(self) -> Any:
+        """The JitConfig: the flags over the file's ``[jit]`` section over the defaults."""
+        from .session import jit_config
 
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"expected true or false, got {value!r}")
+        section = dict(self.settings.get("jit", {}))
+        given = {k: v for k, v in self.values.items() if k in SECTION_OF and v is not None}
+        if self.values.get("variant") is not None:  # the flag names the network
+            section.pop("model", None)
+            given["variant"] = self.values["variant"]
+        return jit_config(section, **given)
 
 
-def _list(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"expected a string or a list of strings, got {value!r}")
+def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) -> Path | None:
+    """Eager ``--config``: read the file, check its keys and types, make it click's defaults."""
+    from .session import load_settings
 
-
-JIT_OPTS = (
-    Opt(("--model",), "jit", "model", "unet", "denoiser by name"),
-    Opt(("--variant",), "jit", "variant", None, "seed-000 network instead of --model: Z3, T3, ..."),
-    Opt(("--device",), "jit", "device", "cpu", "torch device: cpu or cuda"),
-    Opt(("--seed",), "jit", "seed", 0, "random seed (same seed + settings = same results)", int),
-    Opt(
-        ("--refresh-every",),
-        "jit",
-        "refresh_every",
-        10,
-        "new slice every k projections",
-        int,
-    ),
-)
-CATALOG_OPTS = (
-    Opt(
-        ("--catalog",),
-        "catalog",
-        "uri",
-        None,
-        "write to this Tiled server (http://host:port[/path]) instead of the embedded catalog",
-        dest="catalog_uri",
-        metavar="URI",
-    ),
-    Opt(("--api-key",), "catalog", "api_key", None, "API key for --catalog (or TILED_API_KEY)"),
-    Opt(
-        ("--data-dir",),
-        "catalog",
-        "data_dir",
-        Path("bluesky_jit_data"),
-        "embedded catalog, detector and derived files",
-        Path,
-    ),
-)
-PROGRESS = Opt(
-    ("--no-progress",), "{cmd}", "progress", True, "no progress bar", _bool, "store_false"
-)
-PACES = ("fast", "realtime")
-LIVE = Opt(("--live",), "{cmd}", "live", False, "show a live figure", _bool, "store_true")
-
-COMMANDS: dict[str, tuple[str, tuple[Opt, ...]]] = {
-    "demo": (
-        "simulated dynamic scan with live denoising into an embedded Tiled catalog",
-        (
-            *CATALOG_OPTS,
-            Opt(("--size",), "demo", "size", 128, "detector width = slice size (px)", int),
-            Opt(("--rows",), "demo", "rows", 16, "detector rows", int),
-            Opt(
-                ("--angles",),
-                "demo",
-                "angles",
-                90,
-                "projections per rotation (180 degrees)",
-                int,
-                dest="num_angles",
-            ),
-            Opt(("--rotations",), "demo", "rotations", 3, "rotations", int),
-            Opt(("--photons",), "demo", "photons", 1000.0, "flat-field counts per pixel", float),
-            Opt(("--frame-rate",), "demo", "frame_rate", 15.0, "virtual frames per second", float),
-            Opt(
-                ("--no-pace",),
-                "demo",
-                "pace",
-                True,
-                "acquire as fast as possible instead of at --frame-rate",
-                _bool,
-                "store_false",
-                dest="paced",
-            ),
-            *JIT_OPTS,
-            Opt(("--summary",), "demo", "summary", None, "write the summary as JSON", Path),
-            Opt(("--figures",), "demo", "figures", None, "write PNG figures here", Path),
-            PROGRESS,
-            LIVE,
-        ),
-    ),
-    "replay": (
-        "replay stored runs from a catalog through the callback; derived runs linked to them",
-        (
-            Opt(
-                ("--api-key",),
-                "catalog",
-                "api_key",
-                None,
-                "API key of CATALOG (or TILED_API_KEY)",
-            ),
-            Opt(
-                ("--raw",),
-                "replay",
-                "raw",
-                "raw",
-                "container of the raw runs in CATALOG",
-                metavar="NAME",
-            ),
-            Opt(
-                ("--to",),
-                "replay",
-                "to",
-                None,
-                "write derived runs to this catalog (URI or data dir; default: CATALOG)",
-                metavar="CATALOG",
-            ),
-            Opt(
-                ("--derived",),
-                "replay",
-                "derived",
-                "derived",
-                "container of the derived runs",
-                metavar="NAME",
-            ),
-            Opt(
-                ("--derived-dir",),
-                "replay",
-                "derived_dir",
-                None,
-                "derived HDF5 files (readable by the target server; default DATA_DIR/derived)",
-                Path,
-            ),
-            Opt(
-                ("--data-dir",),
-                "catalog",
-                "data_dir",
-                Path("bluesky_jit_data"),
-                "for a URI catalog: where derived files go (DATA_DIR/derived)",
-                Path,
-            ),
-            Opt(
-                ("--pace",),
-                "replay",
-                "pace",
-                "fast",
-                "fast or realtime",
-                choices=("fast", "realtime"),
-            ),
-            Opt(("--speed",), "replay", "speed", 1.0, "realtime only: speed-up factor", float),
-            Opt(
-                ("--root-map",),
-                "replay",
-                "root_map",
-                [],
-                "OLD=NEW: read detector files from NEW where they were under OLD (repeatable)",
-                _list,
-                "append",
-            ),
-            *JIT_OPTS,
-            Opt(("--summary",), "replay", "summary", None, "write the summaries as JSON", Path),
-            PROGRESS,
-            LIVE,
-        ),
-    ),
-    "listen": (
-        "process runs arriving over 0MQ or Kafka, for as long as it runs",
-        (
-            Opt(
-                ("--zmq",),
-                "listen",
-                "zmq",
-                None,
-                "out-address of a bluesky 0MQ proxy",
-                metavar="HOST:PORT",
-            ),
-            Opt(
-                ("--zmq-format",),
-                "listen",
-                "zmq_format",
-                "msgpack",
-                "how the RunEngine side encodes 0MQ messages: msgpack (Publisher(..., "
-                "serializer=bluesky_jit.listen.zmq_serializer())); pickle runs code from "
-                "whoever can reach the proxy: only on a closed bus",
-                choices=("msgpack", "pickle"),
-            ),
-            Opt(
-                ("--kafka",),
-                "listen",
-                "kafka",
-                None,
-                "Kafka bootstrap servers",
-                metavar="BOOTSTRAP",
-            ),
-            Opt(("--topic",), "listen", "topic", [], "Kafka topic (repeatable)", _list, "append"),
-            Opt(("--group",), "listen", "group", "bluesky-jit", "Kafka consumer group id"),
-            *CATALOG_OPTS,
-            Opt(
-                ("--write-raw",),
-                "listen",
-                "write_raw",
-                False,
-                "also store the raw runs (container 'raw')",
-                _bool,
-                "store_true",
-            ),
-            Opt(
-                ("--run-timeout",),
-                "listen",
-                "run_timeout",
-                600.0,
-                "close a run silent this long (s) as aborted",
-                float,
-            ),
-            Opt(
-                ("--connect-timeout",),
-                "listen",
-                "connect_timeout",
-                5.0,
-                "seconds to wait for the broker at start-up",
-                float,
-            ),
-            Opt(
-                ("--max-runs",),
-                "listen",
-                "max_runs",
-                None,
-                "exit after this many derived runs",
-                int,
-            ),
-            Opt(
-                ("--skip-done",),
-                "listen",
-                "skip_done",
-                False,
-                "skip runs that already have a successful derived run with these settings "
-                "(always on with --kafka)",
-                _bool,
-                "store_true",
-            ),
-            *JIT_OPTS,
-            LIVE,
-        ),
-    ),
-    "serve": (
-        "run the embedded catalog (Tiled, SQLite + files) for other tools to read",
-        (
-            Opt(
-                ("--data-dir",),
-                "catalog",
-                "data_dir",
-                Path("bluesky_jit_data"),
-                "catalog in DATA_DIR/catalog; files below DATA_DIR readable",
-                Path,
-            ),
-            Opt(("--host",), "serve", "host", "127.0.0.1", "interface to bind"),
-            Opt(("--port",), "serve", "port", None, "TCP port (default: a free one)", int),
-            Opt(
-                ("--api-key",),
-                "catalog",
-                "api_key",
-                None,
-                "API key clients must send (default: a random one)",
-            ),
-            Opt(
-                ("--readable",),
-                "serve",
-                "readable",
-                [],
-                "more directories the server may read (detector files; repeatable)",
-                _list,
-                "append",
-            ),
-        ),
-    ),
-    "export": (
-        "write a derived run's slices as PNG (contact sheet) or GIF (animation)",
-        (
-            Opt(("--out",), "export", "out", Path("slices.gif"), "output .png or .gif", Path),
-            Opt(("--api-key",), "catalog", "api_key", None, "API key of CATALOG"),
-            Opt(("--fps",), "export", "fps", 4.0, "GIF frames per second", float),
-        ),
-    ),
-    "spool": (
-        "write runs left in the spool (a catalog outage, a process that died) to the catalog",
-        (
-            *CATALOG_OPTS,
-            Opt(
-                ("--timeout",),
-                "spool",
-                "timeout",
-                120.0,
-                "seconds to wait for the catalog to take every run",
-                float,
-            ),
-        ),
-    ),
-}
-
-
-def _opts(command: str) -> tuple[Opt, ...]:
-    return tuple(
-        Opt(**{**o.__dict__, "section": command}) if o.section == "{cmd}" else o
-        for o in COMMANDS[command][1]
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (every option defaults to 'not given', see :func:`resolve`)."""
-    parser = argparse.ArgumentParser(
-        prog="bluesky-jit",
-        description=DESCRIPTION,
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command, (summary, _) in COMMANDS.items():
-        p = sub.add_parser(
-            command,
-            help=summary,
-            description=summary,
-            epilog=EXAMPLES[command] + "\n" + EXIT_CODES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+    settings = load_settings(path)
+    ctx.meta["settings"] = settings
+    command = ctx.command.name
+    known = {p.name for p in ctx.command.params if p.name not in CATALOG_KEYS}
+    known |= EXTRA_KEYS.get(command, set())
+    unknown = sorted(set(settings.get(command, {})) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting(s) {unknown} in section [{command}] of {path}; known: "
+            f"{sorted(known - set(SECTION_OF) - {'variant', 'config', 'verbose'})}."
         )
-        if command == "replay":
-            p.add_argument("catalog", help="Tiled URI (http://host:port[/path]) or data directory")
-            p.add_argument(
-                "uids", nargs="+", metavar="UID", help="raw run uid, partial uid or scan id"
+    defaults = {}
+    for p in ctx.command.params:
+        if p.name in SECTION_OF or p.name == "variant" or not isinstance(p, click.Option):
+            continue  # JitConfig settings: Invocation.jit_config
+        section, key = (
+            ("catalog", CATALOG_KEYS[p.name])
+            if p.name in CATALOG_KEYS
+            else (
+                command,
+                p.name,
             )
-        if command == "export":
-            p.add_argument("catalog", help="Tiled URI or data directory")
-            p.add_argument("uid", help="derived run uid (or raw uid: its newest derived run)")
-        for opt in _opts(command):
-            kwargs: dict[str, Any] = {"dest": opt.name, "default": argparse.SUPPRESS}
-            default = opt.default
-            hidden = default is None or isinstance(default, bool) or default == []
-            shown = "" if hidden else f" (default: {default})"
-            kwargs["help"] = f"{opt.help}{shown}"
-            if opt.action in ("store_true", "store_false"):
-                kwargs["action"] = opt.action
+        )
+        if key not in settings.get(section, {}):
+            continue
+        value = settings[section][key]
+        if p.multiple and isinstance(value, str):
+            value = [value]
+        try:
+            defaults[p.name] = p.type_cast_value(ctx, value)
+        except click.BadParameter as err:
+            raise ConfigError(
+                f"Setting {key} in [{section}] of {path} has the wrong type: {err.message}."
+            ) from err
+    ctx.default_map = defaults
+    return path
+
+
+def _jit_options(f: Callable) -> Callable:
+    """A flag per :class:`~bluesky_jit.config.JitConfig` setting, made from its field."""
+    for section in reversed(SECTIONS.values()):
+        for name, info in reversed(section.__pydantic_fields__.items()):
+            kind = _scalar(info.annotation)
+            if kind is None:
+                continue  # model_config: a table, in the settings file only
+            flag = "--" + name.replace("_", "-")
+            default = info.get_default(call_default_factory=True)
+            shown = "" if default is None else f"  [default: {default}]"
+            if kind is bool:
+                decls, extra = [f"{flag}/--no-{flag[2:]}", name], {}
+            elif typing.get_origin(kind) is typing.Literal:
+                decls, extra = [flag, name], {"type": click.Choice(typing.get_args(kind))}
             else:
-                if opt.action == "append":
-                    kwargs["action"] = "append"
-                elif opt.type is not None and opt.type not in (_bool, _list):
-                    kwargs["type"] = opt.type
-                if opt.choices:
-                    kwargs["choices"] = opt.choices
-                if opt.metavar:
-                    kwargs["metavar"] = opt.metavar
-            p.add_argument(*opt.flags, **kwargs)
-        p.add_argument(
+                decls, extra = [flag, name], {"type": kind}
+            f = click.option(
+                *decls, default=None, show_default=False, help=f"{info.description}{shown}", **extra
+            )(f)
+    return click.option(
+        "--variant", default=None, help="seed-000 network instead of --model: Z3, T3, ..."
+    )(f)
+
+
+def _scalar(annotation: Any) -> Any:
+    """int, float, str, bool or a Literal, without None; None for anything else."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation in (int, float, str, bool) or typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    return None
+
+
+def _command(name: str, summary: str, *options: Callable) -> Callable:
+    """A subcommand with its options, ``--config`` and ``-v``; it returns an Invocation."""
+
+    def decorate(f: Callable[[Invocation], int]) -> Callable[[Invocation], int]:
+        def callback(**values: Any) -> Invocation:
+            ctx = click.get_current_context()
+            values.pop("config")
+            verbose = ctx.meta.get("verbose", 0) + values.pop("verbose")
+            return Invocation(name, values, ctx.meta["settings"], verbose)
+
+        for option in reversed(options):
+            callback = option(callback)
+        callback = click.option(
+            "-v", "--verbose", count=True, show_default=False, help="more log output"
+        )(callback)
+        callback = click.option(
             "--config",
-            type=Path,
-            default=None,
+            type=click.Path(path_type=Path, dir_okay=False),
+            is_eager=True,
+            expose_value=True,
+            callback=_load_config,
             metavar="FILE",
             help="settings file (.toml, .yaml); flags win over it",
-        )
-        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
-    return parser
+        )(callback)
+        epilog = "\b\nexamples:" + EXAMPLES[name] + "\n" + EXIT_CODES
+        command = click.command(name, help=summary, short_help=summary, epilog=epilog)(callback)
+        HANDLERS[name] = f
+        cli.add_command(command)
+        return f
+
+    return decorate
 
 
-def resolve(
-    command: str, args: argparse.Namespace, settings: Mapping[str, Mapping[str, Any]]
-) -> dict[str, Any]:
-    """Flag > settings file > default, for every option of ``command``.
-
-    Raises
-    ------
-    ConfigError
-        A file value of the wrong type, or a key no option reads.
-    """
-    opts = _opts(command)
-    source = getattr(args, "config", None)
-    known: dict[str, set[str]] = {}
-    for opt in opts:
-        known.setdefault(opt.section, set()).add(opt.key)
-    for section in (command,):
-        extra = {"consumer_config"} if command == "listen" else set()
-        unknown = sorted(set(settings.get(section, {})) - known.get(section, set()) - extra)
-        if unknown:
-            raise ConfigError(
-                f"Unknown setting(s) {unknown} in section [{section}] of {source}; known: "
-                f"{sorted(known.get(section, set()) | extra)}."
-            )
-    values: dict[str, Any] = {}
-    for opt in opts:
-        if hasattr(args, opt.name):
-            value = getattr(args, opt.name)
-        elif opt.key in settings.get(opt.section, {}):
-            value = settings[opt.section][opt.key]
-            if opt.type is not None and value is not None:
-                try:
-                    value = opt.type(value)
-                except (TypeError, ValueError) as err:
-                    raise ConfigError(
-                        f"Setting {opt.key} in [{opt.section}] of {source} has the wrong type: "
-                        f"{err}."
-                    ) from err
-        else:
-            value = list(opt.default) if isinstance(opt.default, list) else opt.default
-        values[opt.name] = value
-    return values
+@click.group(
+    help=DESCRIPTION,
+    epilog=EXIT_CODES,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
+@click.option("-v", "--verbose", count=True, show_default=False, help="more log output")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    ctx.meta["verbose"] = verbose
 
 
-def _jit_config(settings: Mapping[str, Mapping[str, Any]], values: Mapping[str, Any]) -> Any:
-    from .session import jit_config
+opt = click.option
 
-    section = dict(settings.get("jit", {}))
-    overrides = {
-        "device": values["device"],
-        "seed": values["seed"],
-        "refresh_every": values["refresh_every"],
-    }
-    if values["variant"] is not None:  # the variant names the network (and its patch size)
-        section.pop("model", None)
-        overrides["variant"] = values["variant"]
-    else:
-        overrides["model"] = values["model"]
-    return jit_config(section, **overrides)
+
+PathType = click.Path(path_type=Path)
+CATALOG = (
+    opt(
+        "--catalog",
+        "catalog_uri",
+        metavar="URI",
+        help="write to this Tiled server (http://host:port[/path]) instead of the embedded catalog",
+    ),
+    opt("--api-key", help="API key for --catalog (or TILED_API_KEY)"),
+    opt(
+        "--data-dir",
+        type=PathType,
+        default=Path("bluesky_jit_data"),
+        help="embedded catalog, detector and derived files",
+    ),
+)
+PROGRESS = opt("--no-progress", "progress", is_flag=True, flag_value=False, default=True,
+               show_default=False, help="no progress bar")  # fmt: skip
+LIVE = opt("--live", is_flag=True, show_default=False, help="show a live figure")
+
+
+HANDLERS: dict[str, Callable[[Invocation], int]] = {}
 
 
 # ----------------------------------------------------------------------------- main
+def parse(argv: Sequence[str] | None = None) -> Invocation | int:
+    """The Invocation of ``argv``, or an exit code (``--help``: 0; bad usage: 2)."""
+    try:
+        result = cli.main(args=argv, prog_name="bluesky-jit", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return EXIT_USAGE if isinstance(error, click.UsageError) else error.exit_code
+    return result if isinstance(result, Invocation) else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (see the module docstring)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * args.verbose,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from .errors import BrokerError
-    from .session import load_settings
+    from ..errors import BrokerError
 
     restore = _terminate_as_interrupt()
     try:
-        settings = load_settings(args.config)
-        values = resolve(args.command, args, settings)
-        return HANDLERS[args.command](args, values, settings)
+        invocation = parse(argv)
+        if isinstance(invocation, int):
+            return invocation
+        logging.basicConfig(
+            level=logging.WARNING - 10 * invocation.verbose,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return HANDLERS[invocation.command](invocation)
     except (CatalogError, BrokerError) as error:
         _error(error)
         return EXIT_UNREACHABLE
     except BlueskyJitError as error:
         _error(error)
         return EXIT_USAGE
-    except KeyboardInterrupt as interrupt:
+    except (KeyboardInterrupt, click.Abort) as interrupt:
         detail = f": {interrupt}" if str(interrupt) else ""
         print(f"bluesky-jit: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -598,6 +353,137 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUG
     finally:
         restore()
+
+
+# ------------------------------------------------------------------------ subcommands
+# Each handler gets the Invocation; its values are named as the options (and file keys).
+DEMO = (
+    *CATALOG,
+    opt("--size", default=128, help="detector width = slice size (px)"),
+    opt("--rows", default=16, help="detector rows"),
+    opt("--angles", default=90, help="projections per rotation (180 degrees)"),
+    opt("--rotations", default=3, help="rotations"),
+    opt("--photons", default=1000.0, help="flat-field counts per pixel"),
+    opt("--frame-rate", default=15.0, help="virtual frames per second"),
+    opt(
+        "--no-pace",
+        "pace",
+        is_flag=True,
+        flag_value=False,
+        default=True,
+        show_default=False,
+        help="acquire as fast as possible instead of at --frame-rate",
+    ),  # fmt: skip
+    _jit_options,
+    opt("--summary", type=PathType, help="write the summary as JSON"),
+    opt("--figures", type=PathType, help="write PNG figures here"),
+    PROGRESS,
+    LIVE,
+)
+REPLAY = (
+    click.argument("catalog"),
+    click.argument("uids", nargs=-1, required=True, metavar="UID..."),
+    opt("--api-key", help="API key of CATALOG (or TILED_API_KEY)"),
+    opt("--raw", default="raw", metavar="NAME", help="container of the raw runs in CATALOG"),
+    opt(
+        "--to",
+        metavar="CATALOG",
+        help="write derived runs to this catalog (URI or data dir; default: CATALOG)",
+    ),  # fmt: skip
+    opt("--derived", default="derived", metavar="NAME", help="container of the derived runs"),
+    opt(
+        "--derived-dir",
+        type=PathType,
+        help="derived HDF5 files (readable by the target server; default DATA_DIR/derived)",
+    ),  # fmt: skip
+    opt(
+        "--data-dir",
+        type=PathType,
+        default=Path("bluesky_jit_data"),
+        help="for a URI catalog: where derived files go (DATA_DIR/derived)",
+    ),  # fmt: skip
+    opt("--pace", type=click.Choice(["fast", "realtime"]), default="fast", help="fast or realtime"),
+    opt("--speed", default=1.0, help="realtime only: speed-up factor"),
+    opt(
+        "--root-map",
+        multiple=True,
+        metavar="OLD=NEW",
+        help="read detector files from NEW where they were under OLD (repeatable)",
+    ),  # fmt: skip
+    _jit_options,
+    opt("--summary", type=PathType, help="write the summaries as JSON"),
+    PROGRESS,
+    LIVE,
+)
+LISTEN = (
+    opt("--zmq", metavar="HOST:PORT", help="out-address of a bluesky 0MQ proxy"),
+    opt(
+        "--zmq-format",
+        type=click.Choice(["msgpack", "pickle"]),
+        default="msgpack",
+        help="how the RunEngine side encodes 0MQ messages: msgpack (Publisher(..., "
+        "serializer=bluesky_jit.apps.listen.zmq_serializer())); pickle runs code from "
+        "whoever can reach the proxy: only on a closed bus",
+    ),  # fmt: skip
+    opt("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers"),
+    opt("--topic", multiple=True, help="Kafka topic (repeatable)"),
+    opt("--group", default="bluesky-jit", help="Kafka consumer group id"),
+    *CATALOG,
+    opt(
+        "--write-raw",
+        is_flag=True,
+        show_default=False,
+        help="also store the raw runs (container 'raw')",
+    ),  # fmt: skip
+    opt("--run-timeout", default=600.0, help="close a run silent this long (s) as aborted"),
+    opt("--connect-timeout", default=5.0, help="seconds to wait for the broker at start-up"),
+    opt("--max-runs", type=int, help="exit after this many derived runs"),
+    opt(
+        "--skip-done",
+        is_flag=True,
+        show_default=False,
+        help="skip runs that already have a successful derived run with these settings "
+        "(always on with --kafka)",
+    ),  # fmt: skip
+    _jit_options,
+    LIVE,
+)
+SERVE = (
+    opt(
+        "--data-dir",
+        type=PathType,
+        default=Path("bluesky_jit_data"),
+        help="catalog in DATA_DIR/catalog; files below DATA_DIR readable",
+    ),  # fmt: skip
+    opt("--host", default="127.0.0.1", help="interface to bind"),
+    opt("--port", type=int, help="TCP port (default: a free one)"),
+    opt("--api-key", help="API key clients must send (default: a random one)"),
+    opt(
+        "--readable",
+        multiple=True,
+        type=PathType,
+        help="more directories the server may read (detector files; repeatable)",
+    ),  # fmt: skip
+)
+EXPORT = (
+    click.argument("catalog"),
+    click.argument("uid"),
+    opt("--out", type=PathType, default=Path("slices.gif"), help="output .png or .gif"),
+    opt("--api-key", help="API key of CATALOG"),
+    opt("--fps", default=4.0, help="GIF frames per second"),
+)
+SPOOL = (
+    *CATALOG,
+    opt("--timeout", default=120.0, help="seconds to wait for the catalog to take every run"),
+)
+COMMANDS = {
+    "demo": "simulated dynamic scan with live denoising into an embedded Tiled catalog",
+    "replay": "replay stored runs from a catalog through the callback; derived runs linked to them",
+    "listen": "process runs arriving over 0MQ or Kafka, for as long as it runs",
+    "serve": "run the embedded catalog (Tiled, SQLite + files) for other tools to read",
+    "export": "write a derived run's slices as PNG (contact sheet) or GIF (animation)",
+    "spool": "write runs left in the spool (a catalog outage, a process that died) to the catalog",
+}
 
 
 def _terminate_as_interrupt() -> Callable[[], None]:
@@ -635,22 +521,23 @@ def _error(error: Exception) -> None:
 
 
 # ----------------------------------------------------------------------------- demo
-def _demo(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
+@_command("demo", COMMANDS["demo"], *DEMO)
+def _demo(call: Invocation) -> int:
     from .demo import DemoOptions, format_summary, run_demo
 
-    config = _jit_config(settings, v)
+    v, config = call.values, call.jit_config()
     options = DemoOptions(
         data_dir=v["data_dir"],
         catalog_uri=v["catalog_uri"],
         api_key=v["api_key"],
         size=v["size"],
         rows=v["rows"],
-        num_angles=v["num_angles"],
+        num_angles=v["angles"],
         rotations=v["rotations"],
         photons=v["photons"],
         frame_rate=v["frame_rate"],
-        paced=v["paced"],
-        seed=v["seed"],
+        paced=v["pace"],
+        seed=config.runtime.seed,
         summary=v["summary"],
         figures=v["figures"],
         progress=v["progress"],
@@ -689,15 +576,16 @@ def _root_map(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _replay(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
+@_command("replay", COMMANDS["replay"], *REPLAY)
+def _replay(call: Invocation) -> int:
     from .replay import replay
     from .session import open_catalog
 
-    config = _jit_config(settings, v)
+    v, config = call.values, call.jit_config()
     root_map = _root_map(v["root_map"])
-    is_uri = str(args.catalog).startswith(("http://", "https://"))
-    data_dir = Path(v["data_dir"]) if is_uri else Path(args.catalog)
-    with open_catalog(args.catalog, api_key=v["api_key"], data_dir=data_dir, create=False) as src:
+    is_uri = str(v["catalog"]).startswith(("http://", "https://"))
+    data_dir = Path(v["data_dir"]) if is_uri else Path(v["catalog"])
+    with open_catalog(v["catalog"], api_key=v["api_key"], data_dir=data_dir, create=False) as src:
         target = src
         if v["to"] is not None:
             target = open_catalog(v["to"], api_key=v["api_key"], data_dir=v["data_dir"])
@@ -710,13 +598,13 @@ def _replay(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
                     f"{src.uri} has no container {v['raw']!r} of raw runs; it has "
                     f"{list(src.client)[:10]}. Pass --raw NAME."
                 )
-            _log(f"replaying {len(args.uids)} run(s) from {raw.uri}")
+            _log(f"replaying {len(v['uids'])} run(s) from {raw.uri}")
             jit_box: list[Any] = []
 
             def work() -> list[Any]:
                 return replay(
                     raw,
-                    args.uids,
+                    list(v["uids"]),
                     derived_runs=derived,
                     directory=directory,
                     config=config,
@@ -786,7 +674,8 @@ def _with_live_view(
 
 
 # --------------------------------------------------------------------------- listen
-def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
+@_command("listen", COMMANDS["listen"], *LISTEN)
+def _listen(call: Invocation) -> int:
     from .listen import (
         KafkaSource,
         Listener,
@@ -797,6 +686,7 @@ def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
     )
     from .session import open_catalog
 
+    v = call.values
     if (v["zmq"] is None) == (v["kafka"] is None):
         raise ConfigError(
             "listen needs exactly one source: --zmq HOST:PORT (a bluesky 0MQ proxy's "
@@ -809,14 +699,14 @@ def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
             "worker that stops mid-run would leave a partial raw run. Store raw runs with a "
             "separate consumer group (the facility's Tiled writer) instead."
         )
-    config = _jit_config(settings, v)
-    consumer_config = dict(settings.get("listen", {}).get("consumer_config") or {})
+    config = call.jit_config()
+    consumer_config = dict(call.settings.get("listen", {}).get("consumer_config") or {})
     timeout = v["connect_timeout"]
     if v["zmq"] is not None:  # fail fast, before starting a catalog
         address = parse_address(v["zmq"], "0MQ proxy address")
         check_reachable(*address, "0MQ proxy (out-port)", timeout=timeout)
     else:
-        check_kafka(v["kafka"], v["topic"], consumer_config=consumer_config, timeout=timeout)
+        check_kafka(v["kafka"], list(v["topic"]), consumer_config=consumer_config, timeout=timeout)
     stop = threading.Event()
     signals = _on_signals(stop)
     target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
@@ -863,7 +753,7 @@ def _listen(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
                 kafka = KafkaSource(
                     listener,
                     bootstrap_servers=v["kafka"],
-                    topics=v["topic"],
+                    topics=list(v["topic"]),
                     group_id=v["group"],
                     consumer_config=consumer_config,
                 )
@@ -909,10 +799,12 @@ def _on_signals(stop: threading.Event) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- serve
-def _serve(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
-    from .catalog import LocalCatalog
+@_command("serve", COMMANDS["serve"], *SERVE)
+def _serve(call: Invocation) -> int:
+    from ..catalog import LocalCatalog
     from .session import CONNECTION_FILE, write_connection_file
 
+    v = call.values
     data_dir = Path(v["data_dir"]).resolve()
     readable = [data_dir, *(Path(p) for p in v["readable"])]
     stop = threading.Event()
@@ -946,12 +838,14 @@ def _serve(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> in
 
 
 # --------------------------------------------------------------------------- export
-def _export(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
+@_command("export", COMMANDS["export"], *EXPORT)
+def _export(call: Invocation) -> int:
     from .live import export, open_derived, read_derived
     from .session import open_catalog
 
-    with open_catalog(args.catalog, api_key=v["api_key"], create=False) as session:
-        run = open_derived(session.client, args.uid)
+    v = call.values
+    with open_catalog(v["catalog"], api_key=v["api_key"], create=False) as session:
+        run = open_derived(session.client, v["uid"])
         data = read_derived(run)
         path = export(data, v["out"], fps=v["fps"])
     _log(
@@ -963,11 +857,13 @@ def _export(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> i
 
 
 # ---------------------------------------------------------------------------- spool
-def _spool(args: argparse.Namespace, v: dict[str, Any], settings: Mapping) -> int:
+@_command("spool", COMMANDS["spool"], *SPOOL)
+def _spool(call: Invocation) -> int:
     """Write what ``DATA_DIR/spool/{raw,derived}`` holds into the catalog's containers."""
+    from ..writer import SUFFIX, flush_spool
     from .session import open_catalog
-    from .writer import SUFFIX, flush_spool
 
+    v = call.values
     target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
     with open_catalog(target, api_key=v["api_key"], data_dir=v["data_dir"]) as session:
         total = 0
@@ -998,15 +894,6 @@ def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
 
-
-HANDLERS: dict[str, Callable[[argparse.Namespace, dict[str, Any], Mapping], int]] = {
-    "demo": _demo,
-    "replay": _replay,
-    "listen": _listen,
-    "serve": _serve,
-    "export": _export,
-    "spool": _spool,
-}
 
 if __name__ == "__main__":
     sys.exit(main())

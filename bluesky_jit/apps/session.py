@@ -1,6 +1,6 @@
 """Sessions: settings files, opening a catalog, finding derived runs, a simulated beamline.
 
-What the command line (:mod:`bluesky_jit.cli`) and the IPython profile
+What the command line (:mod:`bluesky_jit.apps.cli`) and the IPython profile
 (``profiles/profile_jit``) share, so that the profile's startup files stay a
 few lines each:
 
@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .config import JitConfig
-from .errors import CatalogError, ConfigError
+from ..config import SECTION_OF, JitConfig
+from ..errors import CatalogError, ConfigError
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
 
-    from .callbacks import JitCallback
-    from .catalog import LocalCatalog
-    from .worker_process import JitProcess
+    from ..callbacks import JitCallback
+    from ..catalog import LocalCatalog
+    from ..worker_process import JitProcess
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ SECTIONS: Final = (
     "serve",
     "export",
 )
-"""Sections a settings file may have; ``[jit]`` takes any :class:`JitConfig` field."""
+"""Sections a settings file may have; ``[jit]`` takes any :class:`JitConfig` setting, flat
+or in tables by section (``[jit.training]``)."""
 CONNECTION_FILE: Final = "connection.json"
 """Written by ``bluesky-jit serve`` next to the catalog: its URI and API key (mode 0600)."""
 DEFAULT_DATA_DIR: Final = Path("bluesky_jit_data")
@@ -181,7 +182,8 @@ def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
 def jit_config(settings: Mapping[str, Any] | None = None, **overrides: Any) -> JitConfig:
     """Return the :class:`JitConfig` of a ``[jit]`` section, with ``overrides`` winning.
 
-    ``None`` overrides are ignored, so unset command-line flags fall through.
+    Settings may be flat or by section, in either (a flat key wins over its
+    section's table). ``None`` overrides are ignored, so unset command-line flags fall through.
     ``variant = "T3"`` (a seed-000 Table 1 network) stands for its model,
     model config, patch size and stack (:meth:`JitConfig.for_variant`).
     """
@@ -238,7 +240,7 @@ class CatalogSession:
     def runs(self, name: str) -> Container:
         """The container of Bluesky runs ``name`` (``"raw"``, ``"derived"``), created if missing."""
         if name not in self._containers:
-            from .catalog import runs_container
+            from ..catalog import runs_container
 
             self._containers[name] = runs_container(self.client, name)
         return self._containers[name]
@@ -297,7 +299,7 @@ def open_catalog(
     CatalogError
         Unreachable server, refused key, or no catalog in the directory.
     """
-    from . import catalog as cat
+    from .. import catalog as cat
 
     if isinstance(target, str) and target.startswith(("http://", "https://")):
         key = api_key or os.environ.get("TILED_API_KEY") or None
@@ -376,8 +378,8 @@ def find_derived(
     model : str, optional
         Denoiser name (``start.model.name``).
     config : mapping, optional
-        :class:`JitConfig` values, e.g. ``{"seed": 0, "refresh_every": 10}``
-        (``start.config.<key>``).
+        :class:`JitConfig` values by setting name, e.g. ``{"seed": 0,
+        "refresh_every": 10}`` (``start.config.<section>.<key>``).
     exit_status : str, optional
         ``"success"``, ``"fail"`` or ``"abort"`` (``stop.exit_status``).
 
@@ -397,12 +399,11 @@ def find_derived(
     if model is not None:
         results = results.search(Key("start.model.name") == model)
     for key, value in (config or {}).items():
-        if key not in JitConfig.__dataclass_fields__:
+        if key not in SECTION_OF:
             raise ConfigError(
-                f"find_derived: {key!r} is not a JitConfig setting; known: "
-                f"{sorted(JitConfig.__dataclass_fields__)}."
+                f"find_derived: {key!r} is not a JitConfig setting; known: {sorted(SECTION_OF)}."
             )
-        results = results.search(Key(f"start.config.{key}") == value)
+        results = results.search(Key(f"start.config.{SECTION_OF[key]}.{key}") == value)
     if exit_status is not None:
         results = results.search(Key("stop.exit_status") == exit_status)
     runs = list(results.values())
@@ -476,9 +477,9 @@ def attach(
     JitProcess or JitCallback
         Subscribed; ``RE.unsubscribe`` with ``jit.token`` to detach.
     """
-    from .callbacks import JitCallback
-    from .catalog import tiled_writer
-    from .worker_process import JitProcess
+    from ..callbacks import JitCallback
+    from ..catalog import tiled_writer
+    from ..worker_process import JitProcess
 
     if write_raw:
         RE.subscribe(tiled_writer(session.runs("raw"), spool_dir=session.spool_dir("raw")))

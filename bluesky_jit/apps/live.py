@@ -15,7 +15,7 @@ GUI timer, so nothing runs on the RunEngine's thread. From the command line,
 
 Read back (two lines)::
 
-    from bluesky_jit.live import show
+    from bluesky_jit.apps.live import show
     show("http://127.0.0.1:8000", "3f2a", api_key="...")   # derived or raw uid
 
 :func:`export` writes a derived run's slices as PNG (a contact sheet) or GIF
@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigError, NotDerivedError
+from ..errors import ConfigError, NotDerivedError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from tiled.client.container import Container
 
-    from .callbacks import JitCallback
-    from .worker_process import JitProcess
+    from ..callbacks import JitCallback
+    from ..worker_process import JitProcess
 
 __all__ = ["DerivedData", "LiveView", "export", "open_derived", "read_derived", "show"]
 
@@ -83,13 +83,13 @@ def open_derived(
     Parameters
     ----------
     catalog : str or tiled Container
-        A Tiled URI, a data directory (see :func:`bluesky_jit.session.open_catalog`),
+        A Tiled URI, a data directory (see :func:`bluesky_jit.apps.session.open_catalog`),
         a catalog root, or a container of derived runs.
     uid : str
         Full or partial uid of a derived run, or of a raw run.
     """
-    from .catalog import derived_runs_for
-    from .errors import RunNotFoundError
+    from ..catalog import derived_runs_for
+    from ..errors import RunNotFoundError
     from .replay import lookup_run
 
     if isinstance(catalog, (str, Path)):
@@ -99,7 +99,7 @@ def open_derived(
     runs = catalog
     specs = {spec.name for spec in getattr(catalog, "specs", [])}
     if "CatalogOfBlueskyRuns" not in specs:
-        from .catalog import runs_container
+        from ..catalog import runs_container
 
         runs = runs_container(catalog, container)
     try:

@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .callbacks import is_tomography
-from .config import JitConfig
-from .errors import (
+from ..callbacks import is_tomography
+from ..config import JitConfig
+from ..errors import (
     ConfigError,
     NotTomographyError,
     RunNotFoundError,
@@ -45,7 +45,8 @@ from .errors import (
 if TYPE_CHECKING:
     from tiled.client.container import Container
 
-    from .callbacks import JitCallback, RunSummary
+    from ..callbacks import JitCallback
+    from ..pipeline import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def replay(
         Seconds to wait for the callback to finish each run (None: no limit).
     on_callback : callable, optional
         Called with the new :class:`JitCallback` before the first document
-        (e.g. to attach a :class:`~bluesky_jit.live.LiveView`).
+        (e.g. to attach a :class:`~bluesky_jit.apps.live.LiveView`).
 
     Returns
     -------
@@ -165,7 +166,7 @@ def replay(
     RunNotFoundError, NotTomographyError, ScanDataError, CatalogError
         Checked for every run before anything is replayed.
     """
-    from .callbacks import JitCallback
+    from ..callbacks import JitCallback
 
     if pace not in PACES:
         raise ConfigError(f"pace must be one of {PACES}; got {pace!r}.")
@@ -197,7 +198,7 @@ def replay(
 
     writer = emit
     if writer is None and derived_runs is not None:
-        from .catalog import tiled_writer
+        from ..catalog import tiled_writer
 
         spool = Path(directory).parent / "spool" / "derived"  # beside the derived files
         writer = tiled_writer(derived_runs, spool_dir=spool)
@@ -246,7 +247,7 @@ def replay(
 
 
 def _documents(run: Container) -> Iterator[tuple[str, dict]]:
-    from .catalog import documents
+    from ..catalog import documents
 
     yield from documents(run)
 
@@ -272,7 +273,7 @@ def replay_documents(
 
     docs = list(docs)
     backlog = getattr(callback, "backlog", None)
-    pipelines = getattr(callback, "pipelines", {})
+    progress_of = getattr(callback, "progress", None)
     clock = _Clock(speed, max_gap_s) if pace == "realtime" else None
     with tqdm(total=len(docs), unit="doc", desc=label, disable=not progress, leave=True) as bar:
         for name, doc in docs:
@@ -283,11 +284,10 @@ def replay_documents(
                     time.sleep(0.002)
             callback(name, doc)
             bar.update(1)
-            if name in ("event", "stop") and pipelines:
-                pipeline = next(reversed(pipelines.values()), None)
-                summary = getattr(pipeline, "summary", None)
-                if summary is not None:
-                    bar.set_postfix(slices=summary.slices, refresh=False)
+            if progress_of is not None and (name == "stop" or bar.n % 100 == 0):
+                running = progress_of()
+                if running:
+                    bar.set_postfix(slices=running[-1].slices, refresh=False)
         if hasattr(callback, "flush") and not callback.flush(timeout):
             logger.warning("The callback had not finished after %s s", timeout)
         finished = list(getattr(callback, "summaries", []))
@@ -359,7 +359,7 @@ def localize_frames(
     ScanDataError
         A file is missing here and the server cannot read it either.
     """
-    from .ingest import uri_to_path
+    from ..ingest import uri_to_path
 
     resources = {doc["uid"]: doc for name, doc in docs if name == "stream_resource"}
     if not resources:

@@ -40,14 +40,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .callbacks import is_tomography
-from .config import JitConfig
-from .errors import BrokerError, ConfigError, ScanDataError
+from ..callbacks import is_tomography
+from ..config import JitConfig
+from ..errors import BrokerError, ConfigError, ScanDataError
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
 
-    from .callbacks import RunSummary
+    from ..pipeline import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Listener:
         Skip runs that already have a successful derived run made with the
         same settings (Kafka re-delivery after a restart).
     on_run_finished : callable, optional
-        Called with each :class:`~bluesky_jit.callbacks.RunSummary`.
+        Called with each :class:`~bluesky_jit.pipeline.RunSummary`.
     geometry_overrides, root_map : mapping, optional
         Passed to the callback.
 
@@ -170,8 +170,8 @@ class Listener:
         root_map: Mapping[str, str] | None = None,
         keep_summaries: int = 100,
     ) -> None:
-        from .callbacks import JitCallback
-        from .catalog import tiled_writer
+        from ..callbacks import JitCallback
+        from ..catalog import tiled_writer
 
         if skip_done and derived_runs is None:
             raise ConfigError("Listener(skip_done=True) needs derived_runs to look runs up in.")
@@ -426,7 +426,7 @@ def zmq_serializer() -> Callable[[Any], bytes]:
     (``bluesky.callbacks.zmq.Publisher`` pickles by default, which a listener
     must refuse: unpickling runs code from whoever can reach the proxy).
     """
-    from .codec import packb
+    from ..codec import packb
 
     return packb
 
@@ -436,7 +436,7 @@ def zmq_deserializer() -> Callable[[bytes], Any]:
 
     Decoding builds only plain values and numpy arrays of numbers: no code runs.
     """
-    from .codec import unpackb
+    from ..codec import unpackb
 
     def loads(data: bytes) -> Any:
         try:
@@ -445,7 +445,7 @@ def zmq_deserializer() -> Callable[[bytes], Any]:
             guess = "a pickle" if data[:1] == b"\x80" else "not msgpack"
             logger.warning(
                 "Refused a 0MQ message of %d bytes (%s): expected msgpack from "
-                "Publisher(..., serializer=bluesky_jit.listen.zmq_serializer()); pickled "
+                "Publisher(..., serializer=bluesky_jit.apps.listen.zmq_serializer()); pickled "
                 "messages are never unpickled unless the listener runs with --zmq-format pickle.",
                 len(data),
                 guess,
@@ -508,7 +508,7 @@ def listen_zmq(
     if zmq_format not in ZMQ_FORMATS:
         raise ConfigError(
             f"zmq_format must be one of {ZMQ_FORMATS}; got {zmq_format!r}. Publish with "
-            "Publisher(..., serializer=bluesky_jit.listen.zmq_serializer()) and keep msgpack."
+            "Publisher(..., serializer=bluesky_jit.apps.listen.zmq_serializer()) and keep msgpack."
         )
     if zmq_format == "pickle":
         logger.warning(

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import JitConfig
+from ..config import JitConfig
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from simulated_devices.plans import tomo_continuous
     from simulated_devices.sources import PhantomSource
 
-    from . import catalog as cat
-    from .worker_process import JitProcess
+    from .. import catalog as cat
+    from ..worker_process import JitProcess
 
     data_dir = Path(options.data_dir).resolve()
     raw_dir = data_dir / "raw"
@@ -313,7 +313,7 @@ def with_abort_reason(plan: Any, reason: list[str]) -> Any:
 
 
 def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[str, Any], Any]:
-    from .evaluation import disc_mask, psnr
+    from ..evaluation import disc_mask, psnr
 
     result: dict[str, Any] = {
         **run.to_dict(),
@@ -336,7 +336,7 @@ def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[s
     truth = None
     if run.last_slice is not None and run.last_indices is not None:
         times = np.asarray(run.last_indices) / options.frame_rate
-        row = options.config.slice_row
+        row = options.config.reconstruction.slice_row
         row = run.geometry.rows // 2 if row is None else row
         truth = phantom.truth_window(float(times[0]), float(times[-1]), row)
         mask = disc_mask(truth.shape[0], 0.85)

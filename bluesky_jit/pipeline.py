@@ -1,0 +1,617 @@
+"""One run's pipeline: arrays in, derived run out.
+
+A :class:`RunPipeline` is what a :class:`~bluesky_jit.callbacks.JitCallback`
+builds for each tomography run (the ingest feeds it frames): streaming
+reconstruction, Noise2Inverse pairs, the trainer (its own thread), inference
+with the newest weights, and the derived run. It runs on the callback's
+worker thread; :class:`RunSummary` is what it reports.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import JitConfig
+from .errors import BlueskyJitError, ConfigError
+from .geometry import ScanGeometry
+
+logger = logging.getLogger(__name__)
+
+_KEEP = object()
+VERTICAL_STREAMS = ("reconstruction_xz", "reconstruction_yz")
+
+
+@dataclass
+class RunSummary:
+    """What one run produced; handed to ``on_run_finished`` and kept on the callback."""
+
+    raw_uid: str
+    derived_uid: str | None = None
+    exit_status: str = "success"
+    reason: str = ""
+    projections: int = 0
+    projections_per_s: float = 0.0
+    slices: int = 0
+    denoised: int = 0
+    train_steps: int = 0
+    train_steps_per_s: float = 0.0
+    final_alpha: float = math.nan
+    elapsed_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    geometry: ScanGeometry | None = None
+    last_slice: np.ndarray | None = None
+    last_denoised: np.ndarray | None = None
+    last_indices: np.ndarray | None = None
+    last_denoised_indices: np.ndarray | None = None
+    derived_path: str | None = None
+    budget: dict[str, Any] | None = None
+    """The CPU budget used (:meth:`bluesky_jit.budget.CpuBudget.to_dict`, with the
+    backlog thresholds)."""
+    duplicates: int = 0
+    """Documents that came a second time (same uid) and were ignored."""
+    train_paused_s: float = 0.0
+    """Seconds the trainer paused because frames waited for the worker."""
+    refreshes_skipped: int = 0
+    """Due slice refreshes skipped because frames waited for the worker."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able numbers (arrays and geometry left out)."""
+        keys = (
+            "raw_uid derived_uid exit_status reason projections projections_per_s slices "
+            "denoised train_steps train_steps_per_s final_alpha elapsed_s problems derived_path "
+            "budget train_paused_s refreshes_skipped duplicates"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+
+class RunPipeline:
+    """Arrays in, derived run out: one run's stages (a :class:`~bluesky_jit.ingest.FrameSink`).
+
+    Runs on the callback's worker thread; the trainer runs in its own thread.
+
+    CPU: the threads of each stage come from one
+    :class:`~bluesky_jit.budget.CpuBudget` (:attr:`budget`). When the scan
+    outruns the worker, training yields first: while more than
+    ``pause_training_above`` frames wait (``backlog()``), the trainer
+    pauses, and resumes once half of them are left. If more than
+    ``skip_refreshes_above`` still wait at a due refresh, that refresh is
+    skipped (the next one shows the newer window), but never so that a
+    rotation passes without a refresh, and the last projections are always
+    reconstructed at the stop. Frames are never dropped for this. The time
+    paused and the refreshes skipped are in the summary and in every metric row.
+
+    Parameters
+    ----------
+    config : JitConfig
+    emit : callable or None
+        Receives the derived run's documents.
+    directory : path
+        Where the derived run's HDF5 file goes.
+    dropped : callable
+        Returns (and forgets) the frame documents dropped for this run.
+    duplicates : callable
+        Returns (and forgets) the documents of this run that came twice (ignored).
+    quality : bluesky_jit.steering.QualitySignals, optional
+    backlog : callable
+        Frames waiting for the worker; cheap, called once per projection.
+    arrivals : collections.deque of float, optional
+        Arrival times of frame documents on the RunEngine's thread, for the
+        :class:`~bluesky_jit.budget.PaceGuard` (``config.pace_guard``).
+    beside_scan : bool
+        A scan runs in this process (a RunEngine): training and refreshes
+        yield to it. False for replays and listeners (no pauses, no skipped
+        refreshes, no pace guard).
+    cores : int, optional
+        Cores for the budget; by default those of the process's CPU affinity.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: JitConfig,
+        emit: Callable[[str, dict], None] | None,
+        directory: Path,
+        dropped: Callable[[], int] = lambda: 0,
+        duplicates: Callable[[], int] = lambda: 0,
+        quality: Any = None,
+        backlog: Callable[[], int] = lambda: 0,
+        arrivals: Any = None,
+        beside_scan: bool = True,
+        cores: int | None = None,
+    ) -> None:
+        from .budget import CpuBudget
+
+        self.config = config
+        self.budget = CpuBudget.decide(config, cores=cores)
+        self.backlog = backlog
+        run = config.runtime
+        self._pause_above = run.pause_training_above or config.reconstruction.refresh_every
+        self._skip_above: int | None = run.skip_refreshes_above  # None: a rotation (_build)
+        self._yielding = False
+        self._last_slices: Any = None
+        self.arrivals = arrivals if beside_scan else None
+        self.beside_scan = beside_scan
+        self._guard: Any = None
+        self._holds: set[str] = set()
+        self._holds_lock = threading.Lock()
+        self.quality = quality
+        self.emit = emit
+        self.directory = Path(directory)
+        self.dropped = dropped
+        self.duplicates = duplicates
+        self.rng = np.random.default_rng(run.seed)
+        self.derived = None
+        self.recon = None
+        self.pairs = None
+        self.trainer = None
+        self.denoiser = None
+        self.summary: RunSummary | None = None
+        self._t0 = time.monotonic()
+        self._first_projection: float | None = None
+        self._unrefreshed = 0
+        self._moves: dict = {}
+        self._moves_lock = threading.Lock()
+        self._summary_lock = threading.Lock()
+        """Held while the worker changes fields of :attr:`summary` that go together."""
+
+    # -- FrameSink -------------------------------------------------------------------
+    def begin(self, start: Mapping[str, Any], geometry: ScanGeometry | None) -> None:
+        self.summary = RunSummary(
+            raw_uid=start["uid"], geometry=geometry, budget=self._budget_record(geometry)
+        )
+        if (start.get("tomo") or {}).get("role") == "dark_flat":
+            return  # a calibration run: its fields are kept by the ingest, nothing to derive
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.emit is not None:
+            from .emit import DerivedRun
+
+            n = geometry.slice_size if geometry is not None else 1
+            extra = {}
+            if geometry is not None and self.config.reconstruction.vertical_slices:
+                from .geometry import orthogonal_slices
+
+                _, xz, yz = orthogonal_slices(geometry)
+                extra = {VERTICAL_STREAMS[0]: xz.shape, VERTICAL_STREAMS[1]: yz.shape}
+            self.derived = DerivedRun(
+                raw_start=start,
+                emit=self.emit,
+                directory=self.directory,
+                image_shape=(n, n),
+                metadata=self._metadata(geometry),
+                extra_images=extra,
+            )
+            self.derived.start()
+            self.summary.derived_uid = self.derived.uid
+            self.summary.derived_path = str(self.derived.path)
+        if geometry is None:
+            return
+        self._build(geometry)
+
+    def _build(self, geometry: ScanGeometry) -> None:
+        """The stages, each from its section of the settings (same names) and what the run knows."""
+        from .inference import Denoiser
+        from .models import build_model
+        from .pairs import PairMaker
+        from .reconstruction.streaming import StreamingReconstructor
+
+        cfg, device = self.config, self.config.runtime.device
+        window = geometry.num_angles
+        every = cfg.reconstruction.refresh_every
+        frame_step = cfg.pairs.frame_step or max(1, window // 2)
+        reach = (cfg.frames - 1) * frame_step if cfg.pairs.stack == "t" else 0  # T looks back
+        self.recon = StreamingReconstructor(
+            geometry,
+            **cfg.reconstruction.model_dump(),
+            device=device,
+            capacity=max(2 * window, window + reach + every),
+            threads=self.budget.recon_threads_arg,
+        )
+        if getattr(self.recon.backend, "name", None) == "numba":
+            self.budget.apply_worker()  # numba's thread count is per thread: this worker's
+        if self._skip_above is None:
+            self._skip_above = window
+        logger.info("bluesky_jit CPU budget: %s", "; ".join(self.budget.reasons))
+        self.pairs = PairMaker.from_reconstructor(
+            self.recon, **cfg.pairs.model_dump(), frames=cfg.frames, rng=self.rng
+        )
+        self.trainer = self._make_trainer()
+        self.denoiser = Denoiser(
+            build_model(cfg.training.model, cfg.training.model_config),
+            source=self.trainer,
+            **cfg.inference.model_dump(),
+            device=device,
+            num_threads=self.budget.infer_threads,
+        )
+
+    def _make_trainer(self) -> Any:
+        """The trainer of the training settings, in a thread or (``trainer_process``) a process.
+
+        Either follows :class:`~bluesky_jit.training.OnlineTrainer`.
+        """
+        from .process_trainer import ProcessTrainer
+        from .training import make_trainer
+
+        cfg, run = self.config, self.config.runtime
+        settings = cfg.training.model_dump()
+        if settings["checkpoint_dir"] is not None:
+            settings["checkpoint_dir"] = Path(settings["checkpoint_dir"]) / self.summary.raw_uid
+        settings |= {
+            "seed": run.seed,
+            "num_threads": self.budget.train_threads,
+            "nice": self.budget.train_nice if self.beside_scan else None,
+        }
+        if run.trainer_process:
+            return ProcessTrainer(**settings, interop_threads=self.budget.interop_threads)
+        return make_trainer(**settings, device=run.device)
+
+    def _metadata(self, geometry: ScanGeometry | None) -> dict[str, Any]:
+        cfg, t, device = self.config, self.config.training, self.config.runtime.device
+        from .models import resolve_config
+        from .training import resolve_precision
+
+        return {
+            "config": cfg.to_dict(),
+            "geometry": geometry.to_dict() if geometry is not None else None,
+            "model": {"name": t.model, "config": resolve_config(t.model, t.model_config)},
+            "backend": {"reconstruction": cfg.reconstruction.backend, "device": device},
+            "buffer_capacity": t.buffer_capacity,
+            "noise2inverse": {
+                "splits": cfg.pairs.splits,
+                "strategy": cfg.pairs.n2i_strategy,
+                "stack": cfg.pairs.stack,
+                "frames": cfg.frames,
+            },
+            "precision": {
+                "train": resolve_precision(t.train_precision, device),
+                "inference": resolve_precision(cfg.inference.infer_precision, device),
+            },
+            "budget": self._budget_record(geometry),
+        }
+
+    def _budget_record(self, geometry: ScanGeometry | None) -> dict[str, Any]:
+        """The CPU budget and the backlog thresholds, for the start document and the summary."""
+        skip = self._skip_above
+        if skip is None and geometry is not None:
+            skip = geometry.num_angles
+        return {
+            **self.budget.to_dict(),
+            "pause_training_above": self._pause_above,
+            "skip_refreshes_above": skip,
+        }
+
+    def calibration(self, darks: np.ndarray, flats: np.ndarray) -> None:
+        if self.recon is not None:
+            self.recon.set_flatfield(darks, flats)
+
+    def projection(self, frame: np.ndarray, *, angle_deg: float, index: int) -> None:
+        if self.recon is None:
+            return
+        if self._first_projection is None:
+            self._first_projection = time.monotonic()
+        due = self.recon.add_frame(frame, angle_deg=angle_deg, index=index)
+        self.summary.projections += 1
+        self._unrefreshed += 1
+        waiting = self._watch_backlog()
+        if due:
+            # skip only if the next chance still keeps a refresh in every rotation
+            keeps_pace = self._unrefreshed + self.recon.refresh_every <= self.recon.window
+            if waiting > self._skip_above and keeps_pace:
+                self.summary.refreshes_skipped += 1
+            else:
+                self.refresh()
+
+    def _watch_backlog(self) -> int:
+        """Pause the trainer while too many frames wait; resume once half of them are left.
+
+        Only ``beside_scan``: a replay or a listener has no scan to yield to,
+        and its backlog is by design.
+        """
+        if not self.beside_scan:
+            return 0
+        waiting = int(self.backlog())
+        if not self._yielding and waiting > self._pause_above:
+            self._hold("backlog", True)
+            self._yielding = True
+        elif self._yielding and waiting <= self._pause_above // 2:
+            self._hold("backlog", False)
+            self._yielding = False
+        return waiting
+
+    def _hold(self, reason: str, on: bool) -> None:
+        """Pause the trainer while any reason holds it ("backlog", "pace"); any thread."""
+        pause = getattr(self.trainer, "pause", None)
+        if pause is None:
+            return
+        with self._holds_lock:
+            (self._holds.add if on else self._holds.discard)(reason)
+            if self._holds:
+                pause.set()
+            else:
+                pause.clear()
+
+    def _stop_yielding(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+        self._hold("backlog", False)
+        self._yielding = False
+
+    def snapshot(self) -> RunSummary | None:
+        """A copy of :attr:`summary` that the worker does not change: safe from any thread."""
+        with self._summary_lock:
+            summary = self.summary
+            if summary is None:
+                return None
+            copy = dataclasses.replace(
+                summary, metrics=list(summary.metrics), problems=list(summary.problems)
+            )
+        if self.trainer is not None:
+            copy.train_steps = self.trainer.steps
+        return copy
+
+    def problem(self, error: Exception) -> None:
+        if self.summary is not None:
+            self.summary.problems.append(str(error))
+
+    def end(self, stop: Mapping[str, Any]) -> None:
+        """The raw run stopped: last refresh, last metrics, then the derived stop document.
+
+        The stop document is written whatever fails before it (as bluesky's
+        ``run_wrapper`` does): ``fail`` with the reason.
+        """
+        summary = self.summary
+        if summary is None:
+            return
+        try:
+            self._stop_yielding()
+            if self.recon is not None and self.recon.ready and self._unrefreshed:
+                self.refresh()  # the last slice shows the last projections, however far behind
+        except Exception as error:  # noqa: BLE001 - recorded in the stop document below
+            logger.exception("bluesky_jit: the last refresh of run %s failed", summary.raw_uid)
+            self.problem(_in_context("the last refresh at the stop", error))
+        try:
+            if self.trainer is not None:
+                self.trainer.stop()
+                if self.trainer.error is not None:
+                    self.problem(self.trainer.error)
+                rated = self.trainer.steps or self.config.training.online_strategy == "frozen"
+                if self.recon is not None and self.recon.ready and rated:
+                    self._emit_metrics(final=True)
+                    if not self.summary.denoised and self._last_slices is not None:
+                        # a short run (or one whose training yielded to the scan): the network
+                        # learnt enough only by the end, so its last slice is denoised now
+                        if self.pairs.ready and self._network_useful():
+                            self._denoise(self._last_slices)
+        except Exception as error:  # noqa: BLE001
+            logger.exception("bluesky_jit: the last metrics of run %s failed", summary.raw_uid)
+            self.problem(_in_context("the last metrics at the stop", error))
+        finally:
+            self._finish(stop)
+
+    # -- the work ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Reconstruct the slice, feed the trainer, denoise, and publish."""
+        run, recon, trainer, pairs = self.config.runtime, self.recon, self.trainer, self.pairs
+        self._apply_moves()
+        slices = self._last_slices = recon.reconstruct()
+        self._unrefreshed = 0
+        if run.train and pairs.ready:  # T stacks wait for their earlier windows
+            trainer.buffer.push(*pairs.pairs(pairs.pairs_per_refresh))
+            trainer.add_holdout(*pairs.pairs(pairs.holdout_per_refresh))
+        if run.train and not trainer.running and len(trainer.buffer) >= trainer.batch_size:
+            trainer.start()
+            if run.pace_guard and self.arrivals is not None and self._guard is None:
+                from .budget import PaceGuard
+
+                self._guard = PaceGuard(self.arrivals, lambda on: self._hold("pace", on))
+                self._guard.start()
+        first, last = int(slices.indices[0]), int(slices.indices[-1])
+        common = {"projection_index": last, "first_projection_index": first}
+        with self._summary_lock:
+            self.summary.slices += 1
+            self.summary.last_slice = slices.full
+            self.summary.last_indices = slices.indices
+        if self.derived is not None:
+            self.derived.add_reconstruction(
+                slices.full, num_projections=len(slices.indices), slice_row=slices.row, **common
+            )
+            if recon.vertical_slices:
+                for name, plane in zip(VERTICAL_STREAMS, recon.slices[1:3], strict=True):
+                    image = recon.reconstruct_slice(plane).full
+                    self.derived.add_image(name, image, **common)
+        self._emit_metrics()
+        if pairs.ready and self._network_useful():
+            self._denoise(slices)
+
+    def _denoise(self, slices: Any) -> None:
+        """The Noise2Inverse estimate: the mean of the network over its K inputs."""
+        inputs, window = self.pairs.inference_inputs(refresh=slices)
+        denoised = self.denoiser.denoise_mean(inputs)
+        with self._summary_lock:
+            self.summary.denoised += 1
+            self.summary.last_denoised = denoised
+            self.summary.last_denoised_indices = window
+        if self.derived is not None:
+            self.derived.add_denoised(
+                denoised,
+                train_step=int(self.denoiser.weights_version or 0),
+                projection_index=int(window[-1]),
+                first_projection_index=int(window[0]),
+            )
+
+    def move(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
+        """Ask for slices elsewhere from the next refresh on (any thread).
+
+        ``slice_row`` moves the axial (denoised) slice; ``vertical`` maps 1 or
+        2 to a new :class:`~bluesky_jit.geometry.Slice` of the same shape.
+        """
+        with self._moves_lock:
+            if slice_row is not None:
+                self._moves["row"] = slice_row
+            for index, plane in (vertical or {}).items():
+                self._moves[index] = plane
+
+    def set_sampling(self, *, patch_size: int | None = None, region: Any = _KEEP) -> None:
+        """Change the training patches from the next refresh on (any thread).
+
+        ``patch_size``: the patch side in pixels; ``region``: a
+        :class:`~bluesky_jit.pairs.SamplingRegion` (mm, slice coordinates)
+        where patch centres may lie, or ``None`` for the whole reconstruction
+        circle. Pairs of the old size leave the buffer, and hold-out pairs are
+        renewed so alpha rates the new patches.
+        """
+        with self._moves_lock:
+            if patch_size is not None:
+                self._moves["patch_size"] = patch_size
+            if region is not _KEEP:
+                self._moves["region"] = region
+
+    def _apply_moves(self) -> None:
+        with self._moves_lock:
+            moves, self._moves = self._moves, {}
+        for key, value in moves.items():
+            try:
+                if key == "row":
+                    if not 0 <= int(value) < self.recon.geometry.rows:
+                        raise ConfigError(
+                            f"slice_row {value} is outside the detector rows "
+                            f"0..{self.recon.geometry.rows - 1}."
+                        )
+                    self.recon.row = int(value)
+                    self.pairs.set_row(int(value))
+                    self.trainer.clear_holdout()  # alpha rates the new place (seed 000 Fig. 7a)
+                elif key == "patch_size":
+                    self.pairs.set_patch_size(value)
+                    self.trainer.clear_holdout()
+                elif key == "region":
+                    self.pairs.set_region(value)
+                else:
+                    old = self.recon.slices[key]
+                    if value.shape != old.shape:
+                        raise ConfigError(
+                            f"A moved vertical slice must keep its shape {old.shape} (the derived "
+                            f"run's stream has it); got {value.shape}."
+                        )
+                    self.recon.move_slice(key, value)
+            except (BlueskyJitError, IndexError, TypeError, AttributeError) as error:
+                self.problem(error)
+
+    def _network_useful(self) -> bool:
+        """Denoise once the network beats doing nothing on hold-out pairs (alpha < 1).
+
+        An untrained network is worse than the identity (seed 000, eq. 3), so
+        the denoised stream starts with the first metric row whose alpha is
+        below 1; a warm-started network is used from the start.
+        """
+        if self.trainer.normalizer is None:
+            return False
+        if self.config.training.warm_start is not None:
+            return True
+        alphas = [m["alpha"] for m in self.summary.metrics if math.isfinite(m["alpha"])]
+        return bool(alphas) and min(alphas) < 1.0
+
+    def _emit_metrics(self, final: bool = False) -> None:
+        rows = self.trainer.pop_metrics()
+        if final:
+            rows.append(self.trainer.final_row(elapsed_s=time.monotonic() - self._t0))
+        levels = self._publish_quality() if rows else {}
+        for row in rows:
+            row.pop("time", None)
+            row["sigma_fbp"] = levels.get("sigma_fbp", math.nan)
+            row["sigma_denoised"] = levels.get("sigma_denoised", math.nan)
+            row["train_paused_s"] = float(getattr(self.trainer, "paused_s", 0.0))
+            row["train_duty"] = float(self._guard.duty) if self._guard is not None else 1.0
+            row["refreshes_skipped"] = self.summary.refreshes_skipped
+            self.summary.metrics.append(row)
+            if self.derived is not None:
+                self.derived.add_metrics(**row)
+
+    def _publish_quality(self) -> dict[str, float]:
+        """Noise estimates of the newest hold-out evaluation; put them on the ophyd signals."""
+        from .steering import noise_levels
+
+        details = self.trainer.latest_quality
+        if "mse_input" not in details:
+            return {}
+        n2i = {"splits": self.pairs.splits, "strategy": self.pairs.n2i_strategy}
+        if self.quality is not None:
+            try:
+                self.quality.publish(details, step=self.trainer.steps, **n2i)
+            except Exception as error:  # noqa: BLE001 - a signal must not stop the pipeline
+                logger.warning("Could not publish the quality signals: %s", error)
+        return noise_levels(details, **n2i)
+
+    def _finish(self, stop: Mapping[str, Any]) -> None:
+        summary = self.summary
+        now = time.monotonic()
+        summary.elapsed_s = now - self._t0
+        if self._first_projection is not None and summary.projections > 1:
+            summary.projections_per_s = summary.projections / max(
+                now - self._first_projection, 1e-9
+            )
+        if self.trainer is not None:
+            summary.train_steps = self.trainer.steps
+            summary.train_paused_s = float(getattr(self.trainer, "paused_s", 0.0))
+            rates = [m["steps_per_second"] for m in summary.metrics if m.get("steps_per_second")]
+            summary.train_steps_per_s = float(np.median(rates)) if rates else 0.0
+            alphas = [
+                m["alpha"] for m in summary.metrics if math.isfinite(m.get("alpha", math.nan))
+            ]
+            summary.final_alpha = alphas[-1] if alphas else math.nan
+        summary.duplicates = self.duplicates()
+        dropped = self.dropped()
+        if dropped:
+            self.problem(
+                RuntimeError(
+                    f"{dropped} frame documents were dropped because the worker fell more than "
+                    f"{self.config.runtime.queue_size} documents behind the scan; lower the "
+                    "detector frame rate, refresh less often (refresh_every) or use a GPU "
+                    "(device='cuda')."
+                )
+            )
+        raw_status = stop.get("exit_status") or "success"
+        if raw_status != "success":
+            summary.exit_status = "abort"
+            summary.reason = (
+                f"the raw run ended with exit_status={raw_status!r}"
+                + (f" ({stop.get('reason')})" if stop.get("reason") else "")
+                + ("; " + "; ".join(_unique(summary.problems)) if summary.problems else "")
+            )[:4000]
+        elif self.recon is not None and summary.slices == 0 and not summary.problems:
+            self.problem(
+                RuntimeError(
+                    f"No slice was reconstructed: {summary.projections} projections arrived but "
+                    f"a full rotation needs {self.recon.window}."
+                )
+            )
+        if summary.problems and summary.exit_status == "success":
+            summary.exit_status = "fail"
+            summary.reason = "; ".join(_unique(summary.problems))[:4000]
+        if self.derived is not None:
+            try:
+                self.derived.close(exit_status=summary.exit_status, reason=summary.reason)
+            except Exception as error:  # noqa: BLE001 - the summary must not claim success
+                logger.exception("bluesky_jit could not write the stop of %s", summary.raw_uid)
+                summary.exit_status = "fail"
+                summary.reason = f"the derived run's stop document was not written: {error}"
+
+
+def _in_context(where: str, error: Exception) -> Exception:
+    """``error`` with where it happened and its type, for a stop document's reason."""
+    return RuntimeError(f"{where}: {type(error).__name__}: {error}")
+
+
+def _unique(items: list[str]) -> list[str]:
+    counts = collections.Counter(items)
+    return [f"{item} (x{counts[item]})" if counts[item] > 1 else item for item in counts]
