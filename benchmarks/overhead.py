@@ -7,10 +7,13 @@
 The wiring is the README's ("Use it from Python"), against an embedded
 ``LocalCatalog``::
 
-    RE.subscribe(tiled_writer(runs_container(client, "raw")))
-    RE.subscribe(JitCallback(config=JitConfig(refresh_every=10, model="unet"),
-                             emit=tiled_writer(runs_container(client, "derived")),
-                             directory=...))
+    RE.subscribe(tiled_writer(runs_container(client, "raw"), process=True))
+    RE.subscribe(JitProcess(config=JitConfig(refresh_every=10, model="unet"),
+                            emit=tiled_writer(runs_container(client, "derived")),
+                            directory=...))
+
+``--in-process`` measures the earlier wiring instead: ``tiled_writer(...)``
+and ``JitCallback(...)``, whose threads run in the RunEngine's process.
 
 Every case is a fresh RunEngine with the simulated ophyd-async detector
 (``simulated_devices.hw``) running ``tomo_continuous`` for two rotations (10
@@ -23,7 +26,7 @@ darks, 10 flats). A case is ``<scan>/<subscriptions>``:
   frames/s, cone beam, 150 projections per 360-degree rotation, replayed from
   a few pre-computed frames so that making a frame is one copy);
 - subscriptions: ``bare`` (nothing), ``raw`` (the raw writer), ``jit``
-  (JitCallback, publishing its derived run) and ``both``.
+  (JitProcess, publishing its derived run) and ``both``.
 
 ``--outage`` adds the case ``outage``: both subscriptions, a paced scan of
 about ``--outage-scan-s`` seconds, and the catalog (a ``tiled serve``
@@ -76,7 +79,6 @@ import argparse
 import collections
 import dataclasses
 import fnmatch
-import inspect
 import json
 import math
 import os
@@ -346,17 +348,17 @@ def _writer_calls(writer: Any, method: str, timeout: float) -> Any:
         return f"{type(error).__name__}: {error}"
 
 
-def make_writer(container: Any, spool: Path) -> Any:
-    """``tiled_writer(container)``, spooling under ``spool`` where the writer spools.
+def make_writer(container: Any, spool: Path, process: bool = False) -> Any:
+    """``tiled_writer(container, process=...)``, spooling under ``spool``.
 
     Each case gets a spool directory of its own, so that no case (and no
     other process using the default one) finds another's runs there.
     """
     from bluesky_jit.catalog import tiled_writer
 
-    if "spool_dir" in inspect.signature(tiled_writer).parameters:
+    if not process:
         return tiled_writer(container, spool_dir=spool)
-    return tiled_writer(container)
+    return tiled_writer(container, spool_dir=spool, process=True)
 
 
 def _writer_stats(writer: Any) -> dict[str, Any] | None:
@@ -464,7 +466,8 @@ def run_case(
     derived_emit = None
     started = threading.Event()
     if "raw" in subscriptions:
-        writers["raw"] = make_writer(runs_container(client, "raw"), files / "spool" / "raw")
+        raw_runs = runs_container(client, "raw")
+        writers["raw"] = make_writer(raw_runs, files / "spool" / "raw", not ctx.in_process)
         timed["raw_writer"] = Timed(writers["raw"])
         RE.subscribe(timed["raw_writer"])
     if "jit" in subscriptions:
@@ -571,7 +574,7 @@ def jit_summary(jit: Any, scan: Scan) -> dict[str, Any]:
         return {"error": "JitCallback finished no run"}
     s = jit.summaries[-1]
     projections = scan.angles * scan.rotations
-    window, every = scan.angles, jit.config.refresh_every
+    window, every = scan.angles, jit.config.reconstruction.refresh_every
     due = 1 + (projections - window) // every if projections >= window else 0
     dropped = sum(int(m.group(1)) for p in s.problems for m in DROPPED.finditer(p))
     return {
@@ -815,8 +818,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="subscribe a JitCallback (worker threads in the RunEngine's process) instead of "
-        "the README's JitProcess (worker in a child process)",
+        help="the earlier wiring: a JitCallback and a raw CatalogWriter with their threads in "
+        "the RunEngine's process, instead of the README's JitProcess and "
+        "tiled_writer(..., process=True) (each in a child process)",
     )
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary one")

@@ -12,6 +12,9 @@ answers with a clean shutdown, and exits hard if that has not finished after
 a grace period. Then Tiled's own command line runs in this process with the
 remaining arguments.
 
+The server keeps off the cores reserved for the RunEngine
+(:func:`bluesky_jit.budget.leave_cores_to_the_scan`).
+
 Linux's ``PR_SET_PDEATHSIG`` is not used: it fires when the *thread* that
 forked exits, and the catalog may be started from a worker thread.
 """
@@ -58,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(
         target=watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True
     ).start()
+    from .budget import leave_cores_to_the_scan
+
+    leave_cores_to_the_scan()  # the server answers writers; the scan keeps its cores
     from tiled.commandline.main import main as tiled_main
 
     sys.argv = ["tiled", *args[1:]]

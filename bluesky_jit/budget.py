@@ -6,7 +6,9 @@ them, left alone, sizes its thread pool to the whole machine. A
 :class:`CpuBudget` decides instead, in one place:
 
 - ``reserved``: cores left to the RunEngine and the detector (1 on 2-7 cores,
-  2 on 8 or more, none on a single core);
+  2 on 8 or more, none on a single core). The plugin's child processes (the
+  worker and writer processes, the embedded catalog server) keep off them
+  (:func:`leave_cores_to_the_scan`);
 - ``worker_threads``: numba threads of the reconstruction kernels and torch
   intra-op threads of the denoiser. Both run on the worker thread, one after
   the other, so they share one pool;
@@ -50,6 +52,29 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def reserved_cores(cores: int) -> int:
+    """Cores left to the RunEngine and the detector: 1 on 2-7 cores, 2 on 8 or more."""
+    return 0 if cores <= 1 else (1 if cores < 8 else 2)
+
+
+def leave_cores_to_the_scan() -> list[int]:
+    """Keep this process off the cores reserved for the RunEngine; return those it keeps.
+
+    For the plugin's child processes (the worker, the writer, the embedded
+    catalog server): of the cores this process may use, the lowest-numbered
+    :func:`reserved_cores` are left out, so the scan's threads, which may run
+    anywhere, always find them free. A process with one core keeps it.
+    """
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+        keep = cores[reserved_cores(len(cores)) :] or cores
+        if keep != cores:
+            os.sched_setaffinity(0, keep)
+        return keep
+    except (AttributeError, OSError):  # not on Linux
+        return []
 
 
 @dataclass(frozen=True)
@@ -127,7 +152,7 @@ class CpuBudget:
 
         source = "the process's CPU affinity" if detected else "given"
         reasons = [f"{cores} core{'s' if cores != 1 else ''} available ({source})"]
-        reserved = 0 if cores == 1 else (1 if cores < 8 else 2)
+        reserved = reserved_cores(cores)
         if total is None:
             plugin = max(1, cores - reserved)
             if reserved:

@@ -42,6 +42,7 @@ from .errors import CatalogError
 if TYPE_CHECKING:
     from tiled.client.container import Container
 
+    from .worker_process import WriterProcess
     from .writer import CatalogWriter
 
 __all__ = [
@@ -390,7 +391,8 @@ def tiled_writer(
     spool_dir: str | Path | None = None,
     batch_size: int = 50,
     max_spool_bytes: int = 2 * 1024**3,
-) -> CatalogWriter:
+    process: bool = False,
+) -> CatalogWriter | WriterProcess:
     """A document callback that writes runs into ``container`` off the caller's thread.
 
     It returns in about a microsecond (the document is queued); a writer
@@ -411,12 +413,25 @@ def tiled_writer(
         Events (and stream-datum frames) per request to Tiled.
     max_spool_bytes : int
         Upper bound of the spool's size on disk.
+    process : bool
+        Write from a child process (:class:`~bluesky_jit.worker_process.WriterProcess`):
+        the caller's process then only queues and packs documents, so the
+        writer's work takes no turns with a RunEngine's thread under the GIL.
 
     Returns
     -------
-    CatalogWriter
-        A callback ``writer(name, doc)``.
+    CatalogWriter or WriterProcess
+        A callback ``writer(name, doc)`` with ``flush``, ``close`` and ``stats``.
     """
+    if process:
+        from .worker_process import WriterProcess
+
+        return WriterProcess(
+            container,
+            spool_dir=spool_dir,
+            batch_size=batch_size,
+            max_spool_bytes=max_spool_bytes,
+        )
     from .writer import CatalogWriter
 
     return CatalogWriter(

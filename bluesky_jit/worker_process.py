@@ -1,4 +1,4 @@
-"""The JitCallback's work in a child process, so that the RunEngine's process only queues.
+"""Callbacks in child processes, so that the RunEngine's process only queues documents.
 
 A :class:`JitCallback` in the RunEngine's process shares the GIL with the
 RunEngine: its worker's Python code (routing, flat-fielding, bookkeeping)
@@ -14,6 +14,10 @@ in the RunEngine's process (a :class:`~bluesky_jit.writer.CatalogWriter`
 queues them for its own threads); run summaries, progress and quality
 signals come back the same way. The child ends when the pipe closes, so it
 never outlives the RunEngine's process.
+
+:class:`WriterProcess` (``tiled_writer(container, process=True)``) does the
+same for the raw runs' :class:`~bluesky_jit.writer.CatalogWriter`: its JSON
+spooling and HTTP requests then take no turns with the RunEngine either.
 
 Example
 -------
@@ -42,11 +46,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .callbacks import RunSummary
+from .budget import leave_cores_to_the_scan
 from .codec import packb, unpackb
 from .config import JitConfig
 from .errors import ConfigError
 from .geometry import ScanGeometry, Slice
+from .pipeline import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -55,56 +60,23 @@ _CONTROL = ("move_slices", "set_sampling")
 """The JitCallback methods a JitProcess forwards to its child."""
 
 
-class JitProcess:
-    """Live just-in-time denoising in a child process: ``RE.subscribe(JitProcess(...))``.
+class _ChildProcess:
+    """The parent's end of a child process that takes documents down a pipe.
 
-    Takes the parameters of :class:`~bluesky_jit.callbacks.JitCallback`
-    (except ``handler_registry`` and ``run_engine_here``) and offers its
-    methods: :meth:`flush`, :meth:`close`, :meth:`progress`,
-    :meth:`move_slices`, :meth:`set_sampling`, :attr:`summaries`.
-
-    Parameters
-    ----------
-    nice : int
-        How much lower the child's CPU priority is than this process's
-        (``os.nice``): the scan wins every core it asks for.
-    start_timeout : float
-        Seconds to wait for the child to import torch and start.
-
-    Notes
-    -----
-    ``on_run_finished`` and ``emit`` are called on a reader thread of this
-    process, as a JitCallback calls them on its worker thread. If the child
-    dies, the documents after it are counted in :attr:`lost`, logged, and
-    :meth:`flush` returns False; the RunEngine never sees it.
+    Subclasses name their ``kind`` (the child's entry point in :data:`_CHILDREN`)
+    and handle what comes back in :meth:`_handle`.
     """
 
-    def __init__(
-        self,
-        *,
-        config: JitConfig | None = None,
-        emit: Callable[[str, dict], None] | None = None,
-        directory: str | Path = "bluesky_jit_data/derived",
-        geometry_overrides: Mapping[str, Any] | None = None,
-        root_map: Mapping[str, str] | None = None,
-        on_run_finished: Callable[[RunSummary], None] | None = None,
-        keep_summaries: int = 20,
-        quality: Any = None,
-        nice: int = 10,
-        start_timeout: float = 120.0,
-    ) -> None:
+    kind = ""
+    label = "child"
+
+    def __init__(self, settings: dict[str, Any], *, nice: int, start_timeout: float) -> None:
         if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
-            raise ConfigError(f"JitProcess(nice=...) must be an integer 0..19; got {nice!r}.")
-        self.config = config or JitConfig()
-        self.emit = emit
-        self.directory = Path(directory)
-        self.quality = quality
-        self.on_run_finished = on_run_finished
-        self.summaries: collections.deque[RunSummary] = collections.deque(maxlen=keep_summaries)
-        """The most recent runs' summaries, as the child reported them."""
+            raise ConfigError(
+                f"{type(self).__name__}(nice=...) must be an integer 0..19; got {nice!r}."
+            )
         self.lost = 0
         """Documents not processed because the child had died."""
-        self._running: dict[str, RunSummary] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._flushed: dict[int, threading.Event] = {}
         self._flush_ok: dict[int, bool] = {}
@@ -115,35 +87,33 @@ class JitProcess:
         to_child, self._to_child = os.pipe()
         self._from_child, from_child = os.pipe()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bluesky_jit.worker_process", str(to_child), str(from_child)],
+            [sys.executable, "-m", __name__, self.kind, str(to_child), str(from_child)],
             pass_fds=(to_child, from_child),
         )
         os.close(to_child)
         os.close(from_child)
-        settings = {
-            "config": self.config.to_dict(),
-            "emit": emit is not None,
-            "quality": quality is not None,
-            "directory": str(self.directory),
-            "geometry_overrides": dict(geometry_overrides or {}),
-            "root_map": dict(root_map or {}),
-            "keep_summaries": keep_summaries,
+        settings = settings | {
             "nice": nice,
             "log_level": logging.getLogger("bluesky_jit").getEffectiveLevel(),
         }
         self._pipe = os.fdopen(self._to_child, "wb")
-        _write(self._pipe, ["init", settings])
+        _write(self._pipe, ["init", settings])  # secrets go down the pipe, never in argv
         self._pipe.flush()
-        self._reader = threading.Thread(target=self._read, name="bluesky-jit-results", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, name=f"bluesky-jit-{self.kind}-results", daemon=True
+        )
         self._reader.start()
         if not self._ready.wait(start_timeout) or self._dead.is_set():
             self._process.kill()
             raise ConfigError(
-                f"The bluesky-jit worker process did not start within {start_timeout} s (exit "
-                f"code {self._process.poll()}); its messages are above. Check that "
-                f"'{sys.executable} -m bluesky_jit.worker_process' runs, or use JitCallback."
+                f"The bluesky-jit {self.label} process did not start within {start_timeout} s "
+                f"(exit code {self._process.poll()}); its messages are above. Check that "
+                f"'{sys.executable} -m {__name__} {self.kind}' runs, or use the in-process "
+                "version."
             )
-        self._sender = threading.Thread(target=self._send, name="bluesky-jit-sender", daemon=True)
+        self._sender = threading.Thread(
+            target=self._send, name=f"bluesky-jit-{self.kind}-sender", daemon=True
+        )
         self._sender.start()
 
     # -- RunEngine side: one queue put --------------------------------------------------
@@ -186,18 +156,146 @@ class JitProcess:
                 try:
                     message = _read(pipe)
                 except (OSError, ValueError) as error:
-                    logger.error("bluesky_jit: unreadable message from the worker: %s", error)
+                    logger.error(
+                        "bluesky_jit: unreadable message from the %s: %s", self.label, error
+                    )
                     message = None
                 if message is None:
                     break
                 try:
-                    self._handle(message)
+                    if message[0] == "ready":
+                        self._ready.set()
+                    elif message[0] == "flushed":
+                        self._flushed_reply(message[1:])
+                    else:
+                        self._handle(message)
                 except Exception:  # noqa: BLE001 - e.g. emit raised; the next message still comes
-                    logger.exception("bluesky_jit could not handle the worker's %r", message[0])
+                    logger.exception(
+                        "bluesky_jit could not handle the %s's %r", self.label, message[0]
+                    )
         code = self._process.wait()
         if not self._closed or code != 0:
             self._died(f"it exited with code {code}")
         self._ready.set()
+
+    def _handle(self, message: list) -> None:
+        raise NotImplementedError
+
+    def _flushed_reply(self, reply: list) -> None:
+        token, ok = reply[:2]
+        self._flush_ok[token] = bool(ok)
+        self._flushed.pop(token, threading.Event()).set()
+
+    def _died(self, why: str) -> None:
+        if self._dead.is_set():
+            return
+        self._dead.set()
+        logger.error(
+            "The bluesky-jit %s process stopped: %s. Documents from now on are not processed "
+            "(counted in .lost); the scan and its raw data are not affected.",
+            self.label,
+            why,
+        )
+        for event in list(self._flushed.values()):
+            event.set()
+
+    @property
+    def backlog(self) -> int:
+        """Documents not yet sent to the child."""
+        return self._outbox.qsize()
+
+    def _flush_child(self, timeout: float | None) -> bool:
+        """Wait until the child has handled every document sent so far."""
+        token = next(self._tokens)
+        done = self._flushed[token] = threading.Event()
+        if self._dead.is_set():
+            return False
+        self._outbox.put(("flush", token, timeout))
+        return done.wait(timeout) and self._flush_ok.pop(token, False)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the child has handled every document received so far; False on
+        timeout or if the child died."""
+        return self._flush_child(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Handle what is queued, then end the child (killed if it does not end in time)."""
+        if self._closed:
+            return
+        if not self._dead.is_set():
+            self.flush(timeout)
+        self._closed = True
+        self._outbox.put(None)
+        self._sender.join(timeout)
+        try:
+            self._process.wait(timeout if timeout is not None else 60)
+        except subprocess.TimeoutExpired:
+            logger.warning("The bluesky-jit %s process did not end; killing it.", self.label)
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(timeout)
+
+
+class JitProcess(_ChildProcess):
+    """Live just-in-time denoising in a child process: ``RE.subscribe(JitProcess(...))``.
+
+    Takes the parameters of :class:`~bluesky_jit.callbacks.JitCallback`
+    (except ``handler_registry`` and ``run_engine_here``) and offers its
+    methods: :meth:`flush`, :meth:`close`, :meth:`progress`,
+    :meth:`move_slices`, :meth:`set_sampling`, :attr:`summaries`.
+
+    Parameters
+    ----------
+    nice : int
+        How much lower the child's CPU priority is than this process's
+        (``os.nice``; 19, the lowest, by default): the scan wins every core it
+        asks for, and the catalog server the one left.
+    start_timeout : float
+        Seconds to wait for the child to import torch and start.
+
+    Notes
+    -----
+    ``on_run_finished`` and ``emit`` are called on a reader thread of this
+    process, as a JitCallback calls them on its worker thread. If the child
+    dies, the documents after it are counted in :attr:`lost`, logged, and
+    :meth:`flush` returns False; the RunEngine never sees it.
+    """
+
+    kind = "jit"
+    label = "worker"
+
+    def __init__(
+        self,
+        *,
+        config: JitConfig | None = None,
+        emit: Callable[[str, dict], None] | None = None,
+        directory: str | Path = "bluesky_jit_data/derived",
+        geometry_overrides: Mapping[str, Any] | None = None,
+        root_map: Mapping[str, str] | None = None,
+        on_run_finished: Callable[[RunSummary], None] | None = None,
+        keep_summaries: int = 20,
+        quality: Any = None,
+        nice: int = 19,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.config = config or JitConfig()
+        self.emit = emit
+        self.directory = Path(directory)
+        self.quality = quality
+        self.on_run_finished = on_run_finished
+        self.summaries: collections.deque[RunSummary] = collections.deque(maxlen=keep_summaries)
+        """The most recent runs' summaries, as the child reported them."""
+        self._running: dict[str, RunSummary] = {}
+        settings = {
+            "config": self.config.to_dict(),
+            "emit": emit is not None,
+            "quality": quality is not None,
+            "directory": str(self.directory),
+            "geometry_overrides": dict(geometry_overrides or {}),
+            "root_map": dict(root_map or {}),
+            "keep_summaries": keep_summaries,
+        }
+        super().__init__(settings, nice=nice, start_timeout=start_timeout)
 
     def _handle(self, message: list) -> None:
         kind = message[0]
@@ -214,25 +312,7 @@ class JitProcess:
         elif kind == "quality" and self.quality is not None:
             details, step, n2i = message[1:]
             self.quality.publish(details, step=step, **n2i)
-        elif kind == "flushed":
-            self._flush_ok[message[1]] = bool(message[2])
-            self._flushed.pop(message[1], threading.Event()).set()
-        elif kind == "ready":
-            self._ready.set()
 
-    def _died(self, why: str) -> None:
-        if self._dead.is_set():
-            return
-        self._dead.set()
-        logger.error(
-            "The bluesky-jit worker process stopped: %s. Documents from now on are not "
-            "processed (counted in JitProcess.lost); the scan and its raw data are not affected.",
-            why,
-        )
-        for event in list(self._flushed.values()):
-            event.set()
-
-    # -- control --------------------------------------------------------------------------
     def progress(self) -> list[RunSummary]:
         """Summaries of the runs in progress (updated twice a second), oldest first."""
         return list(self._running.values())
@@ -247,29 +327,16 @@ class JitProcess:
         """As :meth:`bluesky_jit.callbacks.JitCallback.set_sampling` (a region goes by value)."""
         kwargs: dict[str, Any] = {"patch_size": patch_size}
         if region is not ...:
-            kwargs["region"] = (
-                None
-                if region is None
-                else {k: getattr(region, k) for k in ("radius", "center", "mask", "pixel_size")}
-            )
+            fields = ("radius", "center", "mask", "pixel_size")
+            kwargs["region"] = None if region is None else {k: getattr(region, k) for k in fields}
         self._outbox.put(("call", "set_sampling", kwargs))
-
-    @property
-    def backlog(self) -> int:
-        """Documents not yet sent to the child."""
-        return self._outbox.qsize()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the child has processed every document received so far and ``emit``
         has written what came back (when it has a ``flush``); False on timeout or if the
         child died."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        token = next(self._tokens)
-        done = self._flushed[token] = threading.Event()
-        if self._dead.is_set():
-            return False
-        self._outbox.put(("flush", token))
-        if not done.wait(timeout) or not self._flush_ok.pop(token, False):
+        if not self._flush_child(timeout):
             return False
         emit_flush = getattr(self.emit, "flush", None)
         if callable(emit_flush):
@@ -277,22 +344,56 @@ class JitProcess:
             return bool(emit_flush(left))
         return True
 
-    def close(self, timeout: float | None = None) -> None:
-        """Process what is queued, then end the child (killed if it does not end in time)."""
-        if self._closed:
-            return
-        if not self._dead.is_set():
-            self.flush(timeout)
-        self._closed = True
-        self._outbox.put(None)
-        self._sender.join(timeout)
-        try:
-            self._process.wait(timeout if timeout is not None else 60)
-        except subprocess.TimeoutExpired:
-            logger.warning("The bluesky-jit worker process did not end; killing it.")
-            self._process.kill()
-            self._process.wait()
-        self._reader.join(timeout)
+
+class WriterProcess(_ChildProcess):
+    """A :class:`~bluesky_jit.writer.CatalogWriter` in a child process.
+
+    Made by ``tiled_writer(container, process=True)``. The child connects to
+    the same catalog node (its URI and API key go down the pipe, never on a
+    command line), spools and writes as a CatalogWriter does; here the
+    RunEngine's thread only queues, and a sender thread packs documents down
+    the pipe. :attr:`stats` are the child's, as of the last :meth:`flush`.
+    """
+
+    kind = "writer"
+    label = "catalog writer"
+
+    def __init__(
+        self,
+        container: Any,
+        *,
+        spool_dir: str | Path | None,
+        batch_size: int = 50,
+        max_spool_bytes: int = 2 * 1024**3,
+        nice: int = 0,
+        start_timeout: float = 60.0,
+    ) -> None:
+        from .writer import WriterStats
+
+        self.stats = WriterStats()
+        settings = {
+            "uri": container.uri,
+            "api_key": container.context.api_key,
+            "spool_dir": None if spool_dir is None else str(spool_dir),
+            "batch_size": batch_size,
+            "max_spool_bytes": max_spool_bytes,
+        }
+        super().__init__(settings, nice=nice, start_timeout=start_timeout)
+
+    def _handle(self, message: list) -> None:
+        pass  # the writer child reports only at flushes
+
+    def _flushed_reply(self, reply: list) -> None:
+        from .writer import WriterStats
+
+        if len(reply) > 2:
+            self.stats = WriterStats(**reply[2])
+        super()._flushed_reply(reply)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every document received so far is in the catalog; False on timeout
+        (they are spooled) or if the child died."""
+        return self._flush_child(timeout)
 
 
 # ------------------------------------------------------------------------------ the pipe
@@ -359,21 +460,41 @@ class _Quality:
         self._results.send("quality", dict(details), int(step), n2i)
 
 
-def _child(to_child: int, from_child: int) -> int:  # pragma: no cover - runs in the child
-    from .callbacks import JitCallback
-    from .pairs import SamplingRegion
-
+def _child(kind: str, to_child: int, from_child: int) -> int:  # pragma: no cover - the child
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a scan stops
     inbox = os.fdopen(to_child, "rb")
     results = _Results(from_child)
     init = _read(inbox)
-    if not init or init[0] != "init":
+    if kind not in _CHILDREN or not init or init[0] != "init":
         return 2
     settings = init[1]
     logging.basicConfig(
-        level=settings["log_level"], format="bluesky-jit worker: %(levelname)s %(message)s"
+        level=settings["log_level"], format=f"bluesky-jit {kind}: %(levelname)s %(message)s"
     )
     os.nice(settings["nice"])
+    if settings.get("leave_cores", True):
+        leave_cores_to_the_scan()
+    callback, control, flush, end = _CHILDREN[kind](settings, results)
+
+    def reply(token: int, timeout: float | None) -> None:
+        results.send("flushed", token, *flush(timeout))
+
+    results.send("ready")
+    while (message := _read(inbox)) is not None:
+        if message[0] == "doc":
+            callback(message[1], message[2])
+        elif message[0] == "flush":  # answered on a thread: documents keep coming meanwhile
+            threading.Thread(target=reply, args=message[1:3], daemon=True).start()
+        elif message[0] == "call" and control is not None:
+            control(message[1], message[2])
+    end()
+    return 0
+
+
+def _jit_child(settings: dict[str, Any], results: _Results) -> tuple:  # pragma: no cover
+    from .callbacks import JitCallback
+    from .pairs import SamplingRegion
+
     jit = JitCallback(
         config=JitConfig.from_dict(settings["config"]),
         emit=results.emit if settings["emit"] else None,
@@ -390,30 +511,49 @@ def _child(to_child: int, from_child: int) -> int:  # pragma: no cover - runs in
         while not stop.wait(0.5):
             results.send("progress", [_summary_message(s) for s in jit.progress()])
 
-    def flush(token: int) -> None:
-        results.send("flushed", token, jit.flush())
+    def control(method: str, kwargs: dict[str, Any]) -> None:
+        if method not in _CONTROL:
+            return
+        if kwargs.get("vertical"):
+            kwargs["vertical"] = {int(k): Slice(**v) for k, v in kwargs["vertical"].items()}
+        if isinstance(kwargs.get("region"), dict):
+            region = kwargs["region"]
+            region["mask"] = None if region["mask"] is None else np.asarray(region["mask"])
+            kwargs["region"] = SamplingRegion(**region)
+        getattr(jit, method)(**kwargs)
+
+    def end() -> None:
+        jit.close()
+        stop.set()
 
     threading.Thread(target=report_progress, daemon=True).start()
-    results.send("ready")
-    while (message := _read(inbox)) is not None:
-        kind = message[0]
-        if kind == "doc":
-            jit(message[1], message[2])
-        elif kind == "flush":
-            threading.Thread(target=flush, args=(message[1],), daemon=True).start()
-        elif kind == "call" and message[1] in _CONTROL:
-            kwargs = message[2]
-            if kwargs.get("vertical"):
-                kwargs["vertical"] = {int(k): Slice(**v) for k, v in kwargs["vertical"].items()}
-            if isinstance(kwargs.get("region"), dict):
-                region = kwargs["region"]
-                region["mask"] = None if region["mask"] is None else np.asarray(region["mask"])
-                kwargs["region"] = SamplingRegion(**region)
-            getattr(jit, message[1])(**kwargs)
-    jit.close()
-    stop.set()
-    return 0
+    return jit, control, lambda timeout: (jit.flush(timeout),), end
+
+
+def _writer_child(settings: dict[str, Any], results: _Results) -> tuple:  # pragma: no cover
+    from .catalog import connect
+    from .writer import CatalogWriter
+
+    writer = CatalogWriter(
+        connect(settings["uri"], api_key=settings["api_key"]),
+        spool_dir=settings["spool_dir"],
+        batch_size=settings["batch_size"],
+        max_spool_bytes=settings["max_spool_bytes"],
+    )
+
+    def flush(timeout: float | None) -> tuple:
+        ok = writer.flush(timeout)
+        return ok, writer.stats.to_dict()
+
+    return writer, None, flush, lambda: writer.close(timeout=None)
+
+
+_CHILDREN: dict[str, Callable[[dict[str, Any], _Results], tuple]] = {
+    "jit": _jit_child,
+    "writer": _writer_child,
+}
+"""Child kind -> builder of (callback, control, flush, end) from the init settings."""
 
 
 if __name__ == "__main__":  # pragma: no cover - the child's entry point
-    sys.exit(_child(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(_child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

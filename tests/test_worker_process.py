@@ -187,3 +187,46 @@ def test_codec_keeps_arrays_and_refuses_code():
         unpackb(b"\x80\x04\x95")  # a pickle's first bytes are not msgpack
     with pytest.raises(TypeError, match="plain values"):
         packb({"f": object()})
+
+
+def test_raw_runs_through_a_writer_process_into_the_catalog(RE, local_catalog, data_dir):
+    raw_runs = runs_container(local_catalog.client(), "raw")
+    writer = tiled_writer(raw_runs, spool_dir=data_dir / "spool" / "raw", process=True)
+    # the API key went down the pipe: not on the child's command line
+    cmdline = open(f"/proc/{writer._process.pid}/cmdline", "rb").read()
+    assert local_catalog.api_key.encode() not in cmdline
+    RE.subscribe(writer)
+    beamline = make_hw(data_dir / "raw", source=source(), frame_rate=40.0)
+    (uid,) = RE(
+        tomo_continuous(
+            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+            num_angles=ANGLES, rotations=1, num_darks=3, num_flats=3,
+        )
+    )  # fmt: skip
+    assert writer.flush(timeout=60)
+    assert writer.stats.written > 0 and writer.stats.lost == 0 and writer.stats.runs_written == 1
+    run = raw_runs[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert run["primary"]["det"].read().shape[0] == ANGLES
+    writer.close(timeout=30)
+    assert writer.lost == 0
+
+
+def test_child_processes_keep_off_the_scan_s_core(tmp_path):
+    from bluesky_jit.budget import reserved_cores
+
+    cores = sorted(os.sched_getaffinity(0))
+    jit = JitProcess(directory=tmp_path / "derived")
+    try:
+        child = sorted(os.sched_getaffinity(jit._process.pid))
+    finally:
+        jit.close(timeout=30)
+    assert child == (cores[reserved_cores(len(cores)) :] or cores)
+    if len(cores) >= 2:
+        assert cores[0] not in child
+    probe = "from bluesky_jit.budget import leave_cores_to_the_scan as f; print(f())"
+    one = subprocess.run(
+        ["taskset", "-c", str(cores[-1]), sys.executable, "-c", probe],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert one.stdout.split() == [f"[{cores[-1]}]"]  # one core: kept

@@ -103,7 +103,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         derived_runs = cat.runs_container(client, "derived")
         spool = data_dir / "spool"
         writers.append(cat.tiled_writer(derived_runs, spool_dir=spool / "derived"))
-        writers.append(cat.tiled_writer(raw_runs, spool_dir=spool / "raw"))
+        writers.append(cat.tiled_writer(raw_runs, spool_dir=spool / "raw", process=True))
         # The work runs in a child process: the scan keeps its pace (README, "Never slow").
         jit = JitProcess(config=options.config, emit=writers[0], directory=derived_dir)
         if options.on_callback is not None:

@@ -468,8 +468,9 @@ def attach(
     on_run_finished : callable, optional
         Called with each run's ``RunSummary``; by default one log line.
     in_process : bool
-        Run the work in threads of this process (:class:`JitCallback`) instead
-        of a child process (:class:`~bluesky_jit.worker_process.JitProcess`,
+        Run the work in threads of this process (:class:`JitCallback` and a
+        :class:`~bluesky_jit.writer.CatalogWriter`) instead of child processes
+        (:class:`~bluesky_jit.worker_process.JitProcess` and ``WriterProcess``,
         the default: the scan keeps its pace).
 
     Returns
@@ -482,7 +483,8 @@ def attach(
     from ..worker_process import JitProcess
 
     if write_raw:
-        RE.subscribe(tiled_writer(session.runs("raw"), spool_dir=session.spool_dir("raw")))
+        raw_spool = session.spool_dir("raw")
+        RE.subscribe(tiled_writer(session.runs("raw"), spool_dir=raw_spool, process=not in_process))
     jit = (JitCallback if in_process else JitProcess)(
         config=config,
         emit=tiled_writer(session.runs("derived"), spool_dir=session.spool_dir("derived")),
