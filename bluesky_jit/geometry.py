@@ -250,8 +250,29 @@ def vectors_to_matrices(beam: str, vectors: np.ndarray, shape: tuple[int, int]) 
 
 
 # -- the scan ----------------------------------------------------------------------------
+class _Beam:
+    """``magnification`` and ``voxel_size`` of a parallel or cone beam."""
+
+    beam: str
+    pixel_size: float
+    source_origin: float | None
+    origin_detector: float | None
+
+    @property
+    def magnification(self) -> float:
+        """Detector pixels per voxel at the rotation axis (1 for parallel beam)."""
+        if self.beam == "parallel":
+            return 1.0
+        return (self.source_origin + self.origin_detector) / self.source_origin
+
+    @property
+    def voxel_size(self) -> float:
+        """Default reconstruction pixel size: the detector pixel at the rotation axis."""
+        return self.pixel_size / self.magnification
+
+
 @dataclass(frozen=True, kw_only=True)
-class ScanGeometry:
+class ScanGeometry(_Beam):
     """The static geometry of a tomography scan, as read from its metadata.
 
     Per-projection angles are not part of it: they come with every frame, read
@@ -382,18 +403,6 @@ class ScanGeometry:
     def slice_size(self) -> int:
         """Default side (pixels) of an axial slice: the detector width."""
         return self.cols
-
-    @property
-    def magnification(self) -> float:
-        """Detector pixels per voxel at the rotation axis (1 for parallel beam)."""
-        if self.beam == "parallel":
-            return 1.0
-        return (self.source_origin + self.origin_detector) / self.source_origin
-
-    @property
-    def voxel_size(self) -> float:
-        """Default reconstruction pixel size: the detector pixel at the rotation axis."""
-        return self.pixel_size / self.magnification
 
     def row_to_z(self, row: float) -> float:
         """The height z (mm) seen at a detector row (at the rotation axis for cone beam)."""
@@ -586,7 +595,7 @@ class _Projections:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProjectionGeometry(_Projections):
+class ProjectionGeometry(_Projections, _Beam):
     """A circular parallel- or cone-beam scan with its projection angles.
 
     Make one with :func:`parallel` or :func:`cone`. ``len(g)`` is the number of
@@ -669,17 +678,6 @@ class ProjectionGeometry(_Projections):
     @property
     def angle_array(self) -> np.ndarray:
         return np.asarray(self.angles)
-
-    @property
-    def magnification(self) -> float:
-        if self.beam == "parallel":
-            return 1.0
-        return (self.source_origin + self.origin_detector) / self.source_origin
-
-    @property
-    def voxel_size(self) -> float:
-        """Detector pixel size at the rotation axis (the natural reconstruction pixel)."""
-        return self.pixel_size / self.magnification
 
     def to_vec(self) -> VectorGeometry:
         """The same scan as per-projection vectors (see :func:`vectors_to_matrices`)."""

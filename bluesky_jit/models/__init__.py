@@ -36,6 +36,8 @@ __all__ = [
     "build_model",
     "check_batch",
     "check_counts",
+    "check_dilations",
+    "check_reals",
     "default_config",
     "describe_model",
     "resolve_config",
@@ -293,14 +295,42 @@ def describe_model(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return name, dict(config)
 
 
-def check_counts(model: str, defaults: Mapping[str, Any], **values: Any) -> None:
-    """Raise a ConfigError unless every value is an integer >= 1 (layers, channels, ...)."""
+def check_counts(model: str, defaults: Mapping[str, Any], low: int = 1, **values: Any) -> None:
+    """Raise a ConfigError unless every value is an integer >= ``low`` (layers, channels, ...)."""
     for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(
-                f"{model} {key} must be an integer >= 1; got {value!r}. "
+                f"{model} {key} must be an integer >= {low}; got {value!r}. "
+                f"The default is {defaults.get(key, 1)!r}."
+            )
+
+
+def check_reals(
+    model: str, defaults: Mapping[str, Any], low: float, high: float, **values: Any
+) -> None:
+    """Raise a ConfigError unless every value is a number in ``[low, high]`` (``low`` < 0:
+    any number > 0)."""
+    for key, value in values.items():
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not real or not (value > 0 if low < 0 else low <= value <= high):
+            expected = "> 0" if low < 0 else f"in [{low}, {high}]"
+            raise ConfigError(
+                f"{model} {key} must be a number {expected}; got {value!r}. "
                 f"The default is {defaults[key]!r}."
             )
+
+
+def check_dilations(model: str, dilations: Any, hint: str = "") -> None:
+    """Raise a ConfigError unless ``dilations`` is a non-empty list of integers >= 1."""
+    if (
+        not isinstance(dilations, (list, tuple))
+        or not dilations
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)
+    ):
+        raise ConfigError(
+            f"{model} dilations must be a non-empty list of integers >= 1; got {dilations!r}."
+            + hint
+        )
 
 
 def check_batch(model: str, x: torch.Tensor, in_channels: int) -> None:

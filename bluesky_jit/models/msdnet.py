@@ -41,8 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from . import check_batch, check_counts
+from . import check_batch, check_counts, check_dilations
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -97,15 +96,7 @@ class MSDNet(nn.Module):
             depth=depth,
             width=width,
         )
-        if (
-            not isinstance(dilations, (list, tuple))
-            or not dilations
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)
-        ):
-            raise ConfigError(
-                f"MSDNet dilations must be a non-empty list of integers >= 1; got {dilations!r}. "
-                "The default is [1, 2, ..., 10]."
-            )
+        check_dilations("MSDNet", dilations, " The default is [1, 2, ..., 10].")
         self.in_channels = in_channels
         self.width = width
         self.depth = depth
@@ -126,16 +117,7 @@ class MSDNet(nn.Module):
         self.head = nn.Conv2d(in_channels + depth * width, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Denoise a batch.
-
-        Parameters
-        ----------
-        x : Tensor, shape (B, in_channels, H, W)
-
-        Returns
-        -------
-        Tensor, shape (B, out_channels, H, W)
-        """
+        """Denoise a batch: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
         check_batch("MSDNet", x, self.in_channels)
         features = _MSDFunction.apply(x, self.dilations, self.width, *self.weights, *self.biases)
         return self.head(features)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import check_batch
+from . import check_batch, check_counts, check_dilations, check_reals
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -169,47 +169,26 @@ class SMSNet(nn.Module):
         graph_seed: int = 0,
     ) -> None:
         super().__init__()
-        for key, value, low in (
-            ("in_channels", in_channels, 1),
-            ("out_channels", out_channels, 1),
-            ("depth", depth, 1),
-            ("width", width, 1),
-            ("min_edges", min_edges, 0),
-            ("max_edges", max_edges, 0),
-            ("graph_seed", graph_seed, 0),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(
-                    f"SMSNet {key} must be an integer >= {low}; got {value!r}. "
-                    f"The default is {DEFAULTS[key]!r}."
-                )
+        counts = {"in_channels": in_channels, "out_channels": out_channels, "depth": depth}
+        check_counts("SMSNet", DEFAULTS, width=width, **counts)
+        check_counts("SMSNet", DEFAULTS, 0, min_edges=min_edges, max_edges=max_edges)
+        check_counts("SMSNet", DEFAULTS, 0, graph_seed=graph_seed)
         if min_edges > max_edges:
             raise ConfigError(
                 f"SMSNet min_edges ({min_edges}) must not exceed max_edges ({max_edges})."
             )
-        for key, value, top in (
-            ("degree_gamma", degree_gamma, math.inf),
-            ("skip_alpha", skip_alpha, math.inf),
-            ("p_input_hidden", p_input_hidden, 1.0),
-            ("p_hidden_output", p_hidden_output, 1.0),
-        ):
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not 0 <= value <= top
-            ):
-                raise ConfigError(
-                    f"SMSNet {key} must be a number in [0, {top}]; got {value!r}. "
-                    f"The default is {DEFAULTS[key]!r}."
-                )
-        if (
-            not isinstance(dilations, (list, tuple))
-            or not dilations
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)
-        ):
-            raise ConfigError(
-                f"SMSNet dilations must be a non-empty list of integers >= 1; got {dilations!r}."
-            )
+        check_reals(
+            "SMSNet", DEFAULTS, 0, math.inf, degree_gamma=degree_gamma, skip_alpha=skip_alpha
+        )
+        check_reals(
+            "SMSNet",
+            DEFAULTS,
+            0,
+            1.0,
+            p_input_hidden=p_input_hidden,
+            p_hidden_output=p_hidden_output,
+        )
+        check_dilations("SMSNet", dilations)
         self.in_channels = in_channels
         self.width = width
         self.depth = depth
@@ -251,16 +230,7 @@ class SMSNet(nn.Module):
         self.head = nn.Conv2d(sum(channels(s) for s in self._head_sources), out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Denoise a batch.
-
-        Parameters
-        ----------
-        x : Tensor, shape (B, in_channels, H, W)
-
-        Returns
-        -------
-        Tensor, shape (B, out_channels, H, W)
-        """
+        """Denoise a batch: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
         check_batch("SMSNet", x, self.in_channels)
         nodes = [x]
         convs = iter(self.convs)

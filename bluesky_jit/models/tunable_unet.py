@@ -29,14 +29,14 @@ References
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from . import check_batch, check_counts
+from . import check_batch, check_counts, check_reals
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -105,12 +105,9 @@ class TunableUNet(nn.Module):
             depth=depth,
             base_channels=base_channels,
         )
-        for key, value in (("growth_rate", growth_rate), ("hidden_rate", hidden_rate)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(
-                    f"TunableUNet {key} must be a number > 0; got {value!r}. "
-                    f"The default is {DEFAULTS[key]!r}."
-                )
+        check_reals(
+            "TunableUNet", DEFAULTS, -1, math.inf, growth_rate=growth_rate, hidden_rate=hidden_rate
+        )
         self.in_channels = in_channels
         self.depth = depth
         self.size_multiple = 2 ** (depth - 1)
@@ -133,16 +130,7 @@ class TunableUNet(nn.Module):
         self.head = nn.Conv2d(channels[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Denoise a batch.
-
-        Parameters
-        ----------
-        x : Tensor, shape (B, in_channels, H, W)
-
-        Returns
-        -------
-        Tensor, shape (B, out_channels, H, W)
-        """
+        """Denoise a batch: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
         check_batch("TunableUNet", x, self.in_channels)
         skips = []
         h = x

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ScanDataError
+from . import check_counts
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
@@ -104,20 +105,10 @@ class UNet(nn.Module):
         frames: int = 1,
     ) -> None:
         super().__init__()
-        minimum = {
-            "in_channels": (in_channels, 1),
-            "out_channels": (out_channels, 1),
-            "features": (features, 1),
-            "levels": (levels, 1),
-            "convs_per_level": (convs_per_level, 2),
-            "frames": (frames, 1),
-        }
-        for key, (value, low) in minimum.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(
-                    f"UNet {key} must be an integer >= {low}; got {value!r}. "
-                    f"The default is {DEFAULTS.get(key, 1)!r}."
-                )
+        counts = {"in_channels": in_channels, "out_channels": out_channels, "features": features}
+        check_counts("UNet", DEFAULTS, levels=levels, **counts)
+        check_counts("UNet", DEFAULTS, 2, convs_per_level=convs_per_level)
+        check_counts("UNet", DEFAULTS, frames=frames)
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
             raise ConfigError(f"UNet spatial_dims must be 2 or 3; got {spatial_dims!r}.")
         if spatial_dims == 2 and frames != 1:
