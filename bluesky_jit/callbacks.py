@@ -16,7 +16,15 @@ so no thread is woken: ``benchmarks/overhead.py``). Frame documents beyond
 ``JitConfig.runtime.queue_size`` waiting are dropped (counted and reported in the
 derived run); run boundaries, descriptors and
 asset documents are never dropped. A run's problems are logged and recorded
-in its derived run's stop document (``exit_status``, ``reason``).
+in its derived run's stop document (``exit_status``, ``reason``). A document
+the worker cannot route (not a dict, an unknown name, a required field missing
+or of the wrong type, an event before its descriptor, a ``stream_datum`` naming
+an unknown ``stream_resource``, a document of a run whose start never came or
+that already stopped) is never dropped silently: it is a problem of its run
+when the run can be told, else counted in :attr:`JitCallback.unroutable`, and
+logged once per kind. A run with no document for ``JitConfig.runtime.run_timeout_s``,
+and every run still open at :meth:`JitCallback.close`, is closed with an
+``abort`` stop (:func:`abort_stop`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,41 @@ from .pipeline import _KEEP, RunPipeline, RunSummary, _in_context
 logger = logging.getLogger(__name__)
 
 FRAME_DOCUMENTS = frozenset({"event", "event_page", "stream_datum"})
+_NUMBER = (int, float)
+REQUIRED_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "start": {"uid": str, "time": _NUMBER},
+    "stop": {"uid": str, "run_start": str},
+    "descriptor": {"uid": str, "run_start": str, "data_keys": dict},
+    "event": {
+        "uid": str, "descriptor": str, "seq_num": int, "time": _NUMBER,
+        "data": dict, "timestamps": dict,
+    },
+    "event_page": {
+        "uid": list, "descriptor": str, "seq_num": list, "time": list,
+        "data": dict, "timestamps": dict,
+    },
+    "resource": {"uid": str},
+    "datum": {"datum_id": str, "resource": str},
+    "datum_page": {"datum_id": list, "resource": str},
+    "stream_resource": {"uid": str, "run_start": str, "data_key": str, "uri": str},
+    "stream_datum": {
+        "uid": str, "stream_resource": str, "descriptor": str, "indices": dict, "seq_nums": dict,
+    },
+}  # fmt: skip
+"""What the worker needs of each document to route it (event-model's names and types)."""
+CLOSED_REASON = "the callback was closed before the run's stop document came"
+
+
+def abort_stop(run_start: str, reason: str) -> dict[str, Any]:
+    """A stop document that closes a run whose own stop never came (``abort``, ``reason``)."""
+    return {
+        "uid": str(uuid.uuid4()),
+        "time": time.time(),
+        "run_start": run_start,
+        "exit_status": "abort",
+        "reason": reason,
+        "num_events": {},
+    }
 
 
 def is_tomography(start: Mapping[str, Any]) -> bool:
@@ -73,10 +117,32 @@ def _frames_in(name: str, doc: Mapping[str, Any]) -> int:
     return 1
 
 
+_EARLY = "an event before its descriptor"
+_CLOSING = object()  # on the queue: close the runs still open
+
+
+def _a(name: Any) -> str:
+    """``an 'event'``, ``a 'stop'``: the article and the quoted name."""
+    return f"{'an' if str(name)[:1] in 'aeiou' else 'a'} {name!r}"
+
+
+def _malformed(name: Any, doc: Any) -> str | None:
+    """Why a document cannot be routed at all (not a dict, unknown name, fields), or None."""
+    if not isinstance(doc, dict):
+        return f"{_a(name)} message that is not a document ({type(doc).__name__})"
+    fields = REQUIRED_FIELDS.get(name) if isinstance(name, str) else None
+    if fields is None:
+        return f"a document with the unknown name {name!r}"
+    bad = [k for k, kind in fields.items() if not isinstance(doc.get(k), kind)]
+    if bad:
+        return f"{_a(name)} document without {', '.join(map(repr, bad))} (or of the wrong type)"
+    return None
+
+
 def _which_frames(name: str, doc: Any) -> str:
     """``event seq_num 12`` / ``stream_datum frames 10-19``: which frames a document held."""
     if not isinstance(doc, dict):
-        return f"a {name!r} document"
+        return f"{_a(name)} document"
     if name == "stream_datum":
         indices = doc.get("indices") or {}
         return f"stream_datum frames {indices.get('start')}-{indices.get('stop')}"
@@ -109,7 +175,7 @@ class _Guard:
                 return
             logger.exception("bluesky_jit failed on a %r document", name)
             self.ingest.dead = True
-            self.pipeline.problem(_in_context(f"a {name!r} document", error))
+            self.pipeline.problem(_in_context(f"{_a(name)} document", error))
             if name == "stop":
                 try:
                     self.pipeline.end(doc)
@@ -196,6 +262,14 @@ class JitCallback:
         self._duplicates: collections.Counter[str] = collections.Counter()
         self._seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self._run_of_descriptor_seen: dict[str, str] = {}
+        self.unroutable: collections.Counter[str] = collections.Counter()
+        """Documents that could not be routed and whose run could not be told, by reason."""
+        self._open: dict[str, float] = {}  # runs started, not stopped -> time of last document
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._run_of_ref: dict[str, str | None] = {}  # descriptor / (stream) resource -> run
+        self._early: collections.Counter[str] = collections.Counter()  # descriptor -> events
+        self._kinds_logged: set[str] = set()
+        self._next_timeout_check = 0.0
         self._worker = threading.Thread(target=self._work, name="bluesky-jit-worker", daemon=True)
         self._closed = False
         self._worker.start()
@@ -205,16 +279,19 @@ class JitCallback:
         try:
             if self._closed:
                 return
+            if not isinstance(doc, dict):  # the worker counts it
+                self._queue.put_nowait((name, doc))
+                return
             if name == "descriptor":
-                self._run_of_descriptor[doc["uid"]] = doc["run_start"]
+                self._run_of_descriptor[doc.get("uid")] = doc.get("run_start")
             elif name == "stop":
-                run = doc["run_start"]
+                run = doc.get("run_start")
                 for uid in [d for d, r in self._run_of_descriptor.items() if r == run]:
                     del self._run_of_descriptor[uid]
             if name in FRAME_DOCUMENTS:
                 with self._count_lock:
                     if self._frames_waiting >= self.config.runtime.queue_size:
-                        run = self._run_of_descriptor.get(doc.get("descriptor", ""), "")
+                        run = self._run_of_descriptor.get(str(doc.get("descriptor")), "")
                         self._dropped[run] += 1
                         return
                     self._frames_waiting += 1
@@ -242,23 +319,134 @@ class JitCallback:
             except queue.Empty:
                 # Polled, not a blocking get(): the RunEngine's put() then has no thread
                 # to wake, which would cost it a context switch on a busy machine.
+                self._close_silent_runs()
                 time.sleep(0.005)
                 continue
             try:
                 if item is None:
                     return
                 name, doc = item
-                if name in FRAME_DOCUMENTS:
+                if name is _CLOSING:
+                    for run in list(self._open):
+                        self._abort(run, CLOSED_REASON)
+                    continue
+                if name in FRAME_DOCUMENTS and isinstance(doc, dict):
                     with self._count_lock:
                         self._frames_waiting -= 1
                         self._behind[name == "stream_datum"] -= _frames_in(name, doc)
-                if self._duplicate(name, doc):
-                    continue
-                self._router(name, doc)
-            except Exception:  # noqa: BLE001 - e.g. a document of a run we never saw start
+                self._take(name, doc)
+            except Exception as error:  # noqa: BLE001 - counted, never lost
                 logger.exception("bluesky_jit worker failed on a document")
+                self.unroutable[f"the worker failed: {type(error).__name__}"] += 1
             finally:
                 self._queue.task_done()
+
+    def _take(self, name: str, doc: Any) -> None:
+        """Route one document, or count why not (on its run if it can be told)."""
+        why = _malformed(name, doc)
+        if why is not None:
+            self._unroutable(self._run_hint(doc), why)
+            return
+        if self._duplicate(name, doc):
+            return
+        run, why = self._run_of(name, doc)
+        if why is not None:
+            self._unroutable(run, why)
+            return
+        if run is not None:
+            self._open[run] = time.monotonic()
+        try:
+            self._router(name, doc)
+        except Exception as error:  # noqa: BLE001 - a problem of its run
+            logger.debug("bluesky_jit could not route a %r document", name, exc_info=True)
+            self._unroutable(run, f"{_a(name)} document could not be routed", error)
+        if name == "descriptor":
+            early = self._early.pop(doc["uid"], 0)
+            if early:  # counted on the callback until the run could be told: move it
+                self._uncount(_EARLY, early)
+                for _ in range(early):  # the reason says "(xN)"
+                    self._unroutable(run, _EARLY, log=False)
+        elif name == "stop":
+            self._open.pop(run, None)
+            self._ended[run] = None
+            while len(self._ended) > 10_000:
+                self._ended.popitem(last=False)
+
+    def _run_hint(self, doc: Any) -> str | None:
+        """The run a document belongs to, if it says (``run_start``) or refers to a known one."""
+        if not isinstance(doc, dict):
+            return None
+        if isinstance(doc.get("run_start"), str):
+            return doc["run_start"]
+        for key in ("descriptor", "stream_resource", "resource"):
+            ref = doc.get(key)
+            if isinstance(ref, str) and self._run_of_ref.get(ref):
+                return self._run_of_ref[ref]
+        return None
+
+    def _run_of(self, name: str, doc: dict) -> tuple[str | None, str | None]:
+        """``(run, None)`` for a document that can be routed, else ``(run or None, why)``."""
+        if name == "start":
+            return doc["uid"], None
+        run = self._run_hint(doc)
+        if name in ("event", "event_page") and doc["descriptor"] not in self._run_of_ref:
+            if len(self._early) > 10_000:  # descriptors that never come: forget them
+                self._early.clear()
+            self._early[doc["descriptor"]] += 1
+            return None, _EARLY
+        if name == "stream_datum" and doc["stream_resource"] not in self._run_of_ref:
+            return run, "a stream_datum naming an unknown stream_resource"
+        if name in ("datum", "datum_page") and doc["resource"] not in self._run_of_ref:
+            return run, f"{_a(name)} naming an unknown resource"
+        if name == "resource" and run is None:
+            self._run_of_ref[doc["uid"]] = None  # old style: the router fans it out
+            return None, None
+        if run is None:
+            return None, f"{_a(name)} document of a run whose start never came"
+        if run not in self._open:
+            if run in self._ended:
+                return run, f"{_a(name)} document after its run's stop"
+            return run, f"{_a(name)} document of a run whose start never came"
+        if name in ("descriptor", "resource", "stream_resource"):
+            if len(self._run_of_ref) > 100_000:  # hours of runs: forget them all
+                self._run_of_ref.clear()
+            self._run_of_ref[doc["uid"]] = run
+        return run, None
+
+    def _unroutable(
+        self, run: str | None, why: str, error: Exception | None = None, *, log: bool = True
+    ) -> None:
+        """A document not processed: a problem of its run if open here, else counted here."""
+        pipeline = self.pipelines.get(run) if run is not None and run in self._open else None
+        message = why if error is None else _in_context(why, error)
+        if pipeline is not None:
+            pipeline.problem(RuntimeError(f"{message}: not processed"))
+        elif run is None or run not in self._open:
+            self.unroutable[why] += 1
+        if log and why not in self._kinds_logged:  # once per kind: a stream can repeat it
+            self._kinds_logged.add(why)
+            logger.warning("bluesky_jit could not process %s (run %s)", message, run or "unknown")
+
+    def _uncount(self, why: str, n: int) -> None:
+        self.unroutable[why] -= n
+        if self.unroutable[why] <= 0:
+            del self.unroutable[why]
+
+    def _close_silent_runs(self) -> None:
+        """Abort runs with no document for ``run_timeout_s`` (checked once a second)."""
+        timeout = self.config.runtime.run_timeout_s
+        now = time.monotonic()
+        if timeout is None or now < self._next_timeout_check:
+            return
+        self._next_timeout_check = now + min(1.0, timeout / 4)
+        for run, last in list(self._open.items()):
+            if now - last > timeout:
+                self._abort(run, f"no document came for {timeout:g} s (run_timeout_s)")
+
+    def _abort(self, run: str, reason: str) -> None:
+        """Close an open run whose stop never came: an ``abort`` stop through the router."""
+        logger.warning("bluesky_jit closes run %s: %s", run, reason)
+        self._take("stop", abort_stop(run, reason))
 
     def _duplicate(self, name: str, doc: Any) -> bool:
         """Whether this document came before (same uid): then it is counted and ignored.
@@ -394,9 +582,11 @@ class JitCallback:
         return True
 
     def close(self, timeout: float | None = None) -> None:
-        """Process what is queued, then stop the worker (and any trainer still running)."""
+        """Process what is queued, close runs still open (``abort``), then stop the worker
+        (and any trainer still running)."""
         if self._closed:
             return
+        self._queue.put((_CLOSING, None))
         self.flush(timeout)
         self._closed = True
         self._queue.put(None)

@@ -180,6 +180,9 @@ class Runtime(_Section):
     per rotation, and always one at the end); None: a rotation."""
     pace_guard: Bool = True
     """Training yields the time it would take from the scan (bluesky_jit.budget.PaceGuard)."""
+    run_timeout_s: PositiveFloat | None = 3600.0
+    """Seconds without a document after which an open run is closed as aborted (its
+    trainer stopped, its derived stop written); None: wait for the stop forever."""
 
 
 SECTIONS: dict[str, type[_Section]] = {

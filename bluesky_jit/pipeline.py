@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import JitConfig
-from .errors import BlueskyJitError, ConfigError
+from .errors import BlueskyJitError, ConfigError, GeometryError
 from .geometry import ScanGeometry
 
 logger = logging.getLogger(__name__)
@@ -377,6 +377,8 @@ class RunPipeline:
             self._stop_yielding()
             if self.recon is not None and self.recon.ready and self._unrefreshed:
                 self.refresh()  # the last slice shows the last projections, however far behind
+            elif self.recon is not None and not summary.slices and len(self.recon.buffer):
+                self._refresh_short()
         except Exception as error:  # noqa: BLE001 - recorded in the stop document below
             logger.exception("bluesky_jit: the last refresh of run %s failed", summary.raw_uid)
             self.problem(_in_context("the last refresh at the stop", error))
@@ -433,6 +435,30 @@ class RunPipeline:
         self._emit_metrics()
         if pairs.ready and self._network_useful():
             self._denoise(slices)
+
+    def _refresh_short(self) -> None:
+        """At the stop, less than a rotation arrived (a frame rejected, say): reconstruct
+        what came if its angles still cover the range (the gap rule of
+        :meth:`~bluesky_jit.geometry.ScanGeometry.check_angles`), else say why not."""
+        recon = self.recon
+        have, window = len(recon.buffer), recon.window
+        try:
+            recon.geometry.check_angles(recon.buffer.angles_of(recon.window_indices()))
+        except GeometryError as error:
+            self.problem(
+                RuntimeError(
+                    f"No slice was reconstructed: {have} of the {window} projections of a "
+                    f"rotation arrived, too few to cover the range: {error}"
+                )
+            )
+            return
+        self.problem(
+            RuntimeError(
+                f"{have} of the {window} projections of a rotation arrived: the slice at the "
+                "stop is reconstructed from them (their angles still cover the range)"
+            )
+        )
+        self.refresh()
 
     def _denoise(self, slices: Any) -> None:
         """The Noise2Inverse estimate: the mean of the network over its K inputs."""

@@ -240,6 +240,8 @@ def test_nan_frame_is_skipped_and_reported(RE, tmp_path):
     stop, raw = bad_run(RE, tmp_path, src=src, api="v1", external=False)
     assert stop["exit_status"] == "fail"
     assert "Projection 5" in stop["reason"] and "NaN" in stop["reason"]
+    # the one-rotation window is one short: the slice is made from the 23 that arrived
+    assert "23 of the 24 projections of a rotation arrived" in stop["reason"], stop["reason"]
     # raw data untouched: the NaN is still in the raw event
     frames = [e["data"]["det"] for e in raw.named("event") if "rot_stage" in e["data"]]
     assert np.isnan(np.asarray(frames[5])).any()
@@ -489,3 +491,123 @@ def test_documents_delivered_twice_are_ignored_and_counted(RE, tmp_path):
     # every document but the stop, whose second copy comes after the run's summary
     assert once.duplicates == 0 and twice.duplicates == len(raw.docs) - 1
     np.testing.assert_array_equal(twice.last_slice, once.last_slice)
+
+
+def feed(jit, docs):
+    for name, doc in docs:
+        jit(name, doc)
+    assert jit.flush(timeout=60)
+
+
+def test_too_few_projections_for_a_slice_say_why(RE, tmp_path):
+    """A one-rotation run that stops after 10 of 16 projections: no slice, and the stop
+    says how many came and which gap they leave."""
+    raw = recorded_inline_scan(RE, tmp_path)
+    primary = {d["uid"] for d in raw.named("descriptor") if d["name"] == "primary"}
+    docs = [
+        (n, d) for n, d in raw.docs
+        if not (n == "event" and d["descriptor"] in primary and d["seq_num"] > 10)
+    ]  # fmt: skip
+    jit = JitCallback(config=CONFIG.replace(train=False), directory=tmp_path)
+    feed(jit, docs)
+    jit.close()
+    summary = jit.summaries[0]
+    assert summary.slices == 0 and summary.exit_status == "fail"
+    assert "10 of the 16 projections of a rotation arrived" in summary.reason, summary.reason
+    assert "leave a gap" in summary.reason
+
+
+def test_documents_that_cannot_be_routed_are_counted_not_lost(RE, tmp_path):
+    """Cause 4 of issue 12: each such document fails its run with the reason, or, when its
+    run cannot be told, is counted on the callback (JitCallback.unroutable)."""
+    import copy
+
+    raw = recorded_inline_scan(RE, tmp_path)
+    run = raw.named("start")[0]["uid"]
+    last = len(raw.docs) - 1  # the stop
+    primary = next(d["uid"] for d in raw.named("descriptor") if d["name"] == "primary")
+    first_primary = next(i for i, (n, d) in enumerate(raw.docs) if d is not None and n == "event"
+                         and d["descriptor"] == primary)  # fmt: skip
+    no_data = copy.deepcopy(raw.docs[first_primary + 3][1])
+    del no_data["data"]
+    datum = {
+        "uid": "sd", "stream_resource": "nowhere", "descriptor": primary,
+        "indices": {"start": 0, "stop": 1}, "seq_nums": {"start": 0, "stop": 0},
+    }  # fmt: skip
+    early = raw.docs[first_primary + 3]
+    cases = {  # what is done to the stream -> in the stop's reason
+        "an event before its descriptor": lambda d: (
+            d[: first_primary - 1] + [early] + d[first_primary - 1 : first_primary + 3]
+            + d[first_primary + 4 :]
+        ),
+        "an 'event' document without 'data'": lambda d: (
+            d[: first_primary + 3] + [("event", no_data)] + d[first_primary + 4 :]
+        ),
+        "a document with the unknown name 'bogus'": lambda d: (
+            d[:last] + [("bogus", {"uid": "b", "run_start": run})] + d[last:]
+        ),
+        "a stream_datum naming an unknown stream_resource": lambda d: (
+            d[:last] + [("stream_datum", datum)] + d[last:]
+        ),
+    }  # fmt: skip
+    for expected, mutate in cases.items():
+        derived = Collector()
+        jit = JitCallback(
+            config=CONFIG.replace(train=False), emit=derived, directory=tmp_path,
+            run_engine_here=False,
+        )  # fmt: skip
+        feed(jit, mutate(list(raw.docs)))
+        jit.close()
+        (stop,) = derived.named("stop")
+        assert stop["exit_status"] == "fail", expected
+        assert expected in stop["reason"] and "not processed" in stop["reason"], stop["reason"]
+        assert jit.summaries[0].problems
+        assert not jit.unroutable, jit.unroutable
+
+    # no run to tell: counted on the callback, by reason
+    jit = JitCallback(config=CONFIG.replace(train=False), directory=tmp_path)
+    feed(jit, [("event", None), ("event", None)] + raw.docs[1:])  # and no start
+    jit.close()
+    assert jit.unroutable["an 'event' message that is not a document (NoneType)"] == 2
+    assert jit.unroutable["a 'descriptor' document of a run whose start never came"] == 3
+    assert jit.unroutable["an event before its descriptor"] == len(raw.named("event"))
+    assert jit.unroutable["a 'stop' document of a run whose start never came"] == 1
+    assert len(jit.summaries) == 0
+
+
+def test_a_silent_run_is_closed_after_run_timeout(RE, tmp_path):
+    """No stop ever comes: after run_timeout_s without a document the run is closed with an
+    abort stop, its trainer stops; a document that comes later is counted, not processed."""
+    from .helpers import wait_for
+
+    raw = recorded_inline_scan(RE, tmp_path)
+    derived = Collector()
+    jit = JitCallback(
+        config=CONFIG.replace(run_timeout_s=1.0), emit=derived, directory=tmp_path,
+        run_engine_here=False,
+    )  # fmt: skip
+    feed(jit, raw.docs[:-1])
+    pipeline = next(iter(jit.pipelines.values()))
+    wait_for(lambda: derived.named("stop"), timeout=30)
+    (stop,) = derived.named("stop")
+    assert stop["exit_status"] == "abort"
+    assert "no document came for 1 s" in stop["reason"]
+    assert pipeline.trainer is None or not pipeline.trainer.running
+    feed(jit, raw.docs[-1:])  # the real stop, too late
+    jit.close()
+    assert jit.unroutable == {"a 'stop' document after its run's stop": 1}
+    assert len(derived.named("stop")) == 1
+
+
+def test_close_writes_an_abort_stop_for_runs_still_open(RE, tmp_path):
+    raw = recorded_inline_scan(RE, tmp_path)
+    derived = Collector()
+    jit = JitCallback(config=CONFIG, emit=derived, directory=tmp_path, run_engine_here=False)
+    feed(jit, raw.docs[:-1])
+    pipeline = next(iter(jit.pipelines.values()))
+    jit.close(timeout=60)
+    (stop,) = derived.named("stop")
+    assert stop["exit_status"] == "abort"
+    assert "the callback was closed before the run's stop document came" in stop["reason"]
+    assert jit.summaries[0].exit_status == "abort"
+    assert pipeline.trainer is None or not pipeline.trainer.running
