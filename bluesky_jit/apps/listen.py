@@ -35,7 +35,6 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -130,7 +129,9 @@ class Listener:
     raw_runs : CatalogOfBlueskyRuns, optional
         Also store the raw runs there (when no other service does).
     run_timeout_s : float
-        A run with no document for this long is closed as aborted.
+        A run with no document for this long is closed as aborted, the raw run too
+        (the callback's own ``JitConfig.runtime.run_timeout_s`` closes only the
+        derived run; keep this one at or below it).
     max_runs : int, optional
         Set :attr:`stopped` after this many derived runs.
     skip_done : bool
@@ -354,16 +355,10 @@ class Listener:
         with self._lock:
             if run not in self._last_seen:
                 return
-            stop = {
-                "uid": str(uuid.uuid4()),
-                "time": time.time(),
-                "run_start": run,
-                "exit_status": "abort",
-                "reason": reason,
-                "num_events": {},
-            }
+            from ..callbacks import abort_stop  # the callback closes its silent runs alike
+
             logger.warning("Closing run %s: %s", run, reason)
-            self._route("stop", stop)
+            self._route("stop", abort_stop(run, reason))
             _bounded_add(self._ignored, run)
 
     def housekeeping(self) -> None:
