@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ._checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +137,11 @@ class CpuBudget:
         """
         detected = cores is None
         cores = available_cores() if cores is None else cores
-        _check_positive("cores", cores)
+        check_int("CpuBudget", "cores", cores)
         run = getattr(config, "runtime", None)
         total = getattr(run, "cpu_threads", None)
         train_set = getattr(run, "train_threads", None)
         infer_set = getattr(run, "infer_threads", None)
-        for name, value in (
-            ("cpu_threads", total),
-            ("train_threads", train_set),
-            ("infer_threads", infer_set),
-        ):
-            if value is not None:
-                _check_positive(name, value)
 
         source = "the process's CPU affinity" if detected else "given"
         reasons = [f"{cores} core{'s' if cores != 1 else ''} available ({source})"]
@@ -232,14 +225,6 @@ class CpuBudget:
             numba.set_num_threads(max(1, min(self.worker_threads, numba.config.NUMBA_NUM_THREADS)))
         except Exception as error:  # noqa: BLE001 - a cap that cannot be set is not fatal
             logger.warning("Could not set numba's threads to %d: %s", self.worker_threads, error)
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(
-            f"CpuBudget needs {name} as a positive integer; got {value!r}. Pass e.g. {name}=2, "
-            "or None to decide from the cores."
-        )
 
 
 class PaceGuard:

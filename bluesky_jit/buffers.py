@@ -22,6 +22,7 @@ import threading
 import numpy as np
 import torch
 
+from ._checks import check_int
 from .config import ONLINE_STRATEGIES
 from .errors import ConfigError, EmptyBufferError, ScanDataError
 
@@ -82,13 +83,8 @@ class ReplayBuffer:
             raise ConfigError(
                 f"ReplayBuffer on_shape_change must be 'raise' or 'clear'; got {on_shape_change!r}."
             )
-        for key, value in (("capacity", capacity), ("item_ndim", item_ndim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"ReplayBuffer {key} must be a positive integer; got {value!r}. "
-                    "Pass e.g. ReplayBuffer(320) (the buffer size of Graas et al. 2023, "
-                    "Fig. 10)."
-                )
+        check_int("ReplayBuffer", "capacity", capacity)
+        check_int("ReplayBuffer", "item_ndim", item_ndim)
         if rng is not None and not isinstance(rng, np.random.Generator):
             raise ConfigError(
                 f"ReplayBuffer rng must be a numpy.random.Generator; got {type(rng).__name__}. "
@@ -308,11 +304,7 @@ class SequentialBuffer(ReplayBuffer):
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(
-            f"sample() batch_size must be a positive integer; got {batch_size!r}. "
-            "Graas et al. (2023) train with batches of 32."
-        )
+    check_int("sample()", "batch_size", batch_size)
 
 
 def check_online_strategy(online_strategy: str, *, has_checkpoint: bool = True) -> None:

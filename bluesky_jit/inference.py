@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_int
 from .errors import CheckpointError, ConfigError, ScanDataError
 from .models.checkpoint import load_checkpoint
 from .training import Normalizer, WeightsSnapshot, memory_format_for, resolve_precision
@@ -103,12 +104,7 @@ class Denoiser:
                 f"Denoiser needs a torch.nn.Module or a callable returning one; got "
                 f"{type(model).__name__}."
             )
-        if num_threads is not None and (
-            not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
-        ):
-            raise ConfigError(
-                f"Denoiser num_threads must be a positive integer or None; got {num_threads!r}."
-            )
+        check_int("Denoiser", "num_threads", num_threads, none=True)
         self.num_threads = num_threads
         self.self_ensemble = bool(self_ensemble)
         self.device = torch.device(device)
@@ -123,10 +119,7 @@ class Denoiser:
         self.source = source
         self.normalizer = normalizer
         multiple = pad_multiple if pad_multiple is not None else getattr(model, "size_multiple", 1)
-        if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-            raise ConfigError(
-                f"Denoiser pad_multiple must be a positive integer; got {multiple!r}."
-            )
+        check_int("Denoiser", "pad_multiple", multiple)
         self.pad_multiple = multiple
         self.weights_version: int | None = None
         """Version of the weights used by the last call (the trainer's step count)."""

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from . import noise2inverse
+from ._checks import check_int
 from .errors import ConfigError, ScanDataError
 from .projections import split_subsets
 from .reconstruction import patch_grid
@@ -298,14 +299,10 @@ class PairMaker:
                 "backprojector) or patches= (e.g. StreamingReconstructor.subset_patches)."
             )
         noise2inverse.check_strategy(n2i_strategy, splits)
-        for key, value, low in (
-            ("window", window, 2),
-            ("rows", rows, 1),
-            ("frames", frames, 1),
-            ("neighbourhood_rows", neighbourhood_rows, 0),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"PairMaker {key} must be an integer >= {low}; got {value!r}.")
+        check_int("PairMaker", "window", window, 2)
+        check_int("PairMaker", "rows", rows)
+        check_int("PairMaker", "frames", frames)
+        check_int("PairMaker", "neighbourhood_rows", neighbourhood_rows, 0)
         if window < splits:
             raise ConfigError(
                 f"A window of {window} projections cannot be split {splits} ways; expected "
@@ -320,8 +317,7 @@ class PairMaker:
         if not (np.isfinite(pixel_size) and pixel_size > 0):
             raise ConfigError(f"PairMaker pixel_size must be > 0 mm; got {pixel_size!r}.")
         step = window // 2 if frame_step is None else frame_step
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-            raise ConfigError(f"PairMaker frame_step must be a positive integer; got {step!r}.")
+        check_int("PairMaker", "frame_step", step)
         self.source = source
         self.backproject = backproject
         self.subset_patches = patches
@@ -410,8 +406,7 @@ class PairMaker:
 
     def set_patch_size(self, size: int) -> None:
         """Change the patch side; pairs made afterwards have the new size."""
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ConfigError(f"patch_size must be a positive integer; got {size!r}.")
+        check_int("PairMaker", "patch_size", size)
         n = self._slice_size()
         if n is not None and size > n:
             raise ConfigError(
@@ -492,8 +487,7 @@ class PairMaker:
             Without a stack (count, 1, p, p) each; with a stack u is
             (count, 1, frames, p, p) and v (count, 1, 1, p, p).
         """
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ConfigError(f"pairs() count must be a positive integer; got {count!r}.")
+        check_int("pairs()", "count", count)
         rng = rng if rng is not None else self._rng
         with self._lock:
             row, size, region = self._row, self._patch_size, self._region

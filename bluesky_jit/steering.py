@@ -32,6 +32,7 @@ from bluesky.utils import Msg
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
+from ._checks import check_int
 from .errors import ConfigError
 from .noise2inverse import check_strategy
 
@@ -203,8 +204,7 @@ def until_quality(
     """
     if alpha_below is None and sigma_below is None:
         raise ConfigError("until_quality needs alpha_below and/or sigma_below.")
-    if not isinstance(min_events, int) or isinstance(min_events, bool) or min_events < 0:
-        raise ConfigError(f"min_events must be an integer >= 0; got {min_events!r}.")
+    check_int("until_quality", "min_events", min_events, 0)
     state: dict[str, Any] = report if report is not None else {}
     state.update(events=0, good_at=None, skipped=0, alpha=math.nan)
     flags = {"good": False, "skipping": False}

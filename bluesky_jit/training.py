@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_int, check_positive
 from .buffers import ReplayBuffer, check_online_strategy, make_buffer
 from .config import PRECISIONS
 from .errors import ConfigError, EmptyBufferError
@@ -388,25 +389,16 @@ class Trainer(TrainerMixin):
                 f"Trainer needs a ReplayBuffer; got {type(buffer).__name__}. "
                 "Pass ReplayBuffer(capacity)."
             )
-        _positive("learning_rate", learning_rate)
-        _positive("metrics_every_s", metrics_every_s)
-        for key, value in (
-            ("checkpoint_every_s", checkpoint_every_s),
-            ("max_train_steps_per_s", max_train_steps_per_s),
-        ):
-            if value is not None:
-                _positive(key, value)
-        for key, value in (("batch_size", batch_size), ("holdout_size", holdout_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"Trainer {key} must be a positive integer; got {value!r}.")
+        check_positive("Trainer", "learning_rate", learning_rate)
+        check_positive("Trainer", "metrics_every_s", metrics_every_s)
+        check_positive("Trainer", "checkpoint_every_s", checkpoint_every_s, none=True)
+        check_positive("Trainer", "max_train_steps_per_s", max_train_steps_per_s, none=True)
+        check_int("Trainer", "batch_size", batch_size)
+        check_int("Trainer", "holdout_size", holdout_size)
+        check_int("Trainer", "num_threads", num_threads, none=True)
+        check_int("Trainer", "nice", nice, 0, high=19, none=True)
         if checkpoint_dir is not None:
             describe_model(model)  # fail now, not an hour into the scan
-        if num_threads is not None and (
-            not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
-        ):
-            raise ConfigError(
-                f"Trainer num_threads must be a positive integer or None; got {num_threads!r}."
-            )
         average = average_weights
         if average is not None and (
             not isinstance(average, (int, float))
@@ -436,13 +428,6 @@ class Trainer(TrainerMixin):
         self.model = model.to(self.device, memory_format=memory_format_for(model, channels_last))
         self.precision = resolve_precision(train_precision, self.device)
         self.num_threads = num_threads
-        if nice is not None and (
-            not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19
-        ):
-            raise ConfigError(
-                f"Trainer nice must be an integer in 0..19 or None; got {nice!r}. "
-                "19 yields the most CPU to the scan."
-            )
         self.nice = nice
         self.frozen = bool(frozen)
         """Frozen models are evaluated but never trained (the pretrained baseline)."""
@@ -994,13 +979,3 @@ def _dihedral(u: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     if k % 4:
         u, v = torch.rot90(u, k % 4, dims=(-2, -1)), torch.rot90(v, k % 4, dims=(-2, -1))
     return u, v
-
-
-def _positive(key: str, value: Any) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"Trainer {key} must be a positive number; got {value!r}.")
