@@ -129,13 +129,16 @@ def demo_run(jit_catalog, tiny_toml):
     from bluesky_jit.apps.cli import main
 
     summary = jit_catalog.base / "demo_summary.json"
+    key_path = jit_catalog.base / "demo_key"
+    key_path.write_text(jit_catalog.api_key)
+    key_path.chmod(0o600)
     code = main(
         [
             "demo",
             "--catalog",
             jit_catalog.uri,
-            "--api-key",
-            jit_catalog.api_key,
+            "--api-key-file",
+            str(key_path),
             "--data-dir",
             str(jit_catalog.base / "demo"),
             *TINY_SCAN,

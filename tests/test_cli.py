@@ -53,7 +53,7 @@ def test_demo_keeps_its_flags(capsys):
     assert main(["demo", "--help"]) == 0
     out = capsys.readouterr().out
     for flag in (
-        "--data-dir --catalog --api-key --size --rows --angles --rotations --photons "
+        "--data-dir --catalog --api-key-file --size --rows --angles --rotations --photons "
         "--frame-rate --no-pace --seed --model --device --refresh-every --summary --figures "
         "--no-progress"
     ).split():
@@ -165,8 +165,8 @@ def test_replay_command_writes_a_derived_run_linked_to_the_raw_run(
             "replay",
             jit_catalog.uri,
             demo_run["raw_uid"][:8],
-            "--api-key",
-            jit_catalog.api_key,
+            "--api-key-file",
+            key_file(jit_catalog),
             "--data-dir",
             str(jit_catalog.base / "cli"),
             "--config",
@@ -198,8 +198,8 @@ def test_replay_of_a_run_that_fails_exits_1(jit_catalog, bad_tomo_run, tiny_toml
             "replay",
             jit_catalog.uri,
             bad_tomo_run,
-            "--api-key",
-            jit_catalog.api_key,
+            "--api-key-file",
+            key_file(jit_catalog),
             "--data-dir",
             str(jit_catalog.base / "cli"),
             "--config",
@@ -214,7 +214,7 @@ def test_replay_of_a_run_that_fails_exits_1(jit_catalog, bad_tomo_run, tiny_toml
 
 
 def test_replay_bad_input_exits_2_or_3(jit_catalog, count_run, lost_files_run, tmp_path, capsys):
-    key = ["--api-key", jit_catalog.api_key, "--no-progress"]
+    key = ["--api-key-file", key_file(jit_catalog), "--no-progress"]
     unreachable = f"http://127.0.0.1:{free_port()}"
     cases = [
         ([jit_catalog.uri, "0123abcd-no-such-run", *key], 2, "No run '0123abcd-no-such-run'"),
@@ -227,7 +227,11 @@ def test_replay_bad_input_exits_2_or_3(jit_catalog, count_run, lost_files_run, t
         ([jit_catalog.uri, "x", "--raw", "nope", *key], 3, "has no container 'nope'"),
         ([unreachable, "x", "--no-progress"], 3, "Cannot reach the Tiled server"),
         ([str(tmp_path / "empty"), "x"], 3, "No catalog in"),
-        ([jit_catalog.uri, "x", "--api-key", "wrongkey"], 3, "Check the API key"),
+        (
+            [jit_catalog.uri, "x", "--api-key-file", key_file(jit_catalog, "wrongkey")],
+            3,
+            "Check the API key",
+        ),  # fmt: skip
     ]
     for argv, expected, message in cases:
         assert main(["replay", *argv]) == expected, argv
@@ -283,7 +287,7 @@ def test_serve_runs_a_catalog_others_find_and_stops_on_sigterm(tmp_path):
 def test_export_writes_a_gif_and_a_png_from_the_catalog(jit_catalog, demo_run, tmp_path, capsys):
     from PIL import Image
 
-    key = ["--api-key", jit_catalog.api_key]
+    key = ["--api-key-file", key_file(jit_catalog)]
     gif = tmp_path / "slices.gif"
     assert main(["export", jit_catalog.uri, demo_run["derived_uid"], "--out", str(gif), *key]) == 0
     assert f"written to {gif}" in capsys.readouterr().out
@@ -294,6 +298,31 @@ def test_export_writes_a_gif_and_a_png_from_the_catalog(jit_catalog, demo_run, t
     assert png.stat().st_size > 1000
     assert main(["export", jit_catalog.uri, "nope", "--out", str(png), *key]) == 2
     assert "No run 'nope'" in capsys.readouterr().err
+
+
+def key_file(catalog, key=None):
+    """The catalog's API key (or ``key``) in a file only its owner may read."""
+    path = catalog.base / f"key-{key or 'right'}"
+    path.write_text((key or catalog.api_key) + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_a_key_on_the_command_line_is_refused(jit_catalog, demo_run, tmp_path, capsys):
+    out = str(tmp_path / "s.png")
+    argv = ["export", jit_catalog.uri, demo_run["derived_uid"], "--out", out]
+    assert main([*argv, "--api-key", jit_catalog.api_key]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key-file" in err and "TILED_API_KEY" in err
+    assert jit_catalog.api_key not in err  # never echoed
+    readable = tmp_path / "key"
+    readable.write_text(jit_catalog.api_key)
+    readable.chmod(0o644)
+    assert main([*argv, "--api-key-file", str(readable)]) == 2
+    err = capsys.readouterr().err
+    assert "chmod 600" in err and jit_catalog.api_key not in err
+    assert main([*argv, "--api-key-file", key_file(jit_catalog)]) == 0
+    assert os.path.exists(out)
 
 
 def test_environment_api_key_is_used(jit_catalog, demo_run, tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ EXAMPLES = {
     "listen": """
   bluesky-0MQ-proxy --in-address 127.0.0.1:5577 --out-address 127.0.0.1:5578 &
   bluesky-jit listen --zmq 127.0.0.1:5578                 # embedded catalog in ./bluesky_jit_data
-  bluesky-jit listen --zmq beamline:5578 --catalog http://tiled:8000 --api-key KEY
+  bluesky-jit listen --zmq beamline:5578 --catalog http://tiled:8000 --api-key-file ~/.tiled-key
   bluesky-jit listen --kafka broker1:9092,broker2:9092 \\
       --topic bl.bluesky.runengine.documents --group bluesky-jit --device cuda
   bluesky-jit listen --config bluesky-jit.toml --max-runs 1 --live
@@ -100,7 +100,7 @@ EXAMPLES = {
 """,
     "export": """
   bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.gif
-  bluesky-jit export http://tiled:8000 3f2a9c1e --out report/slices.png --api-key KEY
+  bluesky-jit export http://tiled:8000 3f2a9c1e --out report/slices.png --api-key-file ~/.tiled-key
 """,
 }
 
@@ -278,6 +278,50 @@ def cli(ctx: click.Context, verbose: int) -> None:
 opt = click.option
 
 
+def _key_file(ctx: click.Context, param: click.Parameter, value: Any) -> str | None:
+    """``--api-key-file FILE``: the key from a file only its owner may read.
+
+    A key given as a flag would be readable by every local user (``ps``), so
+    keys come from such a file, the ``TILED_API_KEY`` variable or the settings
+    file's ``[catalog] api_key``.
+    """
+    from click.core import ParameterSource
+
+    if value is None or ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT_MAP:
+        return value  # from the settings file: the key itself
+    path = Path(value)
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"Cannot read the API key file {path}: {err.strerror or err}.") from err
+    if mode & 0o077:
+        raise ConfigError(
+            f"The API key file {path} may be read by other users (mode {mode & 0o777:o}); "
+            f"expected only its owner: run chmod 600 {path}."
+        )
+    if not key:
+        raise ConfigError(f"The API key file {path} is empty; expected the key on one line.")
+    return key
+
+
+def _no_key_in_argv(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is not None:
+        raise ConfigError(
+            "--api-key is not taken on the command line: every local user can read it there "
+            "(ps, /proc). Put the key in a file only you can read and pass --api-key-file "
+            "FILE, or set TILED_API_KEY."
+        )
+
+
+def key_options(help_text: str) -> tuple:
+    """``--api-key-file FILE`` (the key, into ``api_key``) and the refused ``--api-key``."""
+    return (
+        opt("--api-key-file", "api_key", metavar="FILE", callback=_key_file, help=help_text),
+        opt("--api-key", "api_key_argv", hidden=True, expose_value=False, callback=_no_key_in_argv),
+    )
+
+
 PathType = click.Path(path_type=Path)
 CATALOG = (
     opt(
@@ -286,7 +330,7 @@ CATALOG = (
         metavar="URI",
         help="write to this Tiled server (http://host:port[/path]) instead of the embedded catalog",
     ),
-    opt("--api-key", help="API key for --catalog (or TILED_API_KEY)"),
+    *key_options("file holding the API key of --catalog (or TILED_API_KEY)"),
     opt(
         "--data-dir",
         type=PathType,
@@ -383,7 +427,7 @@ DEMO = (
 REPLAY = (
     click.argument("catalog"),
     click.argument("uids", nargs=-1, required=True, metavar="UID..."),
-    opt("--api-key", help="API key of CATALOG (or TILED_API_KEY)"),
+    *key_options("file holding the API key of CATALOG (or TILED_API_KEY)"),
     opt("--raw", default="raw", metavar="NAME", help="container of the raw runs in CATALOG"),
     opt(
         "--to",
@@ -457,7 +501,7 @@ SERVE = (
     ),  # fmt: skip
     opt("--host", default="127.0.0.1", help="interface to bind"),
     opt("--port", type=int, help="TCP port (default: a free one)"),
-    opt("--api-key", help="API key clients must send (default: a random one)"),
+    *key_options("file holding the API key clients must send (default: a random one)"),
     opt(
         "--readable",
         multiple=True,
@@ -469,7 +513,7 @@ EXPORT = (
     click.argument("catalog"),
     click.argument("uid"),
     opt("--out", type=PathType, default=Path("slices.gif"), help="output .png or .gif"),
-    opt("--api-key", help="API key of CATALOG"),
+    *key_options("file holding the API key of CATALOG (or TILED_API_KEY)"),
     opt("--fps", default=4.0, help="GIF frames per second"),
 )
 SPOOL = (
