@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,6 +115,18 @@ class FlatField:
         np.maximum(ratio, self.min_transmission, out=ratio)
         np.log(ratio, out=ratio)
         return np.negative(ratio, out=ratio)
+
+
+def correct(flatfield: FlatField | None, frame: np.ndarray, angle_deg: float, index: int) -> Any:
+    """``flatfield(frame)``, once the fields have come and the frame's angle is a number."""
+    if flatfield is None:
+        raise ScanDataError(
+            "A projection arrived before dark and flat fields; expected 'dark' and 'flat' "
+            "streams (or a dark_flat run) before the rotation."
+        )
+    if not math.isfinite(angle_deg):
+        raise ScanDataError(f"Projection {index} has angle {angle_deg!r}; expected degrees.")
+    return flatfield(frame)
 
 
 def _mean_frame(frames: np.ndarray, what: str) -> np.ndarray:

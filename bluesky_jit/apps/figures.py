@@ -40,14 +40,7 @@ def save_slices(
         ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
         ax.set_title(name)
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def save_learning_curve(
@@ -77,6 +70,13 @@ def save_learning_curve(
     ax2.set_xlabel("training step")
     ax2.set_ylabel("hold-out accuracy alpha")
     ax2.legend(loc="upper right", fontsize=8)
+    return _save(fig, path, title)
+
+
+def _save(fig: Any, path: str | Path, title: str) -> Path:
+    """Title, lay out, write (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

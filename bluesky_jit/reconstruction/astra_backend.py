@@ -59,23 +59,30 @@ def astra_fbp(
     sinogram, cols = centred(np.asarray(sinogram, dtype=np.float64), center_of_rotation)
     proj_geom = astra.create_proj_geom("parallel", 1.0, cols, np.asarray(angles, dtype=np.float64))
     vol_geom = astra.create_vol_geom(n, n)
-    sino_id = astra.data2d.create("-sino", proj_geom, sinogram.astype(np.float32))
-    rec_id = astra.data2d.create("-vol", vol_geom, 0.0)
     proj_id = astra.create_projector("linear", proj_geom, vol_geom)
-    cfg = astra.astra_dict("FBP")
+    sinogram = sinogram.astype(np.float32)
+    image = _run(astra, "FBP", proj_geom, vol_geom, proj_id, sinogram, _FILTERS[filter_name])
+    return np.ascontiguousarray(np.flipud(image)) / pixel_size
+
+
+def _run(astra, algorithm, proj_geom, vol_geom, proj_id, sino, filt=None) -> np.ndarray:
+    """Run one ASTRA 2D algorithm (FBP, BP) on a sinogram and free what it made."""
+    sino_id = astra.data2d.create("-sino", proj_geom, sino)
+    rec_id = astra.data2d.create("-vol", vol_geom, 0.0)
+    cfg = astra.astra_dict(algorithm)
     cfg["ProjectionDataId"] = sino_id
     cfg["ReconstructionDataId"] = rec_id
     cfg["ProjectorId"] = proj_id
-    cfg["FilterType"] = _FILTERS[filter_name]
+    if filt is not None:
+        cfg["FilterType"] = filt
     alg_id = astra.algorithm.create(cfg)
     try:
         astra.algorithm.run(alg_id)
-        image = astra.data2d.get(rec_id)
+        return astra.data2d.get(rec_id)
     finally:
         astra.algorithm.delete(alg_id)
         astra.data2d.delete([sino_id, rec_id])
         astra.projector.delete(proj_id)
-    return np.ascontiguousarray(np.flipud(image)) / pixel_size
 
 
 def centred(sinogram: np.ndarray, center_of_rotation: float) -> tuple[np.ndarray, int]:
@@ -175,18 +182,5 @@ def _bp_2d(astra, q: np.ndarray, lines, shape, projector: str) -> np.ndarray:
     # ASTRA's weights are path lengths in image pixels, i.e. scale with the image
     # pixel / detector pixel ratio; the detector pixel width |u| undoes that
     weighted = (q / np.sqrt(norm2)[:, None]).astype(np.float32)
-    sino_id = astra.data2d.create("-sino", proj_geom, weighted)
-    rec_id = astra.data2d.create("-vol", vol_geom, 0.0)
-    cfg = astra.astra_dict("BP")
-    cfg["ProjectionDataId"] = sino_id
-    cfg["ReconstructionDataId"] = rec_id
-    cfg["ProjectorId"] = proj_id
-    alg_id = astra.algorithm.create(cfg)
-    try:
-        astra.algorithm.run(alg_id)
-        image = astra.data2d.get(rec_id)
-    finally:
-        astra.algorithm.delete(alg_id)
-        astra.data2d.delete([sino_id, rec_id])
-        astra.projector.delete(proj_id)
+    image = _run(astra, "BP", proj_geom, vol_geom, proj_id, weighted)
     return np.ascontiguousarray(np.flipud(image), dtype=np.float32)

@@ -36,16 +36,28 @@ class AxialLines:
     row: np.ndarray
 
 
-def axial_lines(mats: np.ndarray, slice_: Slice, *, tol: float = 1e-7) -> AxialLines | None:
-    """The fast-path description of a slice, or None when the detector row or weight varies."""
+def _flat(mats: np.ndarray, slice_: Slice, tol: float, fixed_row: bool) -> tuple | None:
+    """``(mats, o, du, dv)`` when the weight is 1 over the slice and the detector row does not
+    vary along its columns (nor, with ``fixed_row``, its rows); else None."""
     mats = np.asarray(mats)
     o = np.append(slice_.origin, 1.0)
     du, dv = slice_.step_u, slice_.step_v
     w_var = np.abs(mats[:, 2, :3] @ du) * slice_.cols + np.abs(mats[:, 2, :3] @ dv) * slice_.rows
     w_at = mats[:, 2] @ o
-    r_var = np.abs(mats[:, 1, :3] @ du) * slice_.cols + np.abs(mats[:, 1, :3] @ dv) * slice_.rows
+    r_var = np.abs(mats[:, 1, :3] @ du) * slice_.cols
+    if fixed_row:
+        r_var = r_var + np.abs(mats[:, 1, :3] @ dv) * slice_.rows
     if np.any(w_var > tol) or np.any(np.abs(w_at - 1.0) > tol) or np.any(r_var > 1e-6):
         return None
+    return mats, o, du, dv
+
+
+def axial_lines(mats: np.ndarray, slice_: Slice, *, tol: float = 1e-7) -> AxialLines | None:
+    """The fast-path description of a slice, or None when the detector row or weight varies."""
+    flat = _flat(mats, slice_, tol, fixed_row=True)
+    if flat is None:
+        return None
+    mats, o, du, dv = flat
     return AxialLines(
         b0=mats[:, 0] @ o,
         step_col=mats[:, 0, :3] @ du,
@@ -68,14 +80,10 @@ class RowLines:
 
 def row_lines(mats: np.ndarray, slice_: Slice, *, tol: float = 1e-7) -> RowLines | None:
     """Lines description (axial slices, vertical slices with horizontal columns), or None."""
-    mats = np.asarray(mats)
-    o = np.append(slice_.origin, 1.0)
-    du, dv = slice_.step_u, slice_.step_v
-    w_var = np.abs(mats[:, 2, :3] @ du) * slice_.cols + np.abs(mats[:, 2, :3] @ dv) * slice_.rows
-    w_at = mats[:, 2] @ o
-    r_var = np.abs(mats[:, 1, :3] @ du) * slice_.cols
-    if np.any(w_var > tol) or np.any(np.abs(w_at - 1.0) > tol) or np.any(r_var > 1e-6):
+    flat = _flat(mats, slice_, tol, fixed_row=False)
+    if flat is None:
         return None
+    mats, o, du, dv = flat
     return RowLines(
         b0=mats[:, 0] @ o,
         step_col=mats[:, 0, :3] @ du,

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, GeometryError, ScanDataError
 from ..geometry import ProjectionGeometry, ScanGeometry, Slice
-from ..projections import FlatField, ProjectionBuffer
+from ..projections import FlatField, ProjectionBuffer, correct
 from .numba_backend import _prefer_workqueue, launch
 from .plans import PlanCache, ShearPlan, axial_lines
 
@@ -220,14 +220,7 @@ class StreamingSIRT:
 
     def add_frame(self, frame: np.ndarray, *, angle_deg: float, index: int) -> bool:
         """Correct and keep one frame's slice row; True when a window is complete."""
-        if self.flatfield is None:
-            raise ScanDataError(
-                "A projection arrived before dark and flat fields; expected 'dark' and 'flat' "
-                "streams before the rotation."
-            )
-        if not math.isfinite(angle_deg):
-            raise ScanDataError(f"Projection {index} has angle {angle_deg!r}; expected degrees.")
-        p = self.flatfield(frame)[self.row : self.row + 1]
+        p = correct(self.flatfield, frame, angle_deg, index)[self.row : self.row + 1]
         self.buffer.append(p, angle=math.radians(angle_deg), index=index)
         self._since += 1
         if self._since >= self.window:

@@ -45,7 +45,13 @@ import torch
 
 from ..errors import ConfigError, ScanDataError
 from ..geometry import ProjectionGeometry, ScanGeometry, Slice, orthogonal_slices, window_weight
-from ..projections import FlatField, ProjectionBuffer, ProjectionFilter, split_subsets
+from ..projections import (
+    FlatField,
+    ProjectionBuffer,
+    ProjectionFilter,
+    correct,
+    split_subsets,
+)
 from .backends import make_backend
 from .base import Backend
 
@@ -199,14 +205,8 @@ class StreamingReconstructor:
         ScanDataError
             No flat field yet, or a frame of the wrong shape or with NaN values.
         """
-        if self.flatfield is None:
-            raise ScanDataError(
-                "A projection arrived before dark and flat fields; expected 'dark' and 'flat' "
-                "streams (or a dark_flat run) before the rotation."
-            )
-        if not math.isfinite(angle_deg):
-            raise ScanDataError(f"Projection {index} has angle {angle_deg!r}; expected degrees.")
-        line_integrals = torch.from_numpy(self.flatfield(frame)).to(self.device)
+        corrected = correct(self.flatfield, frame, angle_deg, index)
+        line_integrals = torch.from_numpy(corrected).to(self.device)
         self.buffer.append(
             self.prefilter(line_integrals), angle=math.radians(angle_deg), index=index
         )
