@@ -37,7 +37,7 @@ from bluesky_jit.apps.listen import (
     zmq_serializer,
 )
 from bluesky_jit.catalog import derived_runs_for, runs_container
-from bluesky_jit.errors import ScanDataError
+from bluesky_jit.errors import ConfigError, ScanDataError
 
 from .helpers import wait_for
 
@@ -570,3 +570,27 @@ def test_listener_drops_documents_of_runs_it_never_saw_start_and_closes_silent_r
     assert summary.raw_uid == "r1"
     stops = [d for n, d in emitted if n == "stop"]
     assert stops and stops[-1]["exit_status"] in ("fail", "abort")
+
+
+def test_kafka_secrets_come_from_the_environment_and_missing_ones_exit_2(tmp_path, capsys):
+    from bluesky_jit.apps.cli import main
+    from bluesky_jit.apps.listen import kafka_consumer_config
+
+    file_config = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+    env = {"BLUESKY_JIT_KAFKA_SASL_USERNAME": "jit", "BLUESKY_JIT_KAFKA_SASL_PASSWORD": "s3cret"}
+    config = kafka_consumer_config(file_config, env)
+    assert config["sasl.username"] == "jit" and config["sasl.password"] == "s3cret"
+    assert config["security.protocol"] == "SASL_SSL"
+    with pytest.raises(ConfigError, match="BLUESKY_JIT_KAFKA_SASL_PASSWORD"):
+        kafka_consumer_config(file_config, {"BLUESKY_JIT_KAFKA_SASL_USERNAME": "jit"})
+    assert kafka_consumer_config({}, {}) == {}  # no SASL: nothing asked for
+    settings = tmp_path / "kafka.toml"
+    settings.write_text(
+        '[listen]\nconsumer_config = {"security.protocol" = "SASL_SSL", '
+        '"sasl.mechanism" = "PLAIN", "sasl.username" = "jit"}\n'
+    )
+    code = main(
+        ["listen", "--kafka", "127.0.0.1:9", "--topic", "t", "--config", str(settings)]
+    )  # the check comes before any broker is asked
+    assert code == 2
+    assert "sasl.password" in capsys.readouterr().err

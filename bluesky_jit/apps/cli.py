@@ -725,6 +725,7 @@ def _listen(call: Invocation) -> int:
         Listener,
         check_kafka,
         check_reachable,
+        kafka_consumer_config,
         listen_zmq,
         parse_address,
     )
@@ -744,7 +745,11 @@ def _listen(call: Invocation) -> int:
             "separate consumer group (the facility's Tiled writer) instead."
         )
     config = call.jit_config()
-    consumer_config = dict(call.settings.get("listen", {}).get("consumer_config") or {})
+    consumer_config = {}
+    if v["kafka"] is not None:  # settings file, then BLUESKY_JIT_KAFKA_* variables
+        consumer_config = kafka_consumer_config(
+            call.settings.get("listen", {}).get("consumer_config")
+        )
     timeout = v["connect_timeout"]
     if v["zmq"] is not None:  # fail fast, before starting a catalog
         address = parse_address(v["zmq"], "0MQ proxy address")

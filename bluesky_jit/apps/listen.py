@@ -684,6 +684,42 @@ class OffsetTracker:
                 self._first.pop(run)
 
 
+KAFKA_ENV_PREFIX = "BLUESKY_JIT_KAFKA_"
+"""Environment variables that set Kafka client settings: ``BLUESKY_JIT_KAFKA_SASL_PASSWORD``
+is ``sasl.password`` (the rest of the name lower-cased, ``_`` read as ``.``)."""
+_SASL_NEEDS_SECRET = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def kafka_consumer_config(
+    file_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The Kafka client settings: the settings file's ``consumer_config``, then the environment.
+
+    Secrets (``sasl.password``) belong in the environment or in a settings
+    file only its owner reads, never on the command line. A SASL mechanism
+    that needs a user name and password without both is a :class:`ConfigError`
+    that names the variables to set.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    config = dict(file_config or {})
+    for name, value in environ.items():
+        if name.startswith(KAFKA_ENV_PREFIX) and len(name) > len(KAFKA_ENV_PREFIX):
+            config[name[len(KAFKA_ENV_PREFIX) :].lower().replace("_", ".")] = value
+    mechanism = str(config.get("sasl.mechanism", config.get("sasl.mechanisms", ""))).upper()
+    if "SASL" in str(config.get("security.protocol", "")).upper() or mechanism:
+        missing = [k for k in ("sasl.username", "sasl.password") if not config.get(k)]
+        if (mechanism or "PLAIN") in _SASL_NEEDS_SECRET and missing:
+            names = ", ".join(KAFKA_ENV_PREFIX + k.replace(".", "_").upper() for k in missing)
+            raise ConfigError(
+                f"Kafka SASL ({mechanism or 'PLAIN'}) needs {' and '.join(missing)}; they are "
+                f"not set. Set {names} in the environment (or put them under consumer_config in "
+                "a settings file only you can read)."
+            )
+    return config
+
+
 def check_kafka(
     bootstrap_servers: str,
     topics: Sequence[str],
