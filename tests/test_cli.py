@@ -346,3 +346,20 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     huge.write_text("# padding\n" * 200_000)
     assert main(["demo", "--config", str(huge)]) == 2
     assert "a settings file is a few lines" in capsys.readouterr().err
+
+
+def test_serve_on_every_interface_warns(tmp_path):
+    """Started as a subprocess (real signals): the warning comes before the server runs."""
+    env = {**os.environ}
+    env.pop("TILED_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bluesky_jit.apps.cli", "serve", "--data-dir", str(tmp_path),
+         "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stderr.readline()  # printed at once, before the server starts
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert "reachable from the network" in line

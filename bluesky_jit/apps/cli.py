@@ -866,6 +866,11 @@ def _serve(call: Invocation) -> int:
         readable_storage=readable,
     )
     connection = local.directory / CONNECTION_FILE
+    if v["host"] not in ("127.0.0.1", "localhost", "::1"):
+        _log(
+            f"the catalog listens on {v['host']}: it is reachable from the network, by anyone "
+            "who has the API key. Serve on 127.0.0.1 unless other machines must write to it."
+        )
     try:
         write_connection_file(local)
         print(f"bluesky-jit: serving the catalog in {data_dir} at {local.uri}", flush=True)
