@@ -183,6 +183,13 @@ class Runtime(_Section):
     run_timeout_s: PositiveFloat | None = 3600.0
     """Seconds without a document after which an open run is closed as aborted (its
     trainer stopped, its derived stop written); None: wait for the stop forever."""
+    copy_keys: tuple[Annotated[str, Field(min_length=1, strict=True)], ...] = (
+        "data_session",
+        "proposal_id",
+        "beamline_id",
+    )
+    """Keys of the raw run's start document copied into the derived run's (when present),
+    so a facility catalog applies the raw run's access rules (data_session) to the results."""
 
 
 SECTIONS: dict[str, type[_Section]] = {

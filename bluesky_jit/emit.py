@@ -33,7 +33,7 @@ import math
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -47,6 +47,9 @@ from .errors import CatalogError, ConfigError, ScanDataError
 __all__ = ["DerivedRun", "IMAGE_STREAMS", "STREAMS"]
 
 PLAN_NAME: Final = "bluesky_jit"
+PLAN_TYPE: Final = "derived"
+"""``plan_type`` of a derived run: made by a callback from a raw run, not by a plan
+(bluesky's plans say ``"generator"``); bluesky's ``LiveTable`` prints it at the stop."""
 IMAGE_STREAMS: Final = ("reconstruction", "denoised")
 """Streams that carry one image per event; the image data key is the stream name."""
 STREAMS: Final = (*IMAGE_STREAMS, "metrics")
@@ -54,8 +57,35 @@ HDF5_MIMETYPE: Final = "application/x-hdf5"
 EXIT_STATUSES: Final = ("success", "fail", "abort")
 
 _RESERVED_START_KEYS: Final = frozenset(
-    {"uid", "time", "plan_name", "raw_uid", "raw_scan_id", "provenance", "sample"}
+    {
+        "uid",
+        "time",
+        "plan_name",
+        "plan_type",
+        "scan_id",
+        "hints",
+        "raw_uid",
+        "raw_scan_id",
+        "provenance",
+        "sample",
+    }
 )
+HINTS: Final[dict[str, tuple[str, ...]]] = {"metrics": ("loss", "alpha")}
+"""The fields a viewer should plot, per stream (a descriptor's ``hints``); image streams
+hint none, as ophyd area detectors do, so bluesky's BestEffortCallback makes no empty
+figure for them."""
+DIMENSIONS: Final = (("step",), "metrics")
+"""The independent variable: the start document's ``hints["dimensions"]``."""
+IMAGE_UNITS: Final = "1/mm"
+"""Reconstructed and denoised values are linear attenuation coefficients in 1/mm
+(README, "Scan metadata": binning the detector does not change them)."""
+UNITS: Final[dict[str, str]] = {
+    "sigma_fbp": IMAGE_UNITS,
+    "sigma_denoised": IMAGE_UNITS,
+    "steps_per_second": "1/s",
+}
+"""Units of scalars by name; otherwise a name ending in ``_s`` is in seconds and every
+other scalar (indices, counts, loss, alpha) is unitless, ``""``."""
 # TiledWriter renames data keys called "time" or "seq_num" (they clash with the
 # event table's own columns), so a scalar with such a name would not read back
 # under its own name.
@@ -95,16 +125,28 @@ class DerivedRun:
         JSON-able configuration recorded verbatim in the start document, e.g.
         ``{"config": asdict(jit_config), "geometry": ..., "model": ...,
         "backend": ...}``. Must not use the keys this class sets itself
-        (``uid``, ``time``, ``plan_name``, ``raw_uid``, ``raw_scan_id``,
-        ``provenance``, ``sample``).
+        (``uid``, ``time``, ``plan_name``, ``plan_type``, ``scan_id``,
+        ``hints``, ``raw_uid``, ``raw_scan_id``, ``provenance``, ``sample``).
+    copy_keys : sequence of str
+        Keys of ``raw_start`` copied into the start document when present,
+        e.g. the facility's ``("data_session", "proposal_id")``, so that a
+        catalog applies the raw run's access rules to the results.
 
     Notes
     -----
-    Start document: the caller's ``metadata`` plus ``plan_name="bluesky_jit"``,
+    Start document: the caller's ``metadata`` and the ``copy_keys`` of the
+    raw run, plus ``plan_name="bluesky_jit"``, ``plan_type="derived"``,
     ``raw_uid`` (search with ``Key("start.raw_uid") == uid`` on the Tiled
-    catalog), ``raw_scan_id``, ``sample`` (copied from the raw run) and a
-    ``provenance`` dict (raw uid, scan id and plan name; package name and
-    version; host).
+    catalog), ``scan_id`` and ``raw_scan_id`` (both the raw run's),
+    ``sample`` (copied from the raw run), ``hints={"dimensions": [[["step"],
+    "metrics"]]}`` and a ``provenance`` dict (raw uid, scan id and plan name;
+    package name and version; host). These are what bluesky's ``LiveTable``
+    and ``BestEffortCallback`` read.
+
+    Descriptors: every data key has ``units`` (images and noise levels
+    ``1/mm``, times ``s``, other scalars ``""``, unitless) and an
+    ``object_name``, the stream's name; ``object_keys`` and ``hints`` name the
+    fields to plot (:data:`HINTS`: ``loss`` and ``alpha`` of ``metrics``).
 
     Scalars are passed as keyword arguments. A stream's data keys are declared
     by its first call (bool -> ``boolean``, int -> ``integer``, float ->
@@ -142,6 +184,7 @@ class DerivedRun:
         image_shape: tuple[int, int],
         metadata: Mapping[str, Any],
         extra_images: Mapping[str, tuple[int, int]] | None = None,
+        copy_keys: Sequence[str] = (),
     ) -> None:
         if not isinstance(raw_start, Mapping) or not isinstance(raw_start.get("uid"), str):
             raise ConfigError(
@@ -164,11 +207,17 @@ class DerivedRun:
             )
         if not isinstance(metadata, Mapping):
             raise ConfigError(f"DerivedRun metadata must be a dict; got {type(metadata).__name__}.")
-        clash = sorted(_RESERVED_START_KEYS.intersection(metadata))
+        if isinstance(copy_keys, str) or not all(isinstance(k, str) for k in copy_keys):
+            raise ConfigError(
+                f"DerivedRun copy_keys must be a sequence of start-document keys; got "
+                f"{copy_keys!r}. Pass e.g. ('data_session', 'proposal_id')."
+            )
+        clash = sorted(_RESERVED_START_KEYS.intersection([*metadata, *copy_keys]))
         if clash:
             raise ConfigError(
-                f"DerivedRun metadata must not set {clash}: DerivedRun sets them from "
-                f"raw_start. Got metadata keys {sorted(metadata)}. Rename or drop those keys."
+                f"DerivedRun metadata and copy_keys must not set {clash}: DerivedRun sets them "
+                f"itself. Got metadata keys {sorted(metadata)} and copy_keys "
+                f"{list(copy_keys)}. Rename or drop those keys."
             )
         try:
             json.dumps(metadata, allow_nan=False)
@@ -190,7 +239,9 @@ class DerivedRun:
                     f"letters, digits and '_' (not one of {list(STREAMS)})."
                 )
             self._shapes[name] = (int(extra[0]), int(extra[1]))
-        self._bundle = event_model.compose_run(metadata=_start_metadata(raw_start, metadata))
+        self._bundle = event_model.compose_run(
+            metadata=_start_metadata(raw_start, metadata, copy_keys)
+        )
         self._path = self._directory.resolve() / f"{self.uid}.h5"
         self._file: h5py.File | None = None
         self._streams: dict[str, _Stream] = {}
@@ -380,7 +431,7 @@ class DerivedRun:
         image_key = name if name in self._shapes else None
         schema = _declare(name, scalars, image_key=image_key)
         data_keys: dict[str, Any] = {
-            key: {"dtype": dtype, "shape": [], "source": PLAN_NAME}
+            key: {"dtype": dtype, "shape": [], "source": PLAN_NAME, "units": _unit(key)}
             | ({"dtype_numpy": np_dtype} if (np_dtype := _DTYPES[dtype][0]) else {})
             for key, dtype in schema.items()
         }
@@ -393,8 +444,18 @@ class DerivedRun:
                 "dims": ["y", "x"],
                 "external": "STREAM:",
                 "source": f"{PLAN_NAME}:{name}",
+                "units": IMAGE_UNITS,
             }
-        descriptor = self._bundle.compose_descriptor(name=name, data_keys=data_keys)
+        for key in data_keys.values():
+            key["object_name"] = name
+        # one "object" per stream, as bluesky's viewers look fields up by object name
+        hinted = [key for key in HINTS.get(name, ()) if key in data_keys]
+        descriptor = self._bundle.compose_descriptor(
+            name=name,
+            data_keys=data_keys,
+            object_keys={name: list(data_keys)},
+            hints={name: {"fields": hinted}},
+        )
         stream = _Stream(name=name, image_key=image_key, schema=schema, descriptor=descriptor)
         self._streams[name] = stream
         self._emit("descriptor", descriptor.descriptor_doc)
@@ -499,7 +560,16 @@ def _get(mapping: Any, key: str) -> Any:
     return mapping.get(key) if isinstance(mapping, Mapping) else None
 
 
-def _start_metadata(raw_start: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, Any]:
+def _unit(key: str) -> str:
+    """The units of a scalar by its name (:data:`UNITS`; ``_s`` seconds; else ``""``)."""
+    if key in UNITS:
+        return UNITS[key]
+    return "s" if key.endswith("_s") else ""
+
+
+def _start_metadata(
+    raw_start: Mapping[str, Any], metadata: Mapping[str, Any], copy_keys: Sequence[str] = ()
+) -> dict[str, Any]:
     raw_scan_id = raw_start.get("scan_id")
     if isinstance(raw_scan_id, bool) or not isinstance(raw_scan_id, (int, np.integer)):
         raw_scan_id = None
@@ -513,12 +583,15 @@ def _start_metadata(raw_start: Mapping[str, Any], metadata: Mapping[str, Any]) -
     }
     md: dict[str, Any] = {
         **metadata,
+        **{key: raw_start[key] for key in copy_keys if key in raw_start},
         "plan_name": PLAN_NAME,
+        "plan_type": PLAN_TYPE,
+        "hints": {"dimensions": [[list(DIMENSIONS[0]), DIMENSIONS[1]]]},
         "raw_uid": raw_start["uid"],
         "provenance": provenance,
     }
     if raw_scan_id is not None:
-        md["raw_scan_id"] = int(raw_scan_id)
+        md["raw_scan_id"] = md["scan_id"] = int(raw_scan_id)
     if "sample" in raw_start:
         md["sample"] = raw_start["sample"]
     return md

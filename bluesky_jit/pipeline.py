@@ -191,6 +191,7 @@ class RunPipeline:
                 image_shape=(n, n),
                 metadata=self._metadata(geometry),
                 extra_images=extra,
+                copy_keys=self.config.runtime.copy_keys,
             )
             self.derived.start()
             self.summary.derived_uid = self.derived.uid
