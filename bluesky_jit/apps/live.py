@@ -76,7 +76,12 @@ class DerivedData:
 
 
 def open_derived(
-    catalog: str | Container, uid: str, *, api_key: str | None = None, container: str = "derived"
+    catalog: str | Container,
+    uid: str,
+    *,
+    api_key: str | None = None,
+    container: str = "derived",
+    raw_container: str = "raw",
 ) -> Container:
     """The derived run ``uid``, or the newest derived run of the raw run ``uid``.
 
@@ -86,7 +91,11 @@ def open_derived(
         A Tiled URI, a data directory (see :func:`bluesky_jit.apps.session.open_catalog`),
         a catalog root, or a container of derived runs.
     uid : str
-        Full or partial uid of a derived run, or of a raw run.
+        Full or partial uid (a unique prefix) of a derived run, or of a raw run;
+        or a scan id. A partial raw uid is looked up in ``raw_container`` of a
+        catalog root (given a container of derived runs, a raw uid must be full).
+    container, raw_container : str
+        Names of the derived and raw runs' containers under a catalog root.
     """
     from ..catalog import derived_runs_for
     from ..errors import RunNotFoundError
@@ -105,7 +114,13 @@ def open_derived(
     try:
         return lookup_run(runs, uid)
     except RunNotFoundError:
-        derived = derived_runs_for(runs, uid) if len(uid) == 36 else []
+        raw_uid = uid
+        if len(uid) != 36 and runs is not catalog and raw_container in catalog:
+            try:  # a partial raw uid: its full uid from the raw runs
+                raw_uid = lookup_run(catalog[raw_container], uid).metadata["start"]["uid"]
+            except RunNotFoundError:
+                pass
+        derived = derived_runs_for(runs, raw_uid) if len(raw_uid) == 36 else []
         if derived:
             return derived[-1]
         raise
