@@ -127,8 +127,16 @@ A flag wins over the file, the file over the default.
 
 CATALOG_KEYS = {"catalog_uri": "uri", "api_key": "api_key", "data_dir": "data_dir"}
 """Options read from the file's [catalog] section (option name -> key there)."""
+HTTP_LOGGERS = ("httpx", "httpcore")
+"""Loggers of the HTTP clients (tiled's): INFO has a line per request, kept for ``-vv``."""
 EXTRA_KEYS = {"listen": {"consumer_config"}}
 """File keys of a subcommand's section that are no flag (Kafka consumer settings)."""
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 # ------------------------------------------------------------------------ settings
@@ -270,6 +278,9 @@ def _command(name: str, summary: str, *options: Callable) -> Callable:
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 @click.option("-v", "--verbose", count=True, show_default=False, help="more log output")
+@click.version_option(
+    _version(), "--version", prog_name="bluesky-jit", message="%(prog)s %(version)s"
+)
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     ctx.meta["verbose"] = verbose
@@ -347,6 +358,13 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {}
 
 
 # ----------------------------------------------------------------------------- main
+def _quiet_http(verbose: int) -> None:
+    """``-v`` shows bluesky-jit's INFO lines, not one per HTTP request; ``-vv`` shows those too."""
+    level = logging.NOTSET if verbose >= 2 else logging.WARNING
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
 def parse(argv: Sequence[str] | None = None) -> Invocation | int:
     """The Invocation of ``argv``, or an exit code (``--help``: 0; bad usage: 2)."""
     try:
@@ -370,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             level=logging.WARNING - 10 * invocation.verbose,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        _quiet_http(invocation.verbose)
         return HANDLERS[invocation.command](invocation)
     except (CatalogError, BrokerError) as error:
         _error(error)

@@ -352,14 +352,18 @@ def _figures(run, truth, result: dict[str, Any], directory: Path) -> list[str]:
     paths = []
     if run.last_slice is not None:
         images = {
-            f"FBP ({result['psnr_fbp']:.1f} dB)": run.last_slice,
-            f"denoised ({result['psnr_denoised']:.1f} dB)": run.last_denoised,
+            _titled("FBP", result["psnr_fbp"]): run.last_slice,
+            _titled("denoised", result["psnr_denoised"]): run.last_denoised,
             "truth": truth,
         }
         paths.append(save_slices(directory / "slices.png", images, title="last slice"))
     if run.metrics:
         paths.append(save_learning_curve(directory / "learning_curve.png", run.metrics))
     return [str(p) for p in paths]
+
+
+def _titled(name: str, psnr: float) -> str:
+    return f"{name} ({psnr:.1f} dB)" if math.isfinite(psnr) else f"{name} (none)"
 
 
 def machine_description() -> dict[str, Any]:
@@ -387,6 +391,44 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _psnr_line(result: dict[str, Any]) -> str:
+    """PSNR of the last FBP and denoised slices, or why there is none (never ``nan dB``)."""
+    fbp, denoised = result["psnr_fbp"], result["psnr_denoised"]
+    if not math.isfinite(fbp):
+        return f"not measured: {why_not_denoised(result)}"
+    line = f"FBP {fbp:.2f} dB, "
+    if math.isfinite(denoised):
+        line += f"denoised {denoised:.2f} dB"
+    else:
+        line += f"nothing was denoised: {why_not_denoised(result)}"
+    return line + " (against the phantom's ground truth)"
+
+
+def why_not_denoised(result: dict[str, Any]) -> str:
+    """Why a demo run has no denoised slice, from its summary dict."""
+    settings = result["settings"]["config"]
+    if not result["slices"]:
+        because = f": {result['reason']}" if result.get("reason") else ""
+        return (
+            f"no slice was reconstructed{because} (a slice needs a full rotation of "
+            f"projections; {result['projections']} were ingested)"
+        )
+    if not settings["runtime"]["train"] and settings["training"]["warm_start"] is None:
+        return "training is off (train = false) and there is no warm_start network"
+    if not result["train_steps"]:
+        return (
+            "the network never trained: too few training pairs before the scan ended "
+            "(scan longer, --rotations, or lower batch_size)"
+        )
+    alpha = result["final_alpha"]
+    rated = f"alpha {alpha:.3f}" if math.isfinite(alpha) else "alpha was never measured"
+    return (
+        f"after {result['train_steps']} training steps the network did not yet beat the plain "
+        f"reconstruction on hold-out pairs ({rated}; denoising starts below 1): "
+        "scan longer (--rotations) or train faster (--device cuda)"
+    )
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """The human-readable summary printed at the end of the demo."""
     settings = result["settings"]
@@ -402,9 +444,13 @@ def format_summary(result: dict[str, Any]) -> str:
         f"projections   {result['projections']} ingested, {result['projections_per_s']:.1f}/s",
         f"slices        {result['slices']} reconstructed, {result['denoised']} denoised",
         f"training      {result['train_steps']} steps, {result['train_steps_per_s']:.1f} steps/s",
-        f"alpha         {result['final_alpha']:.3f} (1 = no denoising, ~0.5 = ideal)",
-        f"PSNR          FBP {result['psnr_fbp']:.2f} dB, denoised {result['psnr_denoised']:.2f} dB"
-        " (against the phantom's ground truth)",
+        "alpha         "
+        + (
+            f"{result['final_alpha']:.3f} (1 = no denoising, ~0.5 = ideal)"
+            if math.isfinite(result["final_alpha"])
+            else "not measured (no hold-out pairs were rated)"
+        ),
+        "PSNR          " + _psnr_line(result),
     ]
     writes = result.get("catalog_writes")
     if writes:

@@ -1,0 +1,127 @@
+"""What a new user notices in the first minutes (issue 13, items 6 and 7): the version,
+the licence, quiet ``-v``, short uids where the README uses them, a summary without
+``nan dB``."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bluesky_jit import __version__
+from bluesky_jit.apps.cli import main
+from bluesky_jit.apps.demo import format_summary
+
+from .test_cli import key_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"bluesky-jit {__version__}"
+
+
+def test_licence_is_bsd_3_clause_as_an_spdx_string():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License")
+    assert "Copyright (c) 2026, bluesky_jit contributors" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "BSD-3-Clause"  # PEP 639: no table, no classifier
+    assert not any(c.startswith("License ::") for c in project.get("classifiers", []))
+
+
+# ------------------------------------------------------------------- short uids, -v
+def test_show_takes_a_short_raw_uid(jit_catalog, demo_run):
+    """The README's ``show(uri, "3f2a9c1e")``: the first characters of a raw uid."""
+    from bluesky_jit.apps.live import open_derived, show
+
+    short = demo_run["raw_uid"][:8]
+    run = open_derived(jit_catalog.uri, short, api_key=jit_catalog.api_key)
+    assert run.metadata["start"]["uid"] == demo_run["derived_uid"]
+    figure = show(jit_catalog.uri, short, api_key=jit_catalog.api_key)
+    assert demo_run["derived_uid"][:8] in figure._suptitle.get_text()
+
+
+def test_export_takes_a_short_raw_uid_and_v_prints_no_http_requests(
+    jit_catalog, demo_run, tmp_path
+):
+    """``bluesky-jit export DATA <short uid>``; ``-v`` without a line per HTTP request."""
+
+    def export(*flags):
+        out = tmp_path / f"slices{len(flags)}.png"
+        argv = [str(BIN / "bluesky-jit"), *flags, "export", jit_catalog.uri]
+        argv += [demo_run["raw_uid"][:8], "--out", str(out)]
+        argv += ["--api-key-file", key_file(jit_catalog)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert out.stat().st_size > 1000
+        return done.stderr
+
+    assert "HTTP Request" not in export("-v")
+    assert "HTTP Request" in export("-vv")  # kept for -vv
+
+
+# ------------------------------------------------------------------------- summary
+def result(**changes):
+    """A demo summary dict (bluesky_jit.apps.demo) with ``changes``."""
+    from bluesky_jit.config import JitConfig
+
+    config = changes.pop("config", JitConfig())
+    base = {
+        "raw_uid": "r" * 36,
+        "derived_uid": "d" * 36,
+        "exit_status": "success",
+        "reason": "",
+        "catalog": "http://127.0.0.1:8000",
+        "frames": 180,
+        "scan_seconds": 12.0,
+        "achieved_frame_rate": 15.0,
+        "settings": {"frame_rate": 15.0, "paced": True, "config": config.to_dict()},
+        "projections": 180,
+        "projections_per_s": 15.0,
+        "slices": 10,
+        "denoised": 0,
+        "train_steps": 200,
+        "train_steps_per_s": 20.0,
+        "final_alpha": 1.3,
+        "psnr_fbp": 21.5,
+        "psnr_denoised": math.nan,
+    }
+    return base | changes
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({}, "did not yet beat the plain reconstruction"),
+        ({"final_alpha": math.nan}, "alpha was never measured"),
+        ({"train_steps": 0, "final_alpha": math.nan}, "never trained"),
+        ({"train_steps": 0, "config_train": False}, "training is off"),
+        (
+            {"slices": 0, "psnr_fbp": math.nan, "reason": "No slice was reconstructed: 40"},
+            "no slice was reconstructed",
+        ),
+    ],
+)
+def test_the_summary_says_why_nothing_was_denoised_never_nan_db(changes, why):
+    from bluesky_jit.config import JitConfig
+
+    if changes.pop("config_train", True) is False:
+        changes["config"] = JitConfig(train=False)
+    text = format_summary(result(**changes))
+    assert "nan" not in text.lower(), text
+    assert why in text, text
+    psnr = next(line for line in text.splitlines() if line.startswith("PSNR"))
+    assert ("nothing was denoised" in psnr) or ("not measured" in psnr), psnr
+
+
+def test_the_summary_shows_both_psnrs_when_there_are_both():
+    text = format_summary(result(denoised=3, final_alpha=0.6, psnr_denoised=24.25))
+    assert "FBP 21.50 dB, denoised 24.25 dB" in text
+    assert "0.600 (1 = no denoising" in text
