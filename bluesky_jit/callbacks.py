@@ -267,7 +267,7 @@ class JitCallback:
         self._open: dict[str, float] = {}  # runs started, not stopped -> time of last document
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._run_of_ref: dict[str, str | None] = {}  # descriptor / (stream) resource -> run
-        self._early: collections.Counter[str] = collections.Counter()  # descriptor -> events
+        self._early: dict[str, collections.Counter[str]] = {}  # descriptor -> reasons -> count
         self._kinds_logged: set[str] = set()
         self._next_timeout_check = 0.0
         self._worker = threading.Thread(target=self._work, name="bluesky-jit-worker", daemon=True)
@@ -345,13 +345,13 @@ class JitCallback:
         """Route one document, or count why not (on its run if it can be told)."""
         why = _malformed(name, doc)
         if why is not None:
-            self._unroutable(self._run_hint(doc), why)
+            self._unroutable(self._run_hint(doc), why, doc=doc)
             return
         if self._duplicate(name, doc):
             return
         run, why = self._run_of(name, doc)
         if why is not None:
-            self._unroutable(run, why)
+            self._unroutable(run, why, doc=doc)
             return
         if run is not None:
             self._open[run] = time.monotonic()
@@ -361,11 +361,11 @@ class JitCallback:
             logger.debug("bluesky_jit could not route a %r document", name, exc_info=True)
             self._unroutable(run, f"{_a(name)} document could not be routed", error)
         if name == "descriptor":
-            early = self._early.pop(doc["uid"], 0)
-            if early:  # counted on the callback until the run could be told: move it
-                self._uncount(_EARLY, early)
-                for _ in range(early):  # the reason says "(xN)"
-                    self._unroutable(run, _EARLY, log=False)
+            # counted on the callback until the run could be told: move them to the run
+            for early, n in self._early.pop(doc["uid"], {}).items():
+                self._uncount(early, n)
+                for _ in range(n):  # the reason says "(xN)"
+                    self._unroutable(run, early, log=False)
         elif name == "stop":
             self._open.pop(run, None)
             self._ended[run] = None
@@ -390,9 +390,6 @@ class JitCallback:
             return doc["uid"], None
         run = self._run_hint(doc)
         if name in ("event", "event_page") and doc["descriptor"] not in self._run_of_ref:
-            if len(self._early) > 10_000:  # descriptors that never come: forget them
-                self._early.clear()
-            self._early[doc["descriptor"]] += 1
             return None, _EARLY
         if name == "stream_datum" and doc["stream_resource"] not in self._run_of_ref:
             return run, "a stream_datum naming an unknown stream_resource"
@@ -414,9 +411,21 @@ class JitCallback:
         return run, None
 
     def _unroutable(
-        self, run: str | None, why: str, error: Exception | None = None, *, log: bool = True
+        self,
+        run: str | None,
+        why: str,
+        error: Exception | None = None,
+        *,
+        log: bool = True,
+        doc: Any = None,
     ) -> None:
-        """A document not processed: a problem of its run if open here, else counted here."""
+        """A document not processed: a problem of its run if open here, else counted here
+        (and, if it names a descriptor still to come, moved to that run when it comes)."""
+        descriptor = doc.get("descriptor") if isinstance(doc, dict) else None
+        if run is None and isinstance(descriptor, str):
+            if len(self._early) > 10_000:  # descriptors that never come: forget them
+                self._early.clear()
+            self._early.setdefault(descriptor, collections.Counter())[why] += 1
         pipeline = self.pipelines.get(run) if run is not None and run in self._open else None
         message = why if error is None else _in_context(why, error)
         if pipeline is not None:
