@@ -321,6 +321,31 @@ class JitConfig(BaseModel):
             )
         return self
 
+    def check_device(self) -> None:
+        """Raise a ConfigError unless ``runtime.device`` can run on this machine.
+
+        Called where the work is set up (``JitCallback``, ``JitProcess``), so a
+        scan never starts with a device that would lose every slice.
+        """
+        import torch
+
+        name = self.runtime.device
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(
+                f"runtime.device {name!r} is not a torch device; expected 'cpu' or 'cuda' "
+                "(or 'cuda:N')."
+            ) from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"runtime.device={name!r}, but torch sees no CUDA device on this machine; "
+                "use device='cpu' (--device cpu), or a machine with a GPU and a CUDA build of "
+                "torch."
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"runtime.device {name!r}: only 'cpu' and 'cuda' are supported.")
+
     @classmethod
     def for_variant(cls, name: str, **settings: Any) -> JitConfig:
         """Settings for a seed-000 Table 1 network by name ("C16", "V30", "Z3", "T5", ...).

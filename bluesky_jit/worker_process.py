@@ -279,6 +279,7 @@ class JitProcess(_ChildProcess):
         start_timeout: float = 120.0,
     ) -> None:
         self.config = config or JitConfig()
+        self.config.check_device()  # here, before the child starts and the scan begins
         self.emit = emit
         self.directory = Path(directory)
         self.quality = quality

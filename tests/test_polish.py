@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -182,3 +183,23 @@ def test_the_readme_cites_papers_and_points_at_no_missing_file():
     assert "until_quality" in README and "### Steering" in README
     for stream in ("reconstruction_xz", "reconstruction_yz"):
         assert f"`{stream}`" in README
+
+
+def test_a_device_that_cannot_run_is_refused_before_the_scan(tmp_path, capsys):
+    import torch
+
+    from bluesky_jit.callbacks import JitCallback
+    from bluesky_jit.config import JitConfig
+    from bluesky_jit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a torch device"):
+        JitCallback(config=JitConfig(device="gpu"), directory=tmp_path)
+    assert main(["demo", "--angles", "1", "--data-dir", str(tmp_path)]) == 2
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        JitCallback(config=JitConfig(device="cuda"), directory=tmp_path)
+    start = time.monotonic()
+    assert main(["demo", "--device", "cuda", "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert time.monotonic() - start < 60  # refused up front, no scan
+    assert "no CUDA device" in capsys.readouterr().err

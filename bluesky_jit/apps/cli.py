@@ -424,7 +424,12 @@ DEMO = (
     *CATALOG,
     opt("--size", default=128, help="detector width = slice size (px)"),
     opt("--rows", default=16, help="detector rows"),
-    opt("--angles", default=90, help="projections per rotation (180 degrees)"),
+    opt(
+        "--angles",
+        default=90,
+        type=click.IntRange(min=2),
+        help="projections per rotation (180 degrees)",
+    ),
     opt("--rotations", default=3, help="rotations"),
     opt("--photons", default=1000.0, help="flat-field counts per pixel"),
     opt("--frame-rate", default=15.0, help="virtual frames per second"),
