@@ -176,18 +176,31 @@ class TomoIngest(event_model.DocumentRouter):
 
     # -- run boundaries ------------------------------------------------------------
     def start(self, doc):
+        # Every tomography start yields a derived run: metadata that cannot be read
+        # ends it at once, its stop saying what was wrong.
         self.start_doc = dict(doc)
         tomo = doc.get("tomo") or {}
-        self.role = tomo.get("role", "scan")
-        self.detector_key = tomo.get("detector_key")
-        self.angle_key = tomo.get("angle_key", "rot_stage")
-        self._md_angles = list(tomo.get("angles") or [])
-        if self.role == "dark_flat":  # calibration frames only: no rotation, no geometry
-            self.sink.begin(self.start_doc, None)
-            return
         try:
+            if not isinstance(tomo, Mapping):
+                raise ScanDataError(
+                    f"The start document's 'tomo' must be a mapping of scan metadata "
+                    f"(num_angles, angular_range, ...); got the {type(tomo).__name__} {tomo!r}."
+                )
+            self.role = tomo.get("role", "scan")
+            self.detector_key = tomo.get("detector_key")
+            self.angle_key = tomo.get("angle_key", "rot_stage")
+            self._md_angles = list(tomo.get("angles") or [])
+            if self.role == "dark_flat":  # calibration frames only: no rotation, no geometry
+                self.sink.begin(self.start_doc, None)
+                return
             self.geometry = geometry_from_start(doc, self.overrides)
-        except BlueskyJitError as error:
+        except Exception as error:  # noqa: BLE001 - recorded in the derived run's stop
+            if not isinstance(error, BlueskyJitError):
+                error = ScanDataError(
+                    f"The start document's scan metadata could not be read ({type(error).__name__}:"
+                    f" {error}); expected numbers for num_angles, angular_range, pixel_size, ... "
+                    "in its 'tomo' block (see the README, 'Scan metadata')."
+                )
             self.sink.begin(self.start_doc, None)
             self._fatal(error)
             return

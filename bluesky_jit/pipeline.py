@@ -171,9 +171,19 @@ class RunPipeline:
         self.summary = RunSummary(
             raw_uid=start["uid"], geometry=geometry, budget=self._budget_record(geometry)
         )
-        if (start.get("tomo") or {}).get("role") == "dark_flat":
+        tomo = start.get("tomo")
+        if isinstance(tomo, Mapping) and tomo.get("role") == "dark_flat":
             return  # a calibration run: its fields are kept by the ingest, nothing to derive
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # the derived run still starts, and its stop says why
+            self.problem(
+                ConfigError(
+                    f"Cannot create the derived runs' directory {self.directory}: "
+                    f"{error.strerror or error}. Pass a writable directory= (--data-dir)."
+                )
+            )
+            geometry = None
         if self.emit is not None:
             from .emit import DerivedRun
 
