@@ -172,6 +172,7 @@ class TomoIngest(event_model.DocumentRouter):
         self._md_angles: list[float] = []  # tomo['angles'], one per frame (fly scans)
         self._frames: dict[int, np.ndarray] = {}  # primary seq_num -> frame
         self._waiting: list[tuple[np.ndarray, float, int]] = []  # before calibration
+        self._events_seen: dict[str, int] = {}  # stream -> events that reached the ingest
         self.projections = 0
 
     # -- run boundaries ------------------------------------------------------------
@@ -207,6 +208,7 @@ class TomoIngest(event_model.DocumentRouter):
         self.sink.begin(self.start_doc, self.geometry)
 
     def stop(self, doc):
+        self._count_missing(doc)
         if not self.dead:
             try:
                 self._finish_run()
@@ -216,6 +218,24 @@ class TomoIngest(event_model.DocumentRouter):
             f.close()
         self._files.clear()
         self.sink.end(doc)
+
+    def _count_missing(self, stop: Mapping[str, Any]) -> None:
+        """Events the stop document counts that never came: a problem, never silent.
+
+        Only streams of which some events came are compared (fly scans send
+        frames as stream datums, which ``num_events`` need not count).
+        """
+        counted = stop.get("num_events") if isinstance(stop, Mapping) else None
+        for stream, seen in self._events_seen.items():
+            expected = counted.get(stream) if isinstance(counted, Mapping) else None
+            if isinstance(expected, int) and seen < expected:
+                self._problem(
+                    ScanDataError(
+                        f"{expected - seen} of the {expected} '{stream}' events the raw stop "
+                        f"document counts did not reach bluesky_jit ({seen} came): dropped "
+                        "under overload or lost on the way (a bus that lost messages)."
+                    )
+                )
 
     def _finish_run(self) -> None:
         if self.role == "dark_flat":
@@ -257,9 +277,10 @@ class TomoIngest(event_model.DocumentRouter):
         self._resources[doc["uid"]] = doc
 
     def event_page(self, doc):
+        stream = self._streams.get(doc["descriptor"], "primary")
+        self._events_seen[stream] = self._events_seen.get(stream, 0) + len(doc["seq_num"])
         if self.dead:
             return
-        stream = self._streams.get(doc["descriptor"], "primary")
         try:
             doc = self._filler.event_page(doc)
         except Exception as error:  # a handler could not read the file

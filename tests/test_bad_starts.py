@@ -51,3 +51,29 @@ def test_a_derived_directory_that_cannot_be_made_fails_the_run_not_the_callback(
     (stop,) = derived.named("stop")
     assert stop["exit_status"] == "fail"
     assert "Cannot create the derived runs' directory" in stop["reason"]
+
+
+def test_events_the_stop_counts_but_that_never_came_fail_the_run(RE, tmp_path):
+    """A bus that lost two projection events: the run says so instead of a silent success."""
+    from .test_callbacks import recorded_inline_scan
+
+    raw = recorded_inline_scan(RE, tmp_path)
+    primary = {d["uid"] for d in raw.named("descriptor") if d["name"] == "primary"}
+    lost = {7, 8}
+    jit = JitCallback(config=CONFIG.replace(refresh_every=4), emit=None, directory=tmp_path)
+    for name, doc in raw.docs:
+        if name == "event" and doc["descriptor"] in primary and doc["seq_num"] in lost:
+            continue
+        jit(name, doc)
+    assert jit.flush(timeout=60)
+    jit.close()
+    summary = jit.summaries[0]
+    assert summary.exit_status == "fail"
+    assert "2 of the 32 'primary' events the raw stop document counts" in summary.reason
+    # and a complete run says nothing of the kind
+    whole = JitCallback(config=CONFIG.replace(refresh_every=4), emit=None, directory=tmp_path)
+    for name, doc in raw.docs:
+        whole(name, doc)
+    assert whole.flush(timeout=60)
+    whole.close()
+    assert "did not reach" not in whole.summaries[0].reason
