@@ -49,7 +49,7 @@ import numpy as np
 from .budget import leave_cores_to_the_scan
 from .codec import packb, unpackb
 from .config import JitConfig
-from .errors import ConfigError
+from .errors import BlueskyJitError, ConfigError
 from .geometry import ScanGeometry, Slice
 from .pipeline import RunSummary
 
@@ -84,6 +84,8 @@ class _ChildProcess:
         self._closed = False
         self._dead = threading.Event()
         self._ready = threading.Event()
+        self._refused = ""
+        """What the child said when it refused its settings (a ConfigError's message)."""
         to_child, self._to_child = os.pipe()
         self._from_child, from_child = os.pipe()
         self._process = subprocess.Popen(
@@ -105,6 +107,8 @@ class _ChildProcess:
         self._reader.start()
         if not self._ready.wait(start_timeout) or self._dead.is_set():
             self._process.kill()
+            if self._refused:  # e.g. a device this machine does not have: before the scan
+                raise ConfigError(self._refused)
             raise ConfigError(
                 f"The bluesky-jit {self.label} process did not start within {start_timeout} s "
                 f"(exit code {self._process.poll()}); its messages are above. Check that "
@@ -165,6 +169,8 @@ class _ChildProcess:
                 try:
                     if message[0] == "ready":
                         self._ready.set()
+                    elif message[0] == "refused":
+                        self._refused = str(message[1])
                     elif message[0] == "flushed":
                         self._flushed_reply(message[1:])
                     else:
@@ -190,6 +196,8 @@ class _ChildProcess:
         if self._dead.is_set():
             return
         self._dead.set()
+        if self._refused:  # said once, as the constructor's ConfigError
+            return
         logger.error(
             "The bluesky-jit %s process stopped: %s. Documents from now on are not processed "
             "(counted in .lost); the scan and its raw data are not affected.",
@@ -279,7 +287,6 @@ class JitProcess(_ChildProcess):
         start_timeout: float = 120.0,
     ) -> None:
         self.config = config or JitConfig()
-        self.config.check_device()  # here, before the child starts and the scan begins
         self.emit = emit
         self.directory = Path(directory)
         self.quality = quality
@@ -302,8 +309,14 @@ class JitProcess(_ChildProcess):
         kind = message[0]
         if kind == "emit" and self.emit is not None:
             self.emit(message[1], message[2])
-        elif kind == "progress":
-            self._running = {s["raw_uid"]: _summary(s) for s in message[1]}
+        elif kind == "progress":  # metric rows come once: keep the earlier ones
+            running = {}
+            for s in message[1]:
+                earlier = self._running.get(s["raw_uid"])
+                kept = earlier.metrics[: s["metrics_from"]] if earlier is not None else []
+                s["metrics"] = kept + s["metrics"]
+                running[s["raw_uid"]] = _summary(s)
+            self._running = running
         elif kind == "finished":
             summary = _summary(message[1])
             self._running.pop(summary.raw_uid, None)
@@ -417,14 +430,17 @@ def _read(pipe: BinaryIO) -> Any:
 _ARRAY_FIELDS = ("last_slice", "last_denoised", "last_indices", "last_denoised_indices")
 
 
-def _summary_message(summary: RunSummary) -> dict[str, Any]:
-    out = summary.to_dict() | {"metrics": list(summary.metrics)}
+def _summary_message(summary: RunSummary, metrics_from: int = 0) -> dict[str, Any]:
+    """A summary for the pipe; ``metrics_from``: the rows the other side has already."""
+    out = summary.to_dict() | {"metrics": summary.metrics[metrics_from:]}
+    out["metrics_from"] = metrics_from
     out |= {k: getattr(summary, k) for k in _ARRAY_FIELDS}
     out["geometry"] = None if summary.geometry is None else summary.geometry.to_dict()
     return out
 
 
 def _summary(message: dict[str, Any]) -> RunSummary:
+    message.pop("metrics_from", None)
     geometry = message.pop("geometry", None)
     summary = RunSummary(**message)
     summary.geometry = None if geometry is None else ScanGeometry(**geometry)
@@ -475,7 +491,11 @@ def _child(kind: str, to_child: int, from_child: int) -> int:  # pragma: no cove
     os.nice(settings["nice"])
     if settings.get("leave_cores", True):
         leave_cores_to_the_scan()
-    callback, control, flush, end = _CHILDREN[kind](settings, results)
+    try:
+        callback, control, flush, end = _CHILDREN[kind](settings, results)
+    except BlueskyJitError as error:  # settings this machine cannot run: the parent raises it
+        results.send("refused", str(error))
+        return 2
 
     def reply(token: int, timeout: float | None) -> None:
         results.send("flushed", token, *flush(timeout))
@@ -508,9 +528,15 @@ def _jit_child(settings: dict[str, Any], results: _Results) -> tuple:  # pragma:
     )
     stop = threading.Event()
 
+    sent: dict[str, int] = {}  # run -> metric rows the parent has
+
     def report_progress() -> None:
         while not stop.wait(0.5):
-            results.send("progress", [_summary_message(s) for s in jit.progress()])
+            running = jit.progress()
+            messages = [_summary_message(s, sent.get(s.raw_uid, 0)) for s in running]
+            sent.clear()
+            sent.update((s.raw_uid, len(s.metrics)) for s in running)
+            results.send("progress", messages)
 
     def control(method: str, kwargs: dict[str, Any]) -> None:
         if method not in _CONTROL:

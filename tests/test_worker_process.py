@@ -230,3 +230,32 @@ def test_child_processes_keep_off_the_scan_s_core(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert one.stdout.split() == [f"[{cores[-1]}]"]  # one core: kept
+
+
+def test_progress_metric_rows_cross_the_pipe_once(tmp_path):
+    from bluesky_jit.pipeline import RunSummary
+    from bluesky_jit.worker_process import _summary_message
+
+    jit = JitProcess(directory=tmp_path / "derived")
+    try:
+        summary = RunSummary(raw_uid="r", metrics=[{"step": 1}, {"step": 2}])
+        jit._handle(["progress", [_summary_message(summary, 0)]])
+        summary.metrics.append({"step": 3})
+        second = _summary_message(summary, 2)
+        assert second["metrics"] == [{"step": 3}]  # only the new row goes down the pipe
+        jit._handle(["progress", [second]])
+        assert [row["step"] for row in jit.progress()[0].metrics] == [1, 2, 3]
+    finally:
+        jit.close(timeout=30)
+
+
+def test_settings_the_child_cannot_run_are_refused_by_the_constructor(tmp_path):
+    import torch
+
+    from bluesky_jit.config import JitConfig
+    from bluesky_jit.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        JitProcess(config=JitConfig(device="cuda"), directory=tmp_path / "derived")
