@@ -12,13 +12,14 @@ import numpy as np
 
 def wait_for(
     predicate: Callable[[], object], timeout: float, what: str = "the condition", interval=0.05
-) -> None:
-    """Return once ``predicate()`` is true; raise TimeoutError after ``timeout`` seconds."""
+) -> bool:
+    """Return True once ``predicate()`` is true; raise TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout:g} s")
         time.sleep(interval)
+    return True
 
 
 @contextmanager

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 
 from bluesky_jit.errors import ConfigError
 from bluesky_jit.process_trainer import ProcessTrainer
+
+from . import helpers
 
 
 @pytest.fixture(autouse=True)
@@ -21,12 +21,7 @@ def _one_thread():
 
 
 def wait_for(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
+    return helpers.wait_for(predicate, timeout, "the process trainer")
 
 
 @pytest.mark.timeout(60)

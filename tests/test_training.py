@@ -19,6 +19,8 @@ from bluesky_jit.models.checkpoint import load_checkpoint
 from bluesky_jit.process_trainer import ProcessTrainer
 from bluesky_jit.training import Normalizer, OnlineTrainer, Trainer, alpha
 
+from . import helpers
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -183,12 +185,7 @@ def test_non_finite_loss_raises_and_keeps_weights():
 
 
 def wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+    return helpers.wait_for(predicate, timeout, "the trainer")
 
 
 @pytest.mark.timeout(30)
