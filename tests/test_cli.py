@@ -277,6 +277,8 @@ def test_serve_runs_a_catalog_others_find_and_stops_on_sigterm(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 130  # stopped cleanly, reported as interrupted
         assert not connection.exists()
+        said = process.stdout.read()
+        assert "stopping the catalog server" in said and "current run" not in said
     finally:
         if process.poll() is None:
             process.kill()

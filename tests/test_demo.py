@@ -16,7 +16,7 @@ def test_demo_command_end_to_end(tmp_path):
         sys.executable, "-m", "bluesky_jit.apps.cli", "demo",
         "--data-dir", str(tmp_path / "data"),
         "--size", "48", "--rows", "8", "--angles", "24", "--rotations", "2",
-        "--no-pace", "--no-progress", "--refresh-every", "6",
+        "--no-pace", "--refresh-every", "6",
         "--summary", str(summary), "--figures", str(figures),
         "--live",  # the live figure, drawn off screen (Agg)
     ]  # fmt: skip
@@ -41,3 +41,7 @@ def test_demo_command_end_to_end(tmp_path):
         assert writes[kind]["lost"] == 0 and writes[kind]["runs_pending"] == 0
         assert writes[kind]["written"] == writes[kind]["received"] > 0
     assert "frames/s (unpaced)" in done.stdout
+    # the progress bar's last drawing (stderr) shows the summary's counts
+    last = [part for part in done.stderr.split("\r") if "slices=" in part][-1]
+    assert f"slices={result['slices']}," in last
+    assert f"train_steps={result['train_steps']}]" in last

@@ -850,8 +850,11 @@ def _listen(call: Invocation) -> int:
     return EXIT_RUN_FAILED if listener.failed_count else EXIT_OK
 
 
-def _on_signals(stop: threading.Event) -> list[int]:
-    """SIGINT/SIGTERM ask for a clean stop; a second SIGINT interrupts at once.
+def _on_signals(
+    stop: threading.Event, message: str = "stopping (finishing the current run's documents)"
+) -> list[int]:
+    """SIGINT/SIGTERM ask for a clean stop (``message`` says what it does); a second
+    SIGINT interrupts at once.
 
     Returns the list the signals received are appended to (empty: none came).
     ``main`` puts the previous handlers back when the command ends.
@@ -862,7 +865,7 @@ def _on_signals(stop: threading.Event) -> list[int]:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt("second Ctrl-C")
         received.append(signum)
-        _log("stopping (finishing the current run's documents)")
+        _log(message)
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
@@ -881,7 +884,7 @@ def _serve(call: Invocation) -> int:
     data_dir = Path(v["data_dir"]).resolve()
     readable = [data_dir, *(Path(p) for p in v["readable"])]
     stop = threading.Event()
-    signals = _on_signals(stop)
+    signals = _on_signals(stop, "stopping the catalog server (clients lose their connection)")
     local = LocalCatalog(
         data_dir / "catalog",
         host=v["host"],

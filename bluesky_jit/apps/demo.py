@@ -156,8 +156,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         RE.unsubscribe(token)
         if not jit.flush(timeout=600):
             logger.warning("The worker had not finished after 600 s")
-        progress.close()
         jit.close()
+        progress.close()  # after close: the final counts are the summary's
         if not writers[1].flush(timeout=120):
             logger.warning("The raw run is not all in the catalog after 120 s (it is spooled)")
         run = next(s for s in jit.summaries if s.raw_uid == raw_uid)
