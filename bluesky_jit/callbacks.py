@@ -240,7 +240,7 @@ class JitCallback:
         self.quality = quality
         self.run_engine_here = run_engine_here
         self.config = config or JitConfig()
-        self.config.check_device()  # before any scan: a device that cannot run is refused
+        self.config.check_here()  # before any scan: a device or a checkpoint not here is refused
         self.emit = emit
         self.directory = Path(directory)
         self.geometry_overrides = dict(geometry_overrides or {})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -321,15 +322,25 @@ class JitConfig(BaseModel):
             )
         return self
 
-    def check_device(self) -> None:
-        """Raise a ConfigError unless ``runtime.device`` can run on this machine.
+    def check_here(self) -> None:
+        """Raise a ConfigError unless the settings can run on this machine: the
+        ``runtime.device`` is there and the ``training.warm_start`` file exists.
 
         Called where the work is set up (``JitCallback``, ``JitProcess``), so a
-        scan never starts with a device that would lose every slice.
+        scan never starts with settings that would lose every slice.
         """
+        warm_start = self.training.warm_start
+        if warm_start is not None and not Path(warm_start).is_file():
+            raise ConfigError(
+                f"training.warm_start {str(warm_start)!r} is not a file here; expected the "
+                "checkpoint of an earlier run (CHECKPOINT_DIR/RAW_UID/latest.pt, written when "
+                "checkpoint_dir is set). Check the path, or unset warm_start."
+            )
+        name = self.runtime.device
+        if name == "cpu":
+            return  # without importing torch (not in the RunEngine's process)
         import torch
 
-        name = self.runtime.device
         try:
             device = torch.device(name)
         except (RuntimeError, TypeError) as err:

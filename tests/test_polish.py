@@ -205,3 +205,20 @@ def test_a_device_that_cannot_run_is_refused_before_the_scan(tmp_path, capsys):
     assert main(["demo", "--device", "cuda", "--data-dir", str(tmp_path), "--no-progress"]) == 2
     assert time.monotonic() - start < 60  # refused up front, no scan
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_missing_warm_start_file_is_refused_before_the_scan(tmp_path, capsys):
+    from bluesky_jit.callbacks import JitCallback
+    from bluesky_jit.config import JitConfig
+    from bluesky_jit.errors import ConfigError
+    from bluesky_jit.worker_process import JitProcess
+
+    missing = tmp_path / "ckpt" / "nope" / "latest.pt"
+    config = JitConfig(warm_start=str(missing), online_strategy="frozen")
+    with pytest.raises(ConfigError, match="is not a file here"):
+        JitCallback(config=config, directory=tmp_path)
+    with pytest.raises(ConfigError, match="is not a file here"):
+        JitProcess(config=config, directory=tmp_path)  # refused by the child, raised here
+    argv = ["demo", "--warm-start", str(missing), "--online-strategy", "frozen"]
+    assert main([*argv, "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "warm_start" in capsys.readouterr().err

@@ -158,7 +158,9 @@ class Invocation:
         if self.values.get("variant") is not None:  # the flag names the network
             section.pop("model", None)
             given["variant"] = self.values["variant"]
-        return jit_config(section, **given)
+        config = jit_config(section, **given)
+        config.check_here()  # a device or a checkpoint not on this machine: exit 2, no scan
+        return config
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) -> Path | None:
