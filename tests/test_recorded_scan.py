@@ -1,0 +1,106 @@
+"""Recorded scans replay faithfully: in acquisition order, with the recording's angles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bluesky_jit.errors import ConfigError
+from simulated_devices.beamline import hw as make_hw
+from simulated_devices.plans import recorded_scan, tomo_continuous, tomo_scan
+from simulated_devices.recordings import DXchangeRecording, write_dxchange
+from simulated_devices.sources import RecordingSource
+
+from .test_simulated_devices import events_by_stream, record, stream_frames
+
+ROTATIONS, PER_ROTATION, SHAPE = 3, 8, (4, 12)
+
+
+def write_rotations(path, rotations=ROTATIONS, per_rotation=PER_ROTATION, span=360.0):
+    """A DXchange file whose frame k holds the value 1000 + k (darks 10 + j, flats 5000 + j)."""
+    n = rotations * per_rotation
+    data = (1000 + np.arange(n, dtype=np.uint16))[:, None, None] * np.ones(SHAPE, np.uint16)
+    darks = (10 + np.arange(2, dtype=np.uint16))[:, None, None] * np.ones(SHAPE, np.uint16)
+    flats = (5000 + np.arange(3, dtype=np.uint16))[:, None, None] * np.ones(SHAPE, np.uint16)
+    theta = span * np.arange(n) / per_rotation
+    return write_dxchange(path, data=data, flats=flats, darks=darks, theta=theta)
+
+
+def beamline(tmp_path, path, **source_options):
+    source = RecordingSource(DXchangeRecording.open(path, lazy=True), **source_options)
+    return make_hw(tmp_path / "detector", source=source)
+
+
+def test_multi_rotation_recording_replays_in_order(RE, tmp_path):
+    path = write_rotations(tmp_path / "three.h5")
+    beam = beamline(tmp_path, path)
+    docs = record(RE)
+    RE(recorded_scan(beam.det, beam.rot_stage, beam.shutter, beam.sample_stage))
+    start = docs[0][1]
+    assert start["plan_name"] == "recorded_scan"
+    tomo = start["tomo"]
+    assert (tomo["num_angles"], tomo["angular_range"], tomo["rotations"]) == (8, [0.0, 360.0], 3)
+    assert start["num_angles"] == 24 and start["num_dark_images"] == 2
+    frames = stream_frames(docs)
+    identity = frames["primary"][:, 0, 0].astype(int) - 1000  # the frame index it was recorded as
+    np.testing.assert_array_equal(identity, np.arange(24))
+    rec = DXchangeRecording.open(path)
+    for stream, recorded in (("primary", rec.data), ("dark", rec.darks), ("flat", rec.flats)):
+        np.testing.assert_array_equal(frames[stream], recorded)
+    angles = [e["data"]["rot_stage"] for e in events_by_stream(docs)["primary"]]
+    np.testing.assert_allclose(angles, rec.theta)
+    assert docs[-1][1]["exit_status"] == "success"
+
+
+def test_a_plan_with_the_recordings_angles_replays_in_order_too(RE, tmp_path):
+    beam = beamline(tmp_path, write_rotations(tmp_path / "three.h5"))
+    docs = record(RE)
+    args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
+    RE(tomo_continuous(*args, num_angles=8, rotations=3, angular_range=(0, 360), num_darks=1))
+    second = len(docs)
+    RE(
+        tomo_continuous(
+            *args, num_angles=8, rotations=2, angular_range=(0, 360), num_darks=0, num_flats=0
+        )
+    )
+    first_run, second_run = stream_frames(docs[:second]), stream_frames(docs[second:])
+    np.testing.assert_array_equal(first_run["primary"][:, 0, 0] - 1000, np.arange(24))
+    # a new run starts from the first projection again (no darks or flats between)
+    np.testing.assert_array_equal(second_run["primary"][:, 0, 0] - 1000, np.arange(16))
+
+
+def test_a_plan_whose_angles_disagree_is_refused_before_the_run(RE, tmp_path):
+    beam = beamline(tmp_path, write_rotations(tmp_path / "one.h5", rotations=1, per_rotation=12))
+    docs = record(RE)
+    args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
+    with pytest.raises(ValueError) as refused:  # angular_range left at its (0, 180) default
+        RE(tomo_scan(*args, num_angles=12))
+    message = str(refused.value)
+    assert "disagree" in message and "projection 1 is at 15 deg in the plan and 30 deg" in message
+    assert "12 projections: 1 rotation(s) of 12 over 0-360 deg" in message
+    assert "recorded_scan(" in message and "angular_range=(0.0, 360.0)" in message
+    with pytest.raises(ValueError, match="asks for 24 projections"):
+        RE(tomo_continuous(*args, num_angles=12, rotations=2, angular_range=(0, 360)))
+    assert docs == []  # refused before any run opened
+
+
+def test_nearest_angle_replay_refuses_a_multi_rotation_recording(tmp_path):
+    rec = DXchangeRecording.open(write_rotations(tmp_path / "three.h5"))
+    with pytest.raises(ConfigError) as refused:
+        RecordingSource(rec, replay="nearest_angle")
+    assert "has 3 rotations (24 projections, 8 per rotation)" in str(refused.value)
+    assert "replay='in_order'" in str(refused.value)
+    single = DXchangeRecording.open(write_rotations(tmp_path / "one.h5", rotations=1))
+    assert RecordingSource(single, replay="nearest_angle").replay == "nearest_angle"
+
+
+def test_the_tooth_scan_still_replays(RE, tmp_path, tooth_path):
+    rec = DXchangeRecording.open(tooth_path)
+    beam = beamline(tmp_path, tooth_path, center_of_rotation=295.0)
+    docs = record(RE)
+    RE(recorded_scan(beam.det, beam.rot_stage, beam.shutter, beam.sample_stage))
+    tomo = docs[0][1]["tomo"]
+    assert (tomo["num_angles"], tomo["angular_range"], tomo["rotations"]) == (181, [0, 180], 1)
+    frames = stream_frames(docs)
+    np.testing.assert_array_equal(frames["primary"], rec.data)
+    np.testing.assert_array_equal(frames["flat"], rec.flats)
