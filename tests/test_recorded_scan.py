@@ -104,3 +104,36 @@ def test_the_tooth_scan_still_replays(RE, tmp_path, tooth_path):
     frames = stream_frames(docs)
     np.testing.assert_array_equal(frames["primary"], rec.data)
     np.testing.assert_array_equal(frames["flat"], rec.flats)
+
+
+def test_slice_size_and_centre_set_the_published_slice(RE, tmp_path, tooth_path):
+    """A 64-pixel slice 40 px right of and 20 px above the axis is that part of the full slice."""
+    from bluesky_jit import JitCallback, JitConfig
+
+    base = JitConfig(refresh_every=1000, slice_row=0, vertical_slices=False, train=False)
+    slices = {}
+    for name, config in {
+        "full": base,
+        "zoom": base.replace(slice_size=64, slice_center=(40.0, -20.0)),
+    }.items():
+        derived = []
+        jit = JitCallback(
+            config=config,
+            emit=lambda n, d, out=derived: out.append((n, d)),
+            directory=tmp_path / name,
+        )
+        token = RE.subscribe(jit)
+        beam = beamline(tmp_path / name, tooth_path, center_of_rotation=295.0)
+        RE(recorded_scan(beam.det, beam.rot_stage, beam.shutter, beam.sample_stage))
+        RE.unsubscribe(token)
+        assert jit.flush(timeout=120)
+        jit.close()
+        slices[name] = jit.summaries[0].last_slice
+        descriptors = [d for n, d in derived if n == "descriptor"]
+        images = [k for d in descriptors for k in d["data_keys"].values() if k["dtype"] == "array"]
+        assert images and all(k["shape"] == [*slices[name].shape] for k in images)
+    assert slices["full"].shape == (640, 640) and slices["zoom"].shape == (64, 64)
+    # x along columns, y along rows: the full slice's pixel (i, j) is at (j - 319.5, i - 319.5)
+    crop = slices["full"][268 : 268 + 64, 328 : 328 + 64]  # float32 sums: ~1 % apart
+    np.testing.assert_allclose(slices["zoom"], crop, rtol=0, atol=0.02 * np.abs(crop).max())
+    assert np.corrcoef(slices["zoom"].ravel(), crop.ravel())[0, 1] > 0.999
