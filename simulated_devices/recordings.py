@@ -71,6 +71,11 @@ class DXchangeRecording:
         """
         return scan_layout(self.theta)
 
+    def close(self) -> None:
+        """Close the file of a recording read with ``lazy=True`` (nothing otherwise)."""
+        if isinstance(self.data, h5py.Dataset) and self.data.id.valid:
+            self.data.file.close()
+
     @classmethod
     def open(cls, path: str | Path, *, lazy: bool = False) -> DXchangeRecording:
         """Read a DXchange file.

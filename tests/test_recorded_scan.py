@@ -16,12 +16,12 @@ from .test_simulated_devices import events_by_stream, record, stream_frames
 ROTATIONS, PER_ROTATION, SHAPE = 3, 8, (4, 12)
 
 
-def write_rotations(path, rotations=ROTATIONS, per_rotation=PER_ROTATION, span=360.0):
+def write_rotations(path, rotations=ROTATIONS, per_rotation=PER_ROTATION, span=360.0, shape=SHAPE):
     """A DXchange file whose frame k holds the value 1000 + k (darks 10 + j, flats 5000 + j)."""
     n = rotations * per_rotation
-    data = (1000 + np.arange(n, dtype=np.uint16))[:, None, None] * np.ones(SHAPE, np.uint16)
-    darks = (10 + np.arange(2, dtype=np.uint16))[:, None, None] * np.ones(SHAPE, np.uint16)
-    flats = (5000 + np.arange(3, dtype=np.uint16))[:, None, None] * np.ones(SHAPE, np.uint16)
+    data = (1000 + np.arange(n, dtype=np.uint16))[:, None, None] * np.ones(shape, np.uint16)
+    darks = (10 + np.arange(2, dtype=np.uint16))[:, None, None] * np.ones(shape, np.uint16)
+    flats = (5000 + np.arange(3, dtype=np.uint16))[:, None, None] * np.ones(shape, np.uint16)
     theta = span * np.arange(n) / per_rotation
     return write_dxchange(path, data=data, flats=flats, darks=darks, theta=theta)
 
@@ -137,3 +137,40 @@ def test_slice_size_and_centre_set_the_published_slice(RE, tmp_path, tooth_path)
     crop = slices["full"][268 : 268 + 64, 328 : 328 + 64]  # float32 sums: ~1 % apart
     np.testing.assert_allclose(slices["zoom"], crop, rtol=0, atol=0.02 * np.abs(crop).max())
     assert np.corrcoef(slices["zoom"].ravel(), crop.ravel())[0, 1] > 0.999
+
+
+def test_demo_replays_a_recording_end_to_end(tmp_path, jit_catalog, tiny_toml, capsys):
+    import json
+
+    from bluesky_jit.apps.cli import EXIT_USAGE, main
+    from bluesky_jit.catalog import runs_container
+
+    path = write_rotations(tmp_path / "two.h5", rotations=2, per_rotation=16, shape=(4, 32))
+    key = jit_catalog.base / "recording_key"
+    key.write_text(jit_catalog.api_key)
+    key.chmod(0o600)
+    summary, figures = tmp_path / "summary.json", tmp_path / "figures"
+    common = ["--catalog", jit_catalog.uri, "--api-key-file", str(key), "--no-progress"]
+    code = main(
+        ["demo", "--recording", str(path), *common, "--config", str(tiny_toml), "--no-pace",
+         "--data-dir", str(jit_catalog.base / "recording"), "--summary", str(summary),
+         "--figures", str(figures)]
+    )  # fmt: skip
+    result = json.loads(summary.read_text())
+    assert code == 0, result
+    assert result["exit_status"] == "success" and result["derived_in_catalog"]
+    assert result["projections"] == 32 and result["frames"] == 32 + 2 + 3
+    assert result["slices"] >= 1 and result["settings"]["recording"] == str(path)
+    assert sorted(p.name for p in figures.iterdir()) == ["learning_curve.png", "slices.png"]
+    assert "a recording has no ground truth" in capsys.readouterr().out
+    raw = runs_container(jit_catalog.client(), "raw")[result["raw_uid"]]
+    tomo = raw.metadata["start"]["tomo"]
+    assert (tomo["num_angles"], tomo["rotations"], tomo["recording"]["replay"]) == (
+        16,
+        2,
+        "in_order",
+    )
+
+    missing = tmp_path / "missing.h5"
+    assert main(["demo", "--recording", str(missing), *common]) == EXIT_USAGE
+    assert f"{str(missing)!r} does not exist" in capsys.readouterr().err
