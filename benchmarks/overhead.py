@@ -191,6 +191,7 @@ def seed000_source(frames: int = 16, photons: float = 1000.0) -> Any:
         _SEED000_RECORDING[0],
         pixel_size=SEED000["pixel_size"],
         center_of_rotation=(SEED000["detector_shape"][1] - 1) / 2,
+        replay="nearest_angle",
         mirror=False,
     )
 

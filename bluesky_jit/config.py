@@ -36,6 +36,7 @@ PositiveInt = Annotated[int, Field(ge=1, strict=True)]
 """A whole number >= 1 (booleans and floats refused)."""
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 PathStr = Annotated[
     str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)
 ]
@@ -71,6 +72,12 @@ class Reconstruction(_Section):
     """Reconstruct a new slice every k projections (from the last full rotation)."""
     slice_row: Annotated[int, Field(ge=0, strict=True)] | None = None
     """Detector row of the axial slice; None is the middle row."""
+    slice_size: Annotated[int, Field(ge=2, strict=True)] | None = None
+    """Side of the reconstructed slices (pixels of the detector's scale); None is the detector
+    width."""
+    slice_center: tuple[FiniteFloat, FiniteFloat] = (0.0, 0.0)
+    """Centre (x, y) of the slices, pixels from the rotation axis: with slice_size, the region
+    reconstructed (a zoom on part of the sample)."""
     filter_name: str = "ram-lak"
     """Filter of the filtered backprojection."""
     backend: str = "auto"

@@ -434,15 +434,21 @@ class ScanGeometry(_Beam):
         return parallel(**common)
 
     def axial_slice(
-        self, row: float | None = None, *, shape: int | None = None, pixel_size: float | None = None
+        self,
+        row: float | None = None,
+        *,
+        shape: int | None = None,
+        pixel_size: float | None = None,
+        center_xy: Sequence[float] = (0.0, 0.0),
     ) -> Slice:
-        """The axial slice seen at a detector row (the middle row by default)."""
+        """The axial slice at a detector row (default: the middle row), centred at x, y (mm)."""
         row = self.center_row if row is None else row
         n = self.slice_size if shape is None else shape
         return Slice.axial(
             z=self.row_to_z(row),
             shape=(n, n),
             pixel_size=self.voxel_size if pixel_size is None else pixel_size,
+            center_xy=center_xy,
         )
 
     # -- checks against the data --------------------------------------------------------
@@ -1010,6 +1016,30 @@ def orthogonal_slices(
         replace(Slice.xz(shape=(height, n), y=y, pixel_size=pixel), center=(x, y, z)),
         replace(Slice.yz(shape=(height, n), x=x, pixel_size=pixel), center=(x, y, z)),
     )
+
+
+def default_slices(
+    geometry: ScanGeometry,
+    *,
+    slice_row: int | None = None,
+    slice_size: int | None = None,
+    slice_center: Sequence[float] = (0.0, 0.0),
+) -> tuple[Slice, Slice, Slice]:
+    """The reconstruction settings' slices: `orthogonal_slices` through the axial slice's centre.
+
+    Parameters
+    ----------
+    geometry : ScanGeometry
+    slice_row : int, optional
+        Detector row of the axial slice; default the middle row.
+    slice_size : int, optional
+        Side in pixels; default the detector width.
+    slice_center : (float, float)
+        Centre (x, y), pixels from the rotation axis.
+    """
+    row = geometry.rows // 2 if slice_row is None else slice_row
+    x, y = (float(c) * geometry.voxel_size for c in slice_center)
+    return orthogonal_slices(geometry, center=(x, y, geometry.row_to_z(row)), size=slice_size)
 
 
 # -- metadata ----------------------------------------------------------------------------

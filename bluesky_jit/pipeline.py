@@ -187,13 +187,20 @@ class RunPipeline:
         if self.emit is not None:
             from .emit import DerivedRun
 
-            n = geometry.slice_size if geometry is not None else 1
-            extra = {}
-            if geometry is not None and self.config.reconstruction.vertical_slices:
-                from .geometry import orthogonal_slices
+            n, extra = 1, {}
+            if geometry is not None:
+                from .geometry import default_slices
 
-                _, xz, yz = orthogonal_slices(geometry)
-                extra = {VERTICAL_STREAMS[0]: xz.shape, VERTICAL_STREAMS[1]: yz.shape}
+                rc = self.config.reconstruction
+                axial, xz, yz = default_slices(
+                    geometry,
+                    slice_row=rc.slice_row,
+                    slice_size=rc.slice_size,
+                    slice_center=rc.slice_center,
+                )
+                n = axial.shape[0]
+                if rc.vertical_slices:
+                    extra = {VERTICAL_STREAMS[0]: xz.shape, VERTICAL_STREAMS[1]: yz.shape}
             self.derived = DerivedRun(
                 raw_start=start,
                 emit=self.emit,

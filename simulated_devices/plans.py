@@ -8,6 +8,9 @@ Layouts
     flat     shutter open, sample out             [det]             (before or after primary)
     primary  shutter open, sample in, per angle   [det, rot_stage]
 
+`recorded_scan` replays a recording (`RecordingSource`) as it was taken: the
+recorded angles, in order, and as many darks and flats as were recorded.
+
 `dark_flat_run` makes a separate calibration run with streams ``dark`` and
 ``flat``; a scan given ``dark_flat_uid=<its uid>`` takes no darks or flats and
 records the uid. The detector is staged and unstaged around every stream, so an
@@ -58,7 +61,14 @@ from bluesky_jit.errors import ConfigError
 
 from .motion import SamplePosition, ShutterState
 
-__all__ = ["TOMO_KEYS", "dark_flat_run", "scan_angles", "tomo_continuous", "tomo_scan"]
+__all__ = [
+    "TOMO_KEYS",
+    "dark_flat_run",
+    "recorded_scan",
+    "scan_angles",
+    "tomo_continuous",
+    "tomo_scan",
+]
 
 TOMO_KEYS = (
     "beam",
@@ -288,6 +298,72 @@ def dark_flat_run(
     return (yield from bpp.run_wrapper(body(), md=start_md))
 
 
+def recorded_scan(
+    det: Any,
+    rot_stage: Any,
+    shutter: Any,
+    sample_stage: Any,
+    *,
+    num_darks: int | None = None,
+    num_flats: int | None = None,
+    flats_at_end: bool = False,
+    sample: str | None = None,
+    md: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Replay the recording ``det.source`` holds, as it was taken (one run, FXI layout).
+
+    The stage moves to every recorded angle in order, and the ``tomo`` block
+    says what the recording holds: ``num_angles`` per rotation,
+    ``angular_range`` and ``rotations`` (`simulated_devices.recordings.scan_layout`).
+
+    Parameters
+    ----------
+    det : detector
+        A simulated detector whose ``source`` is a `RecordingSource`.
+    rot_stage, shutter, sample_stage : movables
+        As in `tomo_scan`.
+    num_darks, num_flats : int, optional
+        Frames in the ``dark`` and ``flat`` streams; default: as many as recorded.
+    flats_at_end, sample, md
+        As in `tomo_scan`.
+
+    Returns
+    -------
+    str
+        The run uid.
+    """
+    from .sources import RecordingSource
+
+    source = getattr(det, "source", None)
+    if not isinstance(source, RecordingSource):
+        raise ConfigError(
+            f"recorded_scan replays a recording; detector {getattr(det, 'name', det)!r} images "
+            f"{source!r}. Make the devices with hw(..., source=RecordingSource("
+            "DXchangeRecording.open(path))), or use tomo_scan for other sources."
+        )
+    rec, layout = source.recording, source.layout
+    return (
+        yield from _scan(
+            det,
+            rot_stage,
+            shutter,
+            sample_stage,
+            plan_name="recorded_scan",
+            num_angles=layout["num_angles"],
+            rotations=layout["rotations"],
+            angular_range=layout["angular_range"],
+            num_darks=rec.darks.shape[0] if num_darks is None else num_darks,
+            num_flats=rec.flats.shape[0] if num_flats is None else num_flats,
+            flats_at_end=flats_at_end,
+            dark_flat_uid=None,
+            geometry=None,
+            sample=sample,
+            md=md,
+            angles=rec.theta,
+        )
+    )
+
+
 # ---------------------------------------------------------------------- internals
 def _scan(
     det: Any,
@@ -306,8 +382,13 @@ def _scan(
     geometry: Mapping[str, Any] | None,
     sample: str | None,
     md: Mapping[str, Any] | None,
+    angles: np.ndarray | None = None,
 ) -> Plan:
-    angles = scan_angles(num_angles=num_angles, angular_range=angular_range, rotations=rotations)
+    if angles is None:
+        angles = scan_angles(
+            num_angles=num_angles, angular_range=angular_range, rotations=rotations
+        )
+    _ready_source(det, angles, plan_name)
     start, stop = (float(a) for a in angular_range)
     if dark_flat_uid is not None:
         if not isinstance(dark_flat_uid, str) or not dark_flat_uid:
@@ -364,6 +445,14 @@ def _scan(
         yield from bps.mv(shutter, ShutterState.CLOSED)
 
     return (yield from bpp.run_wrapper(body(), md=start_md))
+
+
+def _ready_source(det: Any, angles: np.ndarray, plan_name: str) -> None:
+    """A recording source checks the plan's angles (before the run opens) and rewinds."""
+    source = getattr(det, "source", None)
+    if hasattr(source, "check_angles"):
+        source.check_angles(angles, plan=plan_name)
+        source.rewind()
 
 
 def _darks(det: Any, shutter: Any, num: int) -> Plan:

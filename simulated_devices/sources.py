@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bluesky_jit.errors import ConfigError, GeometryError
+from bluesky_jit.errors import ConfigError, GeometryError, ScanDataError
 
 from .phantoms import BubbleColumn
 from .recordings import DXchangeRecording
@@ -222,27 +222,41 @@ class PhantomSource:
 
 
 class RecordingSource:
-    """Replays a recorded scan: the frame whose angle is nearest the stage angle.
+    """Replays a recorded scan, in acquisition order or by nearest angle.
 
-    Angles are compared modulo 360 deg. A recording that covers only half a turn
-    (the usual 0-180 deg) is extended by symmetry: the projection at
-    ``theta + 180`` is the one at ``theta`` mirrored about the rotation axis.
-    The mirrored frame is rebuilt from its transmission so that the flat-field
-    profile stays in place: ``dark + (flat - dark) * mirror(T)`` with
-    ``T = (raw - dark) / (flat - dark)`` and mean darks and flats. Dark and flat
-    frames cycle through the recorded ones by frame number.
+    ``replay="in_order"`` (the default) serves frames by their place in the
+    recording: the k-th projection taken since the beam last changed (shutter
+    closed, sample out, sample in) is recorded projection k, whatever the
+    stage angle, so a recording of many rotations replays frame for frame. A
+    plan checks its angles against the recording's before it runs
+    (`check_angles`); `simulated_devices.plans.recorded_scan` takes them from
+    the recording. Asking for more projections than recorded is an error.
+
+    ``replay="nearest_angle"`` serves the recorded frame whose angle is
+    nearest the stage angle, modulo 360 deg; it refuses recordings of more
+    than one rotation (their frames share angles). A recording of half a turn
+    (the usual 0-180 deg) is then extended by symmetry: the projection at
+    ``theta + 180`` is the one at ``theta`` mirrored about the rotation axis,
+    rebuilt from its transmission so that the flat-field profile stays in
+    place: ``dark + (flat - dark) * mirror(T)`` with ``T = (raw - dark) /
+    (flat - dark)`` and mean darks and flats.
+
+    In both modes dark and flat frames cycle through the recorded ones in order.
 
     Parameters
     ----------
     recording : DXchangeRecording
-        The scan.
+        The scan (``DXchangeRecording.open(path, lazy=True)`` reads frame by frame).
     center_of_rotation : float, optional
         Detector column of the rotation axis, px; default ``(cols - 1) / 2``
         (the tooth scan needs about 295).
     pixel_size : float
         mm per pixel (DXchange files seldom say).
+    replay : {"in_order", "nearest_angle"}
+        How projections are chosen (above).
     mirror : bool
-        Use the mirror symmetry above; False replays the nearest recorded angle only.
+        ``nearest_angle`` only: use the mirror symmetry above; False replays the
+        nearest recorded angle only.
     sample_name : str, optional
         Default: the recording's sample name, else the file stem.
     """
@@ -253,6 +267,7 @@ class RecordingSource:
         *,
         center_of_rotation: float | None = None,
         pixel_size: float = 1.0,
+        replay: str = "in_order",
         mirror: bool = True,
         sample_name: str | None = None,
     ) -> None:
@@ -266,8 +281,12 @@ class RecordingSource:
             )
         if not pixel_size > 0:
             raise ConfigError(f"pixel_size must be > 0 mm; got {pixel_size!r}.")
+        self.layout = recording.layout
+        self._where = str(recording.path) if recording.path is not None else "in memory"
+        _check_replay(replay, self.layout, self._where, int(recording.data.shape[0]))
         self.center_of_rotation = cor
         self.pixel_size = float(pixel_size)
+        self.replay = replay
         self.mirror = bool(mirror)
         self.dtype = recording.data.dtype
         default_name = recording.sample_name or (
@@ -277,6 +296,59 @@ class RecordingSource:
         self._theta = np.mod(recording.theta, 360.0)
         self._dark_mean = recording.darks.mean(axis=0, dtype=np.float64)
         self._gain = recording.flats.mean(axis=0, dtype=np.float64) - self._dark_mean
+        self._beam: str | None = None  # "dark", "flat" or "projection": the last frame's
+        self._taken = 0  # frames taken since the beam last changed
+
+    def rewind(self) -> None:
+        """Start again from the first recorded dark, flat and projection."""
+        self._beam, self._taken = None, 0
+
+    def check_angles(self, angles: Any, *, plan: str = "the plan") -> None:
+        """Refuse a plan whose stage angles are not the recorded ones (``in_order`` replay).
+
+        Angles agree when they are equal modulo 360 deg to within a quarter of
+        the recorded angle step; a plan may take fewer projections than recorded.
+
+        Parameters
+        ----------
+        angles : array_like
+            The plan's projection angles, degrees, in order.
+        plan : str
+            The plan's name, for the message.
+
+        Raises
+        ------
+        ScanDataError
+            (a ValueError) saying what the plan asks, what was recorded and how to fix it.
+        """
+        if self.replay != "in_order":
+            return
+        angles = np.asarray(angles, dtype=np.float64).reshape(-1)
+        theta = self.recording.theta
+        lay = self.layout
+        fix = (
+            "Replay it with recorded_scan(det, rot_stage, shutter, sample_stage), which takes its "
+            f"angles from the recording, or ask for num_angles={lay['num_angles']}, "
+            f"angular_range={tuple(lay['angular_range'])}, rotations={lay['rotations']}."
+        )
+        recorded = (
+            f"the recording ({self._where}) has {theta.size} projections: {lay['rotations']} "
+            f"rotation(s) of {lay['num_angles']} over {_range(lay['angular_range'])} deg"
+        )
+        if angles.size > theta.size:
+            raise ScanDataError(f"{plan} asks for {angles.size} projections, but {recorded}. {fix}")
+        span = lay["angular_range"][1] - lay["angular_range"][0]
+        tolerance = 0.25 * abs(span) / lay["num_angles"]
+        off = np.abs((angles - theta[: angles.size] + 180.0) % 360.0 - 180.0)
+        bad = np.flatnonzero(off > tolerance)
+        if bad.size:
+            k = int(bad[0])
+            raise ScanDataError(
+                f"{plan}'s angles disagree with the recording's: projection {k} is at "
+                f"{angles[k]:g} deg in the plan and {theta[k]:g} deg in the file ({bad.size} of "
+                f"{angles.size} projections differ by more than {tolerance:.3g} deg); {recorded}. "
+                f"{fix}"
+            )
 
     def nearest(self, angle_deg: float) -> tuple[int, bool]:
         """Index of the recorded frame used at `angle_deg`, and whether it is mirrored.
@@ -323,13 +395,25 @@ class RecordingSource:
         ndarray, shape (rows, cols), dtype of the recording
         """
         rec = self.recording
-        if not shutter_open:
-            return rec.darks[index % rec.darks.shape[0]].copy()
-        if not sample_in:
-            return rec.flats[index % rec.flats.shape[0]].copy()
+        beam = "dark" if not shutter_open else "flat" if not sample_in else "projection"
+        if beam != self._beam:
+            self._beam, self._taken = beam, 0
+        taken, self._taken = self._taken, self._taken + 1
+        if beam == "dark":
+            return rec.darks[taken % rec.darks.shape[0]].copy()
+        if beam == "flat":
+            return rec.flats[taken % rec.flats.shape[0]].copy()
+        if self.replay == "in_order":
+            if taken >= rec.data.shape[0]:
+                raise ScanDataError(
+                    f"The recording ({self._where}) has {rec.data.shape[0]} projections; "
+                    f"projection {taken + 1} was asked for. Take at most {rec.data.shape[0]} "
+                    "(recorded_scan takes exactly the recorded ones)."
+                )
+            return np.array(rec.data[taken])
         k, mirrored = self.nearest(angle_deg)
         if not mirrored:
-            return rec.data[k].copy()
+            return np.array(rec.data[k])
         gain = np.where(self._gain > 0, self._gain, 1.0)
         trans = (rec.data[k] - self._dark_mean) / gain
         cols = self.detector_shape[1]
@@ -342,7 +426,7 @@ class RecordingSource:
         return out.astype(self.dtype)
 
     def metadata(self) -> dict[str, Any]:
-        """Geometry keys of the ``tomo`` block, plus ``recording`` (file and frame counts)."""
+        """Geometry keys of the ``tomo`` block, plus ``recording`` (file, frame counts, replay)."""
         rows, cols = self.detector_shape
         rec = self.recording
         return {
@@ -357,8 +441,26 @@ class RecordingSource:
                 "num_angles": int(rec.data.shape[0]),
                 "num_flats": int(rec.flats.shape[0]),
                 "num_darks": int(rec.darks.shape[0]),
+                "replay": self.replay,
             },
         }
 
     def __repr__(self) -> str:
         return f"RecordingSource({self.sample_name!r}, shape={self.detector_shape})"
+
+
+def _range(angular_range: Any) -> str:
+    return f"{angular_range[0]:g}-{angular_range[1]:g}"
+
+
+def _check_replay(replay: Any, layout: dict[str, Any], where: str, n: int) -> None:
+    if replay not in ("in_order", "nearest_angle"):
+        raise ConfigError(f"replay must be 'in_order' or 'nearest_angle'; got {replay!r}.")
+    if replay == "nearest_angle" and layout["rotations"] > 1:
+        raise ConfigError(
+            f"replay='nearest_angle' serves the frame nearest the stage angle modulo 360 deg, "
+            f"but the recording ({where}) has {layout['rotations']} rotations ({n} projections, "
+            f"{layout['num_angles']} per rotation) whose frames share angles: it would be "
+            "replayed scrambled. Replay it in acquisition order: RecordingSource(recording) "
+            "(replay='in_order') with simulated_devices.plans.recorded_scan."
+        )

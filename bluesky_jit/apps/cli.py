@@ -73,6 +73,7 @@ EXAMPLES = {
   bluesky-jit demo --rotations 2 --size 96 --summary summary.json --figures figures/
   bluesky-jit demo --photons 300 --no-pace --model unet --device cuda
   bluesky-jit demo --config bluesky-jit.toml --seed 3
+  bluesky-jit demo --recording scan.h5 --center-of-rotation 295 --slice-size 256
 """,
     "replay": """
   bluesky-jit replay bluesky_jit_data 3f2a9c1e            # runs of `bluesky-jit demo`
@@ -444,6 +445,18 @@ DEMO = (
         show_default=False,
         help="acquire as fast as possible instead of at --frame-rate",
     ),  # fmt: skip
+    opt(
+        "--recording",
+        type=PathType,
+        metavar="FILE.h5",
+        help="replay this DXchange scan (/exchange/data, data_white, data_dark, theta) in "
+        "acquisition order instead of the simulated one (--size ... --photons unused)",
+    ),  # fmt: skip
+    opt(
+        "--center-of-rotation",
+        type=float,
+        help="with --recording: axis column (px; default middle)",
+    ),
     _jit_options,
     opt("--summary", type=PathType, help="write the summary as JSON"),
     opt("--figures", type=PathType, help="write PNG figures here"),
@@ -608,6 +621,8 @@ def _demo(call: Invocation) -> int:
         frame_rate=v["frame_rate"],
         paced=v["pace"],
         seed=config.runtime.seed,
+        recording=v["recording"],
+        center_of_rotation=v["center_of_rotation"],
         summary=v["summary"],
         figures=v["figures"],
         progress=v["progress"],

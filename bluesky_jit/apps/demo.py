@@ -1,5 +1,9 @@
 """The demo: a simulated dynamic scan with live just-in-time denoising.
 
+With ``recording`` set (``--recording FILE.h5``) it replays a recorded DXchange
+scan instead, in acquisition order (`simulated_devices.plans.recorded_scan`),
+and the summary has no PSNR (a recording has no ground truth).
+
 A real RunEngine runs a continuous multi-rotation scan of the simulated
 bubble column (ophyd-async devices writing HDF5); the raw run goes into the
 embedded Tiled catalog (container ``raw``) and a
@@ -50,6 +54,10 @@ class DemoOptions:
     frame_rate: float = 15.0
     paced: bool = True
     seed: int = 0
+    recording: Path | None = None
+    """A DXchange HDF5 file to replay instead of the simulated bubble column."""
+    center_of_rotation: float | None = None
+    """Recording only: detector column of the rotation axis (px); default the middle."""
     summary: Path | None = None
     figures: Path | None = None
     progress: bool = True
@@ -78,13 +86,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from simulated_devices import hw
-    from simulated_devices.phantoms import BubbleColumn
-    from simulated_devices.plans import tomo_continuous
-    from simulated_devices.sources import PhantomSource
 
     from .. import catalog as cat
     from ..worker_process import JitProcess
 
+    phantom, source, plan_of, total = _scene(options)  # a bad recording fails here, first
     data_dir = Path(options.data_dir).resolve()
     raw_dir = data_dir / "raw"
     derived_dir = data_dir / "derived"
@@ -115,8 +121,6 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             options.on_run_engine(RE)
         RE.subscribe(writers[1])
         RE.subscribe(jit)
-        phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)
-        source = PhantomSource(phantom, photons=options.photons)
         beamline = hw(
             raw_dir,
             source=source,
@@ -124,20 +128,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             paced=options.paced,
             seed=options.seed,
         )
-        total = options.num_angles * options.rotations
+        plan = plan_of(beamline)
         bar = tqdm(total=total, unit="proj", desc="scan", disable=not options.progress)
         progress = _Progress(bar, jit)  # counts on the RunEngine's thread, draws on its own
         token = RE.subscribe(progress.count)
         t0 = time.monotonic()
-        plan = tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
-            num_angles=options.num_angles,
-            rotations=options.rotations,
-            sample="bubble column (simulated)",
-        )
         abort_reason: list[str] = []  # filled in on Ctrl-C, for the stop document
         try:
             (raw_uid,) = RE(with_abort_reason(checkpoint_each_frame(plan), abort_reason))
@@ -187,6 +182,43 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             writer.close(timeout=10)  # what is not written by then stays in the spool
         if local is not None:
             local.close()
+        if phantom is None:
+            source.recording.close()
+
+
+def _scene(options: DemoOptions) -> tuple[Any, Any, Callable[[Any], Any], int]:
+    """The phantom (None for a recording), the frame source, the plan for a beamline and
+    its number of projections."""
+    from simulated_devices.phantoms import BubbleColumn
+    from simulated_devices.plans import recorded_scan, tomo_continuous
+    from simulated_devices.recordings import DXchangeRecording
+    from simulated_devices.sources import PhantomSource, RecordingSource
+
+    if options.recording is not None:
+        recording = DXchangeRecording.open(options.recording, lazy=True)
+        source = RecordingSource(recording, center_of_rotation=options.center_of_rotation)
+        total = int(recording.data.shape[0])
+        return (
+            None,
+            source,
+            lambda b: recorded_scan(b.det, b.rot_stage, b.shutter, b.sample_stage),
+            total,
+        )
+    phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)
+    source = PhantomSource(phantom, photons=options.photons)
+
+    def plan(b: Any) -> Any:
+        return tomo_continuous(
+            b.det,
+            b.rot_stage,
+            b.shutter,
+            b.sample_stage,
+            num_angles=options.num_angles,
+            rotations=options.rotations,
+            sample="bubble column (simulated)",
+        )
+
+    return phantom, source, plan, options.num_angles * options.rotations
 
 
 class _Progress:
@@ -327,6 +359,7 @@ def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[s
             "frame_rate": options.frame_rate,
             "paced": options.paced,
             "seed": options.seed,
+            "recording": None if options.recording is None else str(options.recording),
             "config": options.config.to_dict(),
         },
         "machine": machine_description(),
@@ -334,7 +367,7 @@ def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[s
         "psnr_denoised": math.nan,
     }
     truth = None
-    if run.last_slice is not None and run.last_indices is not None:
+    if phantom is not None and run.last_slice is not None and run.last_indices is not None:
         times = np.asarray(run.last_indices) / options.frame_rate
         row = options.config.reconstruction.slice_row
         row = run.geometry.rows // 2 if row is None else row
@@ -363,7 +396,7 @@ def _figures(run, truth, result: dict[str, Any], directory: Path) -> list[str]:
 
 
 def _titled(name: str, psnr: float) -> str:
-    return f"{name} ({psnr:.1f} dB)" if math.isfinite(psnr) else f"{name} (none)"
+    return f"{name} ({psnr:.1f} dB)" if math.isfinite(psnr) else name
 
 
 def machine_description() -> dict[str, Any]:
@@ -394,6 +427,8 @@ def _jsonable(value: Any) -> Any:
 def _psnr_line(result: dict[str, Any]) -> str:
     """PSNR of the last FBP and denoised slices, or why there is none (never ``nan dB``)."""
     fbp, denoised = result["psnr_fbp"], result["psnr_denoised"]
+    if result["settings"].get("recording"):
+        return "not measured: a recording has no ground truth"
     if not math.isfinite(fbp):
         return f"not measured: {why_not_denoised(result)}"
     line = f"FBP {fbp:.2f} dB, "

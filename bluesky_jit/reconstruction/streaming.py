@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ScanDataError
-from ..geometry import ProjectionGeometry, ScanGeometry, Slice, orthogonal_slices, window_weight
+from ..geometry import ProjectionGeometry, ScanGeometry, Slice, default_slices, window_weight
 from ..projections import (
     FlatField,
     ProjectionBuffer,
@@ -93,6 +93,10 @@ class StreamingReconstructor:
         A slice is due every k projections once a rotation is buffered.
     slice_row : int or None
         Detector row of the default axial slice; the middle row by default.
+    slice_size : int or None
+        Side (pixels) of the slices; None is the detector width.
+    slice_center : (float, float)
+        Centre (x, y) of the slices, pixels from the rotation axis.
     filter_name : str
     device : str or torch.device
         Where projections are kept and, for the torch backend, reconstructed.
@@ -127,6 +131,8 @@ class StreamingReconstructor:
         *,
         refresh_every: int = 10,
         slice_row: int | None = None,
+        slice_size: int | None = None,
+        slice_center: Sequence[float] = (0.0, 0.0),
         filter_name: str = "ram-lak",
         device: str | torch.device = "cpu",
         backend: str = "auto",
@@ -176,13 +182,13 @@ class StreamingReconstructor:
             )
         self.buffer = ProjectionBuffer(int(capacity), (rows, cols), device=self.device)
         self.backend: Backend = make_backend(backend, device=self.device, threads=threads)
-        self.n = geometry.slice_size
-        self.slices: tuple[Slice, ...] = ()
-        self.set_slices(
-            orthogonal_slices(geometry, center=(0.0, 0.0, geometry.row_to_z(row)))
-            if slices is None
-            else slices
+        planes = default_slices(
+            geometry, slice_row=row, slice_size=slice_size, slice_center=slice_center
         )
+        self.n = planes[0].shape[0]
+        self.center_xy = planes[0].center[:2]
+        self.slices: tuple[Slice, ...] = ()
+        self.set_slices(planes if slices is None else slices)
         self.mode = mode
         self.incremental = incremental
         self._since_refresh = 0
@@ -265,7 +271,7 @@ class StreamingReconstructor:
     def reconstruct(self, row: int | None = None) -> SliceSet:
         """FBP/FDK of the last rotation on the axial slice at a detector row (default slice_row)."""
         row = self.row if row is None else row
-        slice_ = self.geometry.axial_slice(row, shape=self.n)
+        slice_ = self.geometry.axial_slice(row, shape=self.n, center_xy=self.center_xy)
         result = self.reconstruct_slice(slice_)
         return SliceSet(
             full=result.full,
@@ -495,7 +501,8 @@ class StreamingReconstructor:
         :meth:`reconstruct_subsets` on ``geometry.axial_slice(row)``: the
         inference inputs of Noise2Inverse with K splits and stacks.
         """
-        return self.reconstruct_subsets(self.geometry.axial_slice(row, shape=self.n), subsets)
+        slice_ = self.geometry.axial_slice(row, shape=self.n, center_xy=self.center_xy)
+        return self.reconstruct_subsets(slice_, subsets)
 
     def subset_patches(
         self,
