@@ -101,8 +101,8 @@ EXAMPLES = {
     "export": """
   bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.gif
   bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.tif        # derived: tiff, hdf5
-  bluesky-jit export bluesky_jit_data 7e11 --out scan.nxs              # raw: nxtomo, dxchange
-  bluesky-jit export bluesky_jit_data 7e11 --format dxchange --out scan.h5
+  bluesky-jit export bluesky_jit_data 7e119ef9 --out scan.nxs          # raw: nxtomo, dxchange
+  bluesky-jit export bluesky_jit_data 7e119ef9 --format dxchange --out scan.h5
   bluesky-jit export http://tiled:8000 3f2a9c1e --out report/slices.png --api-key-file ~/.tiled-key
 """,
 }
