@@ -11,6 +11,11 @@ from bluesky_jit.apps.cli import main
 from bluesky_jit.apps.export import DERIVED_FORMATS, RAW_FORMATS, export, read_raw
 from bluesky_jit.apps.live import read_derived
 from bluesky_jit.catalog import runs_container
+from bluesky_jit.errors import ConfigError
+
+from . import test_replay
+
+hex_layout_scan = test_replay.hex_layout_scan  # a fixture: darks and flats in a run of their own
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +76,21 @@ def test_nxtomo_reads_back_with_nxtomo(scan, tmp_path):
     assert detector.x_pixel_size.to("mm").magnitude == pytest.approx(1.0)
     assert detector.x_rotation_axis_pixel_position == pytest.approx(15.5)
     assert nx.sample.name == "bubble column (simulated)"
+
+
+def test_a_scan_with_a_separate_dark_flat_run_exports_that_runs_fields(
+    raw_runs, hex_layout_scan, tmp_path
+):
+    """HEX layout, ophyd v1 detector (Resource/Datum through the Filler)."""
+    from nxtomo.application.nxtomo import NXtomo
+
+    with pytest.raises(ConfigError, match="takes its darks and flats from run"):
+        read_raw(raw_runs[hex_layout_scan])
+    path = export(raw_runs[hex_layout_scan], tmp_path / "hex.nxs", runs=raw_runs)
+    nx = NXtomo().load(str(path), "entry", detector_data_as="as_numpy_array")
+    keys = [key.value for key in nx.instrument.detector.image_key_control]
+    assert keys == [2, 2, 1, 1] + [0] * 16
+    np.testing.assert_allclose(nx.sample.rotation_angle.magnitude[4:], np.arange(16) * 180 / 16)
 
 
 def test_dxchange_reads_back_with_h5py(scan, tmp_path):
