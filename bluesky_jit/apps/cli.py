@@ -101,6 +101,9 @@ EXAMPLES = {
 """,
     "export": """
   bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.gif
+  bluesky-jit export bluesky_jit_data 3f2a9c1e --out slices.tif        # derived: tiff, hdf5
+  bluesky-jit export bluesky_jit_data 7e119ef9 --out scan.nxs          # raw: nxtomo, dxchange
+  bluesky-jit export bluesky_jit_data 7e119ef9 --format dxchange --out scan.h5
   bluesky-jit export http://tiled:8000 3f2a9c1e --out report/slices.png --api-key-file ~/.tiled-key
 """,
 }
@@ -551,7 +554,13 @@ SERVE = (
 EXPORT = (
     click.argument("catalog"),
     click.argument("uid"),
-    opt("--out", type=PathType, default=Path("slices.gif"), help="output .png or .gif"),
+    opt("--out", type=PathType, default=Path("slices.gif"), help="output file"),
+    opt(
+        "--format",
+        type=click.Choice(["nxtomo", "dxchange", "tiff", "hdf5", "png", "gif"]),
+        help="raw run: nxtomo, dxchange; derived run: tiff, hdf5 (NXdata), png, gif "
+        "(default: from the suffix of --out: .nxs .tif .png .gif)",
+    ),  # fmt: skip
     *key_options("file holding the API key of CATALOG (or TILED_API_KEY)"),
     opt("--fps", default=4.0, help="GIF frames per second"),
 )
@@ -564,7 +573,8 @@ COMMANDS = {
     "replay": "replay stored runs from a catalog through the callback; derived runs linked to them",
     "listen": "process runs arriving over 0MQ or Kafka, for as long as it runs",
     "serve": "run the embedded catalog (Tiled, SQLite + files) for other tools to read",
-    "export": "write a derived run's slices as PNG (contact sheet) or GIF (animation)",
+    "export": "write a raw run as NXtomo or DXchange, a derived run's slices as TIFF, NXdata, "
+    "PNG or GIF",
     "spool": "write runs left in the spool (a catalog outage, a process that died) to the catalog",
 }
 
@@ -938,19 +948,13 @@ def _serve(call: Invocation) -> int:
 # --------------------------------------------------------------------------- export
 @_command("export", COMMANDS["export"], *EXPORT)
 def _export(call: Invocation) -> int:
-    from .live import export, open_derived, read_derived
+    from .export import export_uid
     from .session import open_catalog
 
     v = call.values
     with open_catalog(v["catalog"], api_key=v["api_key"], create=False) as session:
-        run = open_derived(session.client, v["uid"])
-        data = read_derived(run)
-        path = export(data, v["out"], fps=v["fps"])
-    _log(
-        f"derived run {data.uid} (raw run {data.raw_uid}): {len(data.reconstruction)} slices "
-        f"written to {path}",
-        stdout=True,
-    )
+        written = export_uid(session.client, v["uid"], v["out"], format=v["format"], fps=v["fps"])
+    _log(written, stdout=True)
     return EXIT_OK
 
 

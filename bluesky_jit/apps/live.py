@@ -18,8 +18,9 @@ Read back (two lines)::
     from bluesky_jit.apps.live import show
     show("http://127.0.0.1:8000", "3f2a", api_key="...")   # derived or raw uid
 
-:func:`export` writes a derived run's slices as PNG (a contact sheet) or GIF
-(an animation), read back from the catalog.
+:func:`export` writes a derived run's slices as PNG (a contact sheet), GIF (an
+animation), TIFF or NXdata HDF5 (:mod:`bluesky_jit.apps.export`, which also
+writes raw runs as NXtomo and DXchange).
 
 matplotlib is imported only when a function needs it.
 """
@@ -60,6 +61,8 @@ class DerivedData:
     denoised_index : ndarray, shape (M,)
     metrics : dict of str -> ndarray
         Columns of the ``metrics`` stream (``step``, ``loss``, ``alpha``, ...).
+    units : dict of str -> str
+        Units of the slices of each stream, as its descriptor declares (``1/mm``).
     start, stop : dict
         The run's start and stop documents.
     """
@@ -71,6 +74,7 @@ class DerivedData:
     denoised: np.ndarray
     denoised_index: np.ndarray
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
     start: dict[str, Any] = field(default_factory=dict)
     stop: dict[str, Any] = field(default_factory=dict)
 
@@ -136,9 +140,10 @@ def read_derived(run: Container) -> DerivedData:
             f"{start.get('plan_name')!r}); pass a derived run's uid, or a raw uid to get its "
             "newest derived run."
         )
-    images = {}
+    images, units = {}, {}
     for stream in ("reconstruction", "denoised"):
         if stream in run:
+            units[stream] = run[stream].metadata["data_keys"][stream].get("units", "")
             table = run[stream].read()
             images[stream] = (
                 np.asarray(table[stream].values),
@@ -158,6 +163,7 @@ def read_derived(run: Container) -> DerivedData:
         denoised=images["denoised"][0],
         denoised_index=images["denoised"][1],
         metrics=metrics,
+        units=units,
         start=start,
         stop=stop,
     )
@@ -181,34 +187,12 @@ def show(catalog: str | Container, uid: str | None = None, *, api_key: str | Non
     return figure
 
 
-def export(
-    run: Container | DerivedData,
-    path: str | Path,
-    *,
-    fps: float = 4.0,
-    max_frames: int = 48,
-) -> Path:
-    """Write a derived run's slices for a report: ``.png`` contact sheet or ``.gif`` animation.
+def export(run: Container | DerivedData, path: str | Path, **options: Any) -> Path:
+    """Write a derived run's slices: see :func:`bluesky_jit.apps.export.export` (PNG
+    contact sheet, GIF animation, TIFF stack, NXdata HDF5)."""
+    from .export import export as export_run
 
-    PNG: the learning curve and up to 6 reconstructions with the denoised
-    slice of the same projection index underneath. GIF: one frame per
-    reconstruction (at most ``max_frames``, evenly chosen), reconstruction and
-    denoised slice side by side.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".png", ".gif"):
-        raise ConfigError(f"Export to .png or .gif; got {path.name!r}.")
-    data = run if isinstance(run, DerivedData) else read_derived(run)
-    if len(data.reconstruction) == 0:
-        raise NotDerivedError(
-            f"Derived run {data.uid} has no reconstructed slice to export "
-            f"(exit_status {data.stop.get('exit_status')!r}: {data.stop.get('reason', '')})."
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".png":
-        return _contact_sheet(data, path)
-    return _animation(data, path, fps=fps, max_frames=max_frames)
+    return export_run(run, path, **options)
 
 
 # ------------------------------------------------------------------------------ live
@@ -401,73 +385,3 @@ def _window(image: np.ndarray | None) -> tuple[float, float]:
         return (0.0, 1.0)
     lo, hi = np.nanpercentile(image, [1, 99])
     return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-
-
-def _contact_sheet(data: DerivedData, path: Path) -> Path:
-    from matplotlib.figure import Figure  # off-screen, whatever the backend
-
-    n = len(data.reconstruction)
-    picks = sorted(set(np.linspace(0, n - 1, min(n, 6)).round().astype(int).tolist()))
-    denoised_at = {int(i): k for k, i in enumerate(data.denoised_index)}
-    cols = len(picks)
-    fig = Figure(figsize=(2.4 * max(cols, 2), 2.4 * 2 + 2.6))
-    grid = fig.add_gridspec(3, max(cols, 2), height_ratios=[1, 1, 1.1])
-    window = _window(data.reconstruction[picks[-1]])
-    for c, i in enumerate(picks):
-        index = int(data.reconstruction_index[i])
-        ax = fig.add_subplot(grid[0, c])
-        ax.imshow(data.reconstruction[i], cmap="gray", vmin=window[0], vmax=window[1])
-        ax.set_title(f"projection {index}", fontsize=8)
-        ax.axis("off")
-        ax = fig.add_subplot(grid[1, c])
-        ax.axis("off")
-        if index in denoised_at:
-            ax.imshow(
-                data.denoised[denoised_at[index]], cmap="gray", vmin=window[0], vmax=window[1]
-            )
-        else:
-            ax.text(0.5, 0.5, "not trained yet", ha="center", va="center", fontsize=8)
-        if c == 0:
-            ax.set_title("denoised", fontsize=8, loc="left")
-    ax = fig.add_subplot(grid[2, :])
-    rows = _metric_rows(data.metrics)
-    if rows:
-        ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], ".-", color="tab:red")
-        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
-        ax.axhline(0.5, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("hold-out alpha")
-    fig.suptitle(_title(data.uid, data.raw_uid, data.stop.get("exit_status", "running")))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def _animation(data: DerivedData, path: Path, *, fps: float, max_frames: int) -> Path:
-    from PIL import Image
-
-    n = len(data.reconstruction)
-    picks = sorted(set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()))
-    denoised_at = {int(i): k for k, i in enumerate(data.denoised_index)}
-    window = _window(data.reconstruction[-1])
-    frames = []
-    for i in picks:
-        rec = _to_uint8(data.reconstruction[i], window)
-        k = denoised_at.get(int(data.reconstruction_index[i]))
-        den = _to_uint8(data.denoised[k], window) if k is not None else np.zeros_like(rec)
-        gap = np.full((rec.shape[0], 4), 255, np.uint8)
-        frames.append(Image.fromarray(np.hstack([rec, gap, den])).convert("P"))
-    frames[0].save(
-        path,
-        save_all=True,
-        append_images=frames[1:],
-        duration=int(1000 / fps),
-        loop=0,
-    )
-    return path
-
-
-def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    lo, hi = window
-    scaled = (np.asarray(image, dtype=np.float64) - lo) / (hi - lo)
-    return (np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
