@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_SCAN
+from .conftest import TINY_SCAN, TOOTH
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -40,7 +40,10 @@ def python_blocks(text: str) -> list[str]:
 def placeholders(data: Path, raw_uid: str, derived_uid: str) -> dict[str, str]:
     """What the README writes for a reader's own values -> this test's values."""
     return {
+        '"scan.h5"': f'"{TOOTH}"',  # a recorded scan: the real tooth scan in shared/data
         "3f2a9c1e": raw_uid[:8],
+        '"http://127.0.0.1:8000"': "catalog.uri",  # the catalog the first block started
+        'api_key="..."': "api_key=catalog.api_key",
         '"/data': f'"{data}',
         'derived_uid = "77b0..."': f'derived_uid = "{derived_uid}"',
     }
@@ -75,7 +78,10 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, tiny_toml):
     try:
         for number, block in enumerate(python_blocks(README.read_text()), 1):
             reason = next((why for text, why in NOT_RUN.items() if text in block), None)
+            if '"scan.h5"' in block and not TOOTH.exists():
+                reason = f"{TOOTH} is not there"
             if reason is not None:
+                used.update({old: used[old] + 1 for old in replace if old in block})
                 continue
             for old, new in replace.items():
                 used[old] += block.count(old)
@@ -96,6 +102,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, tiny_toml):
     assert ran >= 7
     assert [old for old, count in used.items() if count == 0] == []
     # what the blocks did: read slices back, replayed the demo's run, steered a scan
-    assert namespace["slices"].ndim == 3 and len(namespace["slices"]) == demo["slices"]
+    assert namespace["slices"].ndim == 3 and 1 <= len(namespace["slices"]) <= demo["slices"]
     assert namespace["summaries"] and namespace["summaries"][0].exit_status == "success"
     assert namespace["report"]["events"] > 0
