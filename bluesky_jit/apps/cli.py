@@ -73,6 +73,8 @@ EXAMPLES = {
   bluesky-jit demo --rotations 2 --size 96 --summary summary.json --figures figures/
   bluesky-jit demo --photons 300 --no-pace --model unet --device cuda
   bluesky-jit demo --config bluesky-jit.toml --seed 3
+  bluesky-jit demo --web 8080        # watch in a browser; the key: bluesky_jit_data/web_api_key
+  bluesky-jit demo --live --planes all
 """,
     "replay": """
   bluesky-jit replay bluesky_jit_data 3f2a9c1e            # runs of `bluesky-jit demo`
