@@ -548,11 +548,22 @@ class JitCallback:
         ``slice_row`` moves the axial (denoised) slice to another detector row
         (seed 000, Fig. 7a: the network then meets new data and recovers);
         ``vertical`` maps 1 (xz) or 2 (yz) to a new
-        :class:`~bluesky_jit.geometry.Slice` of the same shape. Later runs
-        use ``JitConfig.reconstruction.slice_row``.
+        :class:`~bluesky_jit.geometry.Slice` of the same shape, or to the y
+        (xz) or x (yz) in mm to move it to. Later runs use
+        ``JitConfig.reconstruction.slice_row``.
         """
         for pipeline in list(self.pipelines.values()):
             pipeline.move(slice_row=slice_row, vertical=vertical)
+
+    def set_center(self, center_of_rotation: float) -> None:
+        """Reconstruct the runs in progress about another axis from their next refresh on.
+
+        ``center_of_rotation``: the detector column (px) the rotation axis
+        projects onto (the metadata's ``center_of_rotation``); the summaries'
+        ``geometry`` shows it once applied. Later runs use their metadata.
+        """
+        for pipeline in list(self.pipelines.values()):
+            pipeline.set_center(center_of_rotation)
 
     def set_sampling(self, *, patch_size: int | None = None, region: Any = _KEEP) -> None:
         """Change the training patches of the runs in progress (seed 000: "the

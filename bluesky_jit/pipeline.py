@@ -24,12 +24,14 @@ import numpy as np
 
 from .config import JitConfig
 from .errors import BlueskyJitError, ConfigError, GeometryError
-from .geometry import ScanGeometry
+from .geometry import ScanGeometry, Slice
 
 logger = logging.getLogger(__name__)
 
 _KEEP = object()
 VERTICAL_STREAMS = ("reconstruction_xz", "reconstruction_yz")
+_ACROSS = {1: 1, 2: 0}
+"""Vertical slice (1: xz, 2: yz) -> the coordinate (y, x) that says where it lies."""
 
 
 @dataclass
@@ -55,6 +57,11 @@ class RunSummary:
     last_denoised: np.ndarray | None = None
     last_indices: np.ndarray | None = None
     last_denoised_indices: np.ndarray | None = None
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    """The newest image of each image stream of the derived run, by stream name."""
+    positions: dict[str, float] = field(default_factory=dict)
+    """Where those images lie: the axial slice's detector row (``reconstruction``),
+    y (``reconstruction_xz``) and x (``reconstruction_yz``) in mm."""
     derived_path: str | None = None
     budget: dict[str, Any] | None = None
     """The CPU budget used (:meth:`bluesky_jit.budget.CpuBudget.to_dict`, with the
@@ -372,7 +379,11 @@ class RunPipeline:
             if summary is None:
                 return None
             copy = dataclasses.replace(
-                summary, metrics=list(summary.metrics), problems=list(summary.problems)
+                summary,
+                metrics=list(summary.metrics),
+                problems=list(summary.problems),
+                images=dict(summary.images),
+                positions=dict(summary.positions),
             )
         if self.trainer is not None:
             copy.train_steps = self.trainer.steps
@@ -442,13 +453,20 @@ class RunPipeline:
             self.summary.slices += 1
             self.summary.last_slice = slices.full
             self.summary.last_indices = slices.indices
+            self.summary.images["reconstruction"] = slices.full
+            self.summary.positions["reconstruction"] = slices.row
         if self.derived is not None:
             self.derived.add_reconstruction(
                 slices.full, num_projections=len(slices.indices), slice_row=slices.row, **common
             )
-            if recon.vertical_slices:
-                for name, plane in zip(VERTICAL_STREAMS, recon.slices[1:3], strict=True):
-                    image = recon.reconstruct_slice(plane).full
+        if recon.vertical_slices:
+            for index, name in enumerate(VERTICAL_STREAMS, start=1):
+                plane = recon.slices[index]
+                image = recon.reconstruct_slice(plane).full
+                with self._summary_lock:
+                    self.summary.images[name] = image
+                    self.summary.positions[name] = plane.center[_ACROSS[index]]
+                if self.derived is not None:
                     self.derived.add_image(name, image, **common)
         self._emit_metrics()
         if pairs.ready and self._network_useful():
@@ -486,6 +504,7 @@ class RunPipeline:
             self.summary.denoised += 1
             self.summary.last_denoised = denoised
             self.summary.last_denoised_indices = window
+            self.summary.images["denoised"] = denoised
         if self.derived is not None:
             self.derived.add_denoised(
                 denoised,
@@ -497,14 +516,24 @@ class RunPipeline:
     def move(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
         """Ask for slices elsewhere from the next refresh on (any thread).
 
-        ``slice_row`` moves the axial (denoised) slice; ``vertical`` maps 1 or
-        2 to a new :class:`~bluesky_jit.geometry.Slice` of the same shape.
+        ``slice_row`` moves the axial (denoised) slice; ``vertical`` maps 1
+        (xz) or 2 (yz) to a new :class:`~bluesky_jit.geometry.Slice` of the
+        same shape, or to a number: the y (xz) or x (yz) in mm to move it to.
         """
         with self._moves_lock:
             if slice_row is not None:
                 self._moves["row"] = slice_row
             for index, plane in (vertical or {}).items():
                 self._moves[index] = plane
+
+    def set_center(self, center_of_rotation: float) -> None:
+        """Reconstruct about another rotation axis from the next refresh on (any thread).
+
+        ``center_of_rotation``: the detector column (px) of the axis, as in the
+        scan's metadata; the projections already kept are used again.
+        """
+        with self._moves_lock:
+            self._moves["center"] = float(center_of_rotation)
 
     def set_sampling(self, *, patch_size: int | None = None, region: Any = _KEEP) -> None:
         """Change the training patches from the next refresh on (any thread).
@@ -540,8 +569,18 @@ class RunPipeline:
                     self.trainer.clear_holdout()
                 elif key == "region":
                     self.pairs.set_region(value)
+                elif key == "center":
+                    self.recon.set_center(value)
+                    self.trainer.clear_holdout()  # alpha rates the new reconstruction
+                    with self._summary_lock:
+                        self.summary.geometry = self.recon.geometry
+                    logger.info("bluesky_jit: centre of rotation now column %g", value)
                 else:
                     old = self.recon.slices[key]
+                    if not isinstance(value, Slice):  # a position across the plane, mm
+                        center = list(old.center)
+                        center[_ACROSS[key]] = float(value)
+                        value = old.moved(center=center)
                     if value.shape != old.shape:
                         raise ConfigError(
                             f"A moved vertical slice must keep its shape {old.shape} (the derived "

@@ -56,7 +56,7 @@ from .pipeline import RunSummary
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<I")
-_CONTROL = ("move_slices", "set_sampling")
+_CONTROL = ("move_slices", "set_sampling", "set_center")
 """The JitCallback methods a JitProcess forwards to its child."""
 
 
@@ -333,9 +333,16 @@ class JitProcess(_ChildProcess):
 
     def move_slices(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
         """As :meth:`bluesky_jit.callbacks.JitCallback.move_slices`."""
-        planes = {int(k): dataclasses.asdict(v) for k, v in (vertical or {}).items()}
+        planes = {
+            int(k): v if isinstance(v, (int, float)) else dataclasses.asdict(v)
+            for k, v in (vertical or {}).items()
+        }
         kwargs = {"slice_row": slice_row, "vertical": planes or None}
         self._outbox.put(("call", "move_slices", kwargs))
+
+    def set_center(self, center_of_rotation: float) -> None:
+        """As :meth:`bluesky_jit.callbacks.JitCallback.set_center`."""
+        self._outbox.put(("call", "set_center", {"center_of_rotation": float(center_of_rotation)}))
 
     def set_sampling(self, *, patch_size: int | None = None, region: Any = ...) -> None:
         """As :meth:`bluesky_jit.callbacks.JitCallback.set_sampling` (a region goes by value)."""
@@ -427,7 +434,14 @@ def _read(pipe: BinaryIO) -> Any:
     return unpackb(data)
 
 
-_ARRAY_FIELDS = ("last_slice", "last_denoised", "last_indices", "last_denoised_indices")
+_ARRAY_FIELDS = (
+    "last_slice",
+    "last_denoised",
+    "last_indices",
+    "last_denoised_indices",
+    "images",
+    "positions",
+)
 
 
 def _summary_message(summary: RunSummary, metrics_from: int = 0) -> dict[str, Any]:
@@ -542,7 +556,10 @@ def _jit_child(settings: dict[str, Any], results: _Results) -> tuple:  # pragma:
         if method not in _CONTROL:
             return
         if kwargs.get("vertical"):
-            kwargs["vertical"] = {int(k): Slice(**v) for k, v in kwargs["vertical"].items()}
+            kwargs["vertical"] = {
+                int(k): Slice(**v) if isinstance(v, dict) else v
+                for k, v in kwargs["vertical"].items()
+            }
         if isinstance(kwargs.get("region"), dict):
             region = kwargs["region"]
             region["mask"] = None if region["mask"] is None else np.asarray(region["mask"])

@@ -365,3 +365,34 @@ def test_serve_on_every_interface_warns(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert "reachable from the network" in line
+
+
+def test_demo_serves_the_web_view_with_a_key_file_only_its_owner_reads(tmp_path, tiny_toml):
+    """``demo --web PORT`` without a key: a new one in DATA_DIR/web_api_key, never printed."""
+    import httpx
+
+    from .helpers import wait_for
+
+    env = {**os.environ}
+    env.pop("TILED_API_KEY", None)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bluesky_jit.apps.cli", "demo", "--web", str(port),
+         "--data-dir", str(tmp_path), "--size", "32", "--rows", "4", "--angles", "16",
+         "--rotations", "6", "--frame-rate", "8", "--no-progress", "--config", str(tiny_toml)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()  # printed once the view serves, before the scan
+        assert f"live web view on http://127.0.0.1:{port}/" in line
+        key_file = tmp_path / "web_api_key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        url = f"http://127.0.0.1:{port}/api/state"
+        assert httpx.get(url).status_code == 401
+        headers = {"Authorization": f"Apikey {key}"}
+        wait_for(lambda: httpx.get(url, headers=headers).json()["raw_uid"], 120, "the scan shown")
+    finally:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert key not in line + out + err

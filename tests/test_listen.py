@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 
@@ -115,6 +117,8 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
                 "--config",
                 str(tiny_toml),
                 "--live",  # the figure loop in the main thread, the dispatcher in another
+                "--web",  # and the web view, with the catalog's key
+                "0",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -129,6 +133,10 @@ def test_zmq_listener_in_another_process_writes_derived_runs(jit_catalog, tiny_t
         poison.connect(f"tcp://127.0.0.1:{port_in}")
         beamline = tiny_beamline(tmp_path / "det")
         lines.wait_for("listening to 0MQ proxy", 60)
+        (web,) = re.findall(r"live web view on (http://127\.0\.0\.1:\d+/)", lines.text)
+        key = {"Authorization": f"Apikey {jit_catalog.api_key}"}
+        assert httpx.get(web + "api/state").status_code == 401
+        assert httpx.get(web + "api/state", headers=key).json() == {"raw_uid": None}
         lines.heard(poison, "probe-subscribed")
         # a pickle that would create a file if anyone unpickled it: refused, logged
         trap = tmp_path / "unpickled-by-the-listener"

@@ -85,3 +85,38 @@ def test_a_raw_run_is_not_a_derived_run(jit_catalog, demo_run):
         from bluesky_jit.apps.live import export
 
         export(raw, "slices.jpg")
+
+
+@pytest.mark.slow
+def test_live_view_shows_the_plane_asked_for_and_says_when_there_is_no_display(
+    RE, tmp_path, caplog
+):
+    """All three planes (each from its own image stream), on Agg: a clear line points to
+    the web view."""
+    from bluesky_jit.apps.live import PLANES, LiveView
+    from bluesky_jit.callbacks import JitCallback
+    from simulated_devices.beamline import hw as make_hw
+
+    from .test_callbacks import CONFIG, run_scan, source
+
+    jit = JitCallback(config=CONFIG, directory=tmp_path / "derived")
+    view = LiveView(jit, interval_s=0.05, planes="all")
+    run_scan(RE, jit, make_hw(tmp_path / "raw", source=source()))
+    with caplog.at_level("WARNING", logger="bluesky_jit.apps.live"):
+        view.run_while(lambda: False)
+    assert "No display for the live figure" in caplog.text
+    assert "bluesky-jit demo --web" in caplog.text
+    images = jit.summaries[-1].images
+    assert len(view.figure.axes) == 3 + 3  # three planes, denoised, loss and its alpha twin
+    for ax, plane in zip(view.figure.axes, PLANES, strict=False):
+        assert ax.get_title() == f"reconstructed {plane}"
+        np.testing.assert_array_equal(ax.images[0].get_array(), images[PLANES[plane]])
+    assert images["reconstruction_xz"].shape != images["reconstruction"].shape
+
+    only_yz = LiveView(jit, planes="yz")
+    assert only_yz.update()
+    np.testing.assert_array_equal(
+        only_yz.figure.axes[0].images[0].get_array(), images["reconstruction_yz"]
+    )
+    with pytest.raises(ValueError, match="Live planes are"):
+        LiveView(jit, planes="xyz")

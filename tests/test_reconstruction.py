@@ -168,3 +168,27 @@ def test_a_rejected_frame_does_not_break_later_refreshes():
         rec.add_frame(frame, angle_deg=9.0 * i, index=i)
     s = rec.reconstruct()
     assert list(s.indices) == list(range(10, 30))
+
+
+def test_set_center_reconstructs_about_the_new_axis_from_the_kept_projections():
+    """A disk scanned about column 60.3, reconstructed first about the middle column (wrong)
+    then, after set_center, as a reconstructor told the right centre from the start."""
+    g = ScanGeometry(detector_shape=(3, COLS), num_angles=90, angular_range=(0, 180))
+    angles_deg = np.arange(90) * 2.0
+    sino = disk_sinogram(np.radians(angles_deg), COLS, 60.3)
+    right = StreamingReconstructor(ScanGeometry(**{**g.to_dict(), "center_of_rotation": 60.3}))
+    moved = StreamingReconstructor(g)
+    for rec in (right, moved):
+        rec.set_flatfield(np.zeros((1, 3, COLS)), np.full((1, 3, COLS), 1000.0))
+        for i, (s, a) in enumerate(zip(sino, angles_deg, strict=True)):
+            rec.add_frame(np.repeat(1000 * np.exp(-s)[None], 3, axis=0), angle_deg=a, index=i)
+    expected = [s.full for s in right.reconstruct_slices()]
+    before = [s.full for s in moved.reconstruct_slices()]  # running sums about the old axis
+    moved.set_center(60.3)
+    assert moved.geometry.center_of_rotation == 60.3
+    after = [s.full for s in moved.reconstruct_slices()]
+    for a, b, e in zip(before, after, expected, strict=True):
+        np.testing.assert_allclose(b, e, atol=1e-5 * np.abs(e).max())
+        assert np.abs(a - e).max() > 0.1 * np.abs(e).max()
+    with pytest.raises(ValueError, match="outside the detector"):
+        moved.set_center(COLS + 5)

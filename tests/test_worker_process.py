@@ -70,7 +70,7 @@ def test_scan_through_the_child_process_into_the_catalog(RE, local_catalog, data
     assert jit.lost == 0
 
 
-def test_moving_the_slice_reaches_the_child(RE, tmp_path):
+def test_moving_the_slices_and_the_centre_reaches_the_child(RE, tmp_path):
     derived = Collector()
     jit = JitProcess(config=CONFIG, emit=derived, directory=tmp_path / "derived")
 
@@ -86,12 +86,19 @@ def test_moving_the_slice_reaches_the_child(RE, tmp_path):
                 return running
 
             wait_for(sliced, 5, "a slice in progress()")
-            jit.move_slices(slice_row=1)
+            jit.move_slices(slice_row=1, vertical={1: -2.0})
+            jit.set_center(SHAPE[1] / 2 + 1)
 
     RE.subscribe(move_at_projection_30)
     run_scan(RE, jit, make_hw(tmp_path / "raw", source=source(), frame_rate=20.0))
     rows = [e["data"]["slice_row"] for e in derived.named("event") if "slice_row" in e["data"]]
     assert rows[0] == SHAPE[0] // 2 and rows[-1] == 1
+    done = jit.summaries[0]  # the newest image of each stream and where it lies, by value
+    assert {"reconstruction", "reconstruction_xz", "reconstruction_yz"} <= set(running[-1].images)
+    assert done.positions["reconstruction"] == 1 and done.positions["reconstruction_xz"] == -2.0
+    assert running[-1].geometry.center_of_rotation == (SHAPE[1] - 1) / 2
+    assert done.geometry.center_of_rotation == SHAPE[1] / 2 + 1
+    np.testing.assert_array_equal(done.images["reconstruction"], done.last_slice)
     assert running[-1].raw_uid == jit.summaries[0].raw_uid
     assert running[-1].slices < jit.summaries[0].slices
     assert running[-1].projections >= 30 - 6  # darks and flats have seq_nums too

@@ -74,6 +74,8 @@ EXAMPLES = {
   bluesky-jit demo --photons 300 --no-pace --model unet --device cuda
   bluesky-jit demo --config bluesky-jit.toml --seed 3
   bluesky-jit demo --recording scan.h5 --center-of-rotation 295 --slice-size 256
+  bluesky-jit demo --web 8080        # watch in a browser; the key: bluesky_jit_data/web_api_key
+  bluesky-jit demo --live --planes all
 """,
     "replay": """
   bluesky-jit replay bluesky_jit_data 3f2a9c1e            # runs of `bluesky-jit demo`
@@ -357,7 +359,26 @@ CATALOG = (
 )
 PROGRESS = opt("--no-progress", "progress", is_flag=True, flag_value=False, default=True,
                show_default=False, help="no progress bar")  # fmt: skip
-LIVE = opt("--live", is_flag=True, show_default=False, help="show a live figure")
+LIVE = (
+    opt("--live", is_flag=True, show_default=False, help="show a live figure"),
+    opt(
+        "--planes",
+        type=click.Choice(["xy", "xz", "yz", "all"]),
+        default="xy",
+        help="slices in the live figure: axial xy, vertical xz or yz, or all three",
+    ),
+)
+WEB = (
+    opt(
+        "--web",
+        "web_port",
+        type=int,
+        metavar="PORT",
+        help="serve the live web view on PORT (0: a free one); the page asks for the "
+        "catalog's API key",
+    ),
+    opt("--web-host", default="127.0.0.1", help="web view interface (0.0.0.0: other machines)"),
+)
 
 
 HANDLERS: dict[str, Callable[[Invocation], int]] = {}
@@ -464,7 +485,8 @@ DEMO = (
     opt("--summary", type=PathType, help="write the summary as JSON"),
     opt("--figures", type=PathType, help="write PNG figures here"),
     PROGRESS,
-    LIVE,
+    *LIVE,
+    *WEB,
 )
 REPLAY = (
     click.argument("catalog"),
@@ -499,7 +521,7 @@ REPLAY = (
     _jit_options,
     opt("--summary", type=PathType, help="write the summaries as JSON"),
     PROGRESS,
-    LIVE,
+    *LIVE,
 )
 LISTEN = (
     opt("--zmq", metavar="HOST:PORT", help="out-address of a bluesky 0MQ proxy"),
@@ -532,7 +554,8 @@ LISTEN = (
         "(always on with --kafka)",
     ),  # fmt: skip
     _jit_options,
-    LIVE,
+    *LIVE,
+    *WEB,
 )
 SERVE = (
     opt(
@@ -616,13 +639,14 @@ def _error(error: Exception) -> None:
 # ----------------------------------------------------------------------------- demo
 @_command("demo", COMMANDS["demo"], *DEMO)
 def _demo(call: Invocation) -> int:
-    from .demo import DemoOptions, format_summary, run_demo
+    from .demo import DemoOptions, format_summary
 
     v, config = call.values, call.jit_config()
+    web_key = _web_key(v)
     options = DemoOptions(
         data_dir=v["data_dir"],
         catalog_uri=v["catalog_uri"],
-        api_key=v["api_key"],
+        api_key=v["api_key"] or web_key,
         size=v["size"],
         rows=v["rows"],
         num_angles=v["angles"],
@@ -638,10 +662,30 @@ def _demo(call: Invocation) -> int:
         progress=v["progress"],
         config=config,
     )
+    jit_box: list[Any] = []
+    views: list[Any] = []
+
+    def got_callback(jit: Any) -> None:
+        jit_box.append(jit)
+        if web_key is not None:
+            views.append(_serve_web(v, web_key, jit))
+
+    options.on_callback = got_callback
+    try:
+        result = _run_demo(options, v, jit_box)
+    finally:
+        for view in views:
+            view.stop()
+    print(format_summary(result))
+    return EXIT_OK if result["exit_status"] == "success" else EXIT_RUN_FAILED
+
+
+def _run_demo(options: Any, v: Mapping[str, Any], jit_box: list[Any]) -> dict[str, Any]:
+    """The demo, with a live figure in this thread (--live) or without."""
+    from .demo import run_demo
+
     if v["live"]:
-        jit_box: list[Any] = []
         re_box: list[Any] = []
-        options.on_callback = jit_box.append
         options.on_run_engine = re_box.append
 
         def pause() -> bool:  # Ctrl-C reaches the main thread; the scan runs in another
@@ -653,11 +697,46 @@ def _demo(call: Invocation) -> int:
                 return False
             return True
 
-        result = _with_live_view(lambda: run_demo(options), jit_box, on_interrupt=pause)
-    else:
-        result = run_demo(options)
-    print(format_summary(result))
-    return EXIT_OK if result["exit_status"] == "success" else EXIT_RUN_FAILED
+        return _with_live_view(
+            lambda: run_demo(options), jit_box, on_interrupt=pause, planes=v["planes"]
+        )
+    return run_demo(options)
+
+
+def _web_key(v: Mapping[str, Any]) -> str | None:
+    """The key of ``--web`` (None without it): the catalog's (``--api-key-file``,
+    ``TILED_API_KEY``); with neither, a new one, written to ``DATA_DIR/web_api_key``
+    (mode 0600, never printed) and given to the embedded catalog too."""
+    import os
+    import secrets
+
+    if v["web_port"] is None:
+        return None
+    key = v["api_key"] or os.environ.get("TILED_API_KEY")
+    if key:
+        return key
+    if v["catalog_uri"] is not None:
+        raise ConfigError(
+            "--web needs the catalog's API key for its page: pass --api-key-file FILE or set "
+            "TILED_API_KEY."
+        )
+    path = Path(v["data_dir"]) / "web_api_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    key = secrets.token_hex(16)
+    path.write_text(key + "\n")
+    _log(f"the web view's API key (the embedded catalog's too) is in {path}")
+    return key
+
+
+def _serve_web(v: Mapping[str, Any], key: str, jit: Any) -> Any:
+    """Start the web view of ``--web PORT`` on ``jit``."""
+    from .web import WebView
+
+    view = WebView(jit, api_key=key, host=v["web_host"], port=v["web_port"]).start()
+    _log(f"live web view on {view.url} (it asks for the catalog's API key)", stdout=True)
+    return view
 
 
 # --------------------------------------------------------------------------- replay
@@ -710,7 +789,8 @@ def _replay(call: Invocation) -> int:
                     on_callback=jit_box.append,
                 )
 
-            summaries = _with_live_view(work, jit_box) if v["live"] else work()
+            live = v["live"]
+            summaries = _with_live_view(work, jit_box, planes=v["planes"]) if live else work()
             for s in summaries:
                 _log(
                     f"run {s.raw_uid} -> derived run {s.derived_uid} ({s.exit_status}"
@@ -732,8 +812,9 @@ def _with_live_view(
     work: Callable[[], Any],
     jit_box: list[Any],
     on_interrupt: Callable[[], bool] | None = None,
+    planes: str = "xy",
 ) -> Any:
-    """Run ``work`` in a thread and a live figure in this one; return its result.
+    """Run ``work`` in a thread and a live figure of ``planes`` in this one; return its result.
 
     Ctrl-C lands in this thread: ``on_interrupt()`` then asks ``work`` to stop
     (True when it will), and this waits up to 30 s for it before re-raising.
@@ -754,7 +835,7 @@ def _with_live_view(
         view = None
         while thread.is_alive() and view is None:
             if jit_box:
-                view = LiveView(jit_box[0])
+                view = LiveView(jit_box[0], planes=planes)
             thread.join(0.1)
         if view is not None:
             view.run_while(thread.is_alive)
@@ -810,7 +891,9 @@ def _listen(call: Invocation) -> int:
     stop = threading.Event()
     signals = _on_signals(stop)
     target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
-    with open_catalog(target, api_key=v["api_key"], data_dir=v["data_dir"]) as session:
+    web_key = _web_key(v)
+    key = v["api_key"] or web_key
+    with open_catalog(target, api_key=key, data_dir=v["data_dir"]) as session:
         derived_uri = session.runs("derived").uri
 
         def report(summary: Any) -> None:
@@ -835,6 +918,7 @@ def _listen(call: Invocation) -> int:
             on_run_finished=report,
         )
         where = f"derived runs go to {session.description}"
+        view = None
         try:
             if v["zmq"] is not None:
                 source = f"0MQ proxy {v['zmq']}"
@@ -865,11 +949,15 @@ def _listen(call: Invocation) -> int:
                         on_ready=lambda: _log(f"listening to {source}; {where}", stdout=True),
                     )
 
+            if web_key is not None:
+                view = _serve_web(v, web_key, listener.jit)
             if v["live"]:
-                _with_live_view(work, [listener.jit])
+                _with_live_view(work, [listener.jit], planes=v["planes"])
             else:
                 work()
         finally:
+            if view is not None:
+                view.stop()
             listener.close()
     _log(f"stopped; {listener.derived_count} derived run(s), {listener.failed_count} failed")
     if signals:

@@ -98,7 +98,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     jit = None
     writers: list[Any] = []  # closed last: written out before the server stops
     if options.catalog_uri is None:
-        local = cat.LocalCatalog(data_dir / "catalog", readable_storage=[data_dir])
+        local = cat.LocalCatalog(
+            data_dir / "catalog", readable_storage=[data_dir], api_key=options.api_key
+        )
         client = local.client()
         where = f"embedded Tiled catalog {local.uri} (data in {data_dir})"
     else:

@@ -6,12 +6,14 @@ Live::
     view.start()              # IPython with an interactive backend (%matplotlib)
     view.stop()
 
-The figure has three panels: the newest reconstructed slice, the newest
-denoised slice (same grey window) and the learning curve (training loss and
-hold-out accuracy alpha, seed 000 eq. 3). It polls the callback's state on a
-GUI timer, so nothing runs on the RunEngine's thread. From the command line,
-``--live`` runs the work in a thread and the figure in the main thread
-(:meth:`LiveView.run_while`).
+The figure shows the newest reconstructed slice of each plane asked for
+(``planes``: axial ``"xy"`` by default, ``"xz"``, ``"yz"`` or ``"all"``), the
+newest denoised (axial) slice in the same grey window and the learning curve
+(training loss and hold-out accuracy alpha, Graas et al. 2023, eq. 3). It
+polls the callback's state on a GUI timer, so nothing runs on the RunEngine's
+thread. From the command line, ``--live`` runs the work in a thread and the
+figure in the main thread (:meth:`LiveView.run_while`); without a display it
+says so and points to the web view (:mod:`bluesky_jit.apps.web`).
 
 Read back (two lines)::
 
@@ -27,6 +29,7 @@ matplotlib is imported only when a function needs it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +47,17 @@ if TYPE_CHECKING:
     from ..callbacks import JitCallback
     from ..worker_process import JitProcess
 
-__all__ = ["DerivedData", "LiveView", "export", "open_derived", "read_derived", "show"]
+__all__ = ["PLANES", "DerivedData", "LiveView", "export", "open_derived", "read_derived", "show"]
+
+logger = logging.getLogger(__name__)
+
+PLANES = {"xy": "reconstruction", "xz": "reconstruction_xz", "yz": "reconstruction_yz"}
+"""A slice plane's name -> its derived image stream."""
+NO_DISPLAY = (
+    "No display for the live figure (matplotlib backend {backend!r}: no DISPLAY or no GUI "
+    "toolkit); it is drawn off-screen only. Watch the scan in a browser instead: the live "
+    'web view, e.g. `bluesky-jit demo --web 8080` (README, "Live web view").'
+)
 
 
 @dataclass
@@ -179,7 +192,7 @@ def show(catalog: str | Container, uid: str | None = None, *, api_key: str | Non
     figure = _new_figure()
     panels = _Panels(figure)
     panels.draw(
-        data.reconstruction[-1] if len(data.reconstruction) else None,
+        [data.reconstruction[-1] if len(data.reconstruction) else None],
         data.denoised[-1] if len(data.denoised) else None,
         _metric_rows(data.metrics),
         title=_title(data.uid, data.raw_uid, data.stop.get("exit_status", "running")),
@@ -205,11 +218,21 @@ class LiveView:
         Read through its ``progress()`` and ``summaries``.
     interval_s : float
         Refresh period.
+    planes : str or sequence of str
+        Reconstructed planes to show: ``"xy"`` (axial, default), ``"xz"``,
+        ``"yz"`` (the vertical slices, ``vertical_slices`` setting), or ``"all"``.
     """
 
-    def __init__(self, jit: JitProcess | JitCallback, *, interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        jit: JitProcess | JitCallback,
+        *,
+        interval_s: float = 0.5,
+        planes: str | Sequence[str] = "xy",
+    ) -> None:
         self.jit = jit
         self.interval_s = interval_s
+        self.planes = planes_of(planes)
         self.figure: Figure | None = None
         self._panels: _Panels | None = None
         self._timer: Any = None
@@ -224,11 +247,12 @@ class LiveView:
         if key == self._shown:
             return False
         if self.figure is None:
-            self.figure = _new_figure()
-            self._panels = _Panels(self.figure)
+            self.figure = _new_figure(len(self.planes))
+            self._panels = _Panels(self.figure, self.planes)
         self._shown = key
+        images = summary.images or {"reconstruction": summary.last_slice}
         self._panels.draw(
-            summary.last_slice,
+            [images.get(PLANES[plane]) for plane in self.planes],
             summary.last_denoised,
             list(summary.metrics),
             title=_title(summary.derived_uid or "", summary.raw_uid, f"{summary.slices} slices"),
@@ -241,8 +265,10 @@ class LiveView:
         import matplotlib.pyplot as plt
 
         if self.figure is None:
-            self.figure = _new_figure()
-            self._panels = _Panels(self.figure)
+            self.figure = _new_figure(len(self.planes))
+            self._panels = _Panels(self.figure, self.planes)
+        if not _interactive():
+            logger.warning(NO_DISPLAY.format(backend=_backend()))
         if self._timer is None:
             self._timer = self.figure.canvas.new_timer(interval=int(self.interval_s * 1000))
             self._timer.add_callback(self.update)
@@ -265,6 +291,8 @@ class LiveView:
         interactive = _interactive()
         if interactive:
             plt.ion()
+        else:
+            logger.warning(NO_DISPLAY.format(backend=_backend()))
         while busy():
             self.update()
             if interactive and self.figure is not None:
@@ -283,25 +311,45 @@ class LiveView:
         return path
 
     def _current(self) -> Any:
-        """The newest scan's RunSummary: running first, else the last finished."""
-        for summary in reversed(self.jit.progress()):
-            if summary.geometry is not None:
-                return summary
-        finished = [s for s in list(self.jit.summaries) if s.last_slice is not None]
-        return finished[-1] if finished else None
+        return newest_summary(self.jit)
+
+
+def newest_summary(jit: JitProcess | JitCallback) -> Any:
+    """The newest scan's RunSummary: running first, else the last finished; or None."""
+    for summary in reversed(jit.progress()):
+        if summary.geometry is not None:
+            return summary
+    finished = [s for s in list(jit.summaries) if s.last_slice is not None]
+    return finished[-1] if finished else None
 
 
 # --------------------------------------------------------------------------- drawing
-def _interactive() -> bool:
+def planes_of(planes: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"``, one plane name or several -> a tuple of names of :data:`PLANES`."""
+    names = tuple(PLANES) if planes == "all" else (planes,) if isinstance(planes, str) else planes
+    unknown = [p for p in names if p not in PLANES]
+    if unknown or not names:
+        raise ConfigError(
+            f"Live planes are {list(PLANES)} or 'all'; got {planes!r}. The vertical ones "
+            "need the vertical_slices setting (on by default)."
+        )
+    return tuple(names)
+
+
+def _backend() -> str:
     import matplotlib
 
-    return matplotlib.get_backend().lower() not in {"agg", "pdf", "svg", "ps", "cairo", "template"}
+    return matplotlib.get_backend().lower()
 
 
-def _new_figure() -> Figure:
+def _interactive() -> bool:
+    return _backend() not in {"agg", "pdf", "svg", "ps", "cairo", "template"}
+
+
+def _new_figure(planes: int = 1) -> Figure:
     import matplotlib.pyplot as plt
 
-    return plt.figure(figsize=(11, 3.6))
+    return plt.figure(figsize=(3.7 * (planes + 2), 3.6))
 
 
 def _title(uid: str, raw_uid: str, status: str) -> str:
@@ -325,14 +373,19 @@ def _metric_rows(metrics: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
 
 
 class _Panels:
-    """Reconstruction | denoised | learning curve, redrawn in place."""
+    """Reconstruction (one per plane) | denoised | learning curve, redrawn in place."""
 
-    def __init__(self, figure: Figure) -> None:
+    def __init__(self, figure: Figure, planes: Sequence[str] = ("xy",)) -> None:
         self.figure = figure
-        self.ax_rec, self.ax_den, self.ax_loss = figure.subplots(1, 3)
+        *self.ax_recs, self.ax_den, self.ax_loss = figure.subplots(1, len(planes) + 2)
         self.ax_alpha = self.ax_loss.twinx()
-        self.images: dict[str, Any] = {}
-        for ax, name in ((self.ax_rec, "reconstructed"), (self.ax_den, "denoised")):
+        self.images: dict[Any, Any] = {}
+        titles = (
+            [f"reconstructed {p}" for p in planes]
+            if tuple(planes) != ("xy",)
+            else ["reconstructed"]
+        )
+        for ax, name in zip([*self.ax_recs, self.ax_den], [*titles, "denoised"], strict=True):
             ax.set_title(name)
             ax.axis("off")
         self.ax_loss.set_xlabel("training step")
@@ -346,25 +399,26 @@ class _Panels:
 
     def draw(
         self,
-        reconstruction: np.ndarray | None,
+        reconstructions: Sequence[np.ndarray | None],
         denoised: np.ndarray | None,
         metrics: Sequence[Mapping[str, Any]],
         *,
         title: str = "",
     ) -> None:
-        window = _window(reconstruction)
-        for ax, name, image in (
-            (self.ax_rec, "rec", reconstruction),
-            (self.ax_den, "den", denoised),
+        """One reconstruction per plane (None: not yet), the denoised slice, metric rows."""
+        axial = _window(reconstructions[0])  # the denoised slice in the first plane's window
+        for ax, image in zip(
+            [*self.ax_recs, self.ax_den], [*reconstructions, denoised], strict=True
         ):
             if image is None:
                 continue
             image = np.asarray(image)
-            if name in self.images and self.images[name].get_array().shape == image.shape:
-                self.images[name].set_data(image)
-                self.images[name].set_clim(*window)
+            window = axial if ax is self.ax_den else _window(image)
+            if ax in self.images and self.images[ax].get_array().shape == image.shape:
+                self.images[ax].set_data(image)
+                self.images[ax].set_clim(*window)
             else:
-                self.images[name] = ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
+                self.images[ax] = ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
         steps = [m.get("step", math.nan) for m in metrics]
         loss = [m.get("loss", math.nan) for m in metrics]
         alpha = [m.get("alpha", math.nan) for m in metrics]

@@ -38,7 +38,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from ..projections import (
     ProjectionBuffer,
     ProjectionFilter,
     correct,
+    fdk_weights,
     split_subsets,
 )
 from .backends import make_backend
@@ -261,6 +262,26 @@ class StreamingReconstructor:
         slices = list(self.slices)
         slices[index] = slice_
         self.set_slices(slices)
+
+    def set_center(self, center_of_rotation: float) -> None:
+        """Reconstruct about another rotation axis: the detector column (px) it projects onto.
+
+        Takes effect at the next reconstruction and reuses the projections
+        kept (their ramp filter does not depend on the axis). Cone beam: the
+        FDK weights of frames already kept stay those of the old centre.
+
+        Raises
+        ------
+        GeometryError
+            If the column lies outside the detector.
+        """
+        geometry = replace(self.geometry, center_of_rotation=center_of_rotation)
+        with self._lock:
+            self.geometry = geometry
+            self._geometries.clear()
+            self._sums.clear()  # running sums of the old axis
+        if geometry.beam == "cone":
+            self.prefilter.weights = torch.as_tensor(fdk_weights(geometry), device=self.device)
 
     def window_indices(self) -> np.ndarray:
         """Global indices of the last full rotation (alternating mode: the last completed one)."""
