@@ -49,6 +49,7 @@ __all__ = [
     "at_exit",
     "attach",
     "find_derived",
+    "install_profile",
     "jit_config",
     "load_settings",
     "open_catalog",
@@ -71,6 +72,8 @@ or in tables by section (``[jit.training]``)."""
 CONNECTION_FILE: Final = "connection.json"
 """Written by ``bluesky-jit serve`` next to the catalog: its URI and API key (mode 0600)."""
 DEFAULT_DATA_DIR: Final = Path("bluesky_jit_data")
+PROFILE_STARTUP: Final = "00-bluesky_jit.py"
+"""The startup file :func:`install_profile` writes."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -680,6 +683,43 @@ class LazyJit:
         for writer in (self._jit.emit, self._writer):
             if writer is not None:
                 writer.close(timeout)
+
+
+def install_profile(directory: str | Path, *, force: bool = False) -> Path:
+    """Write the profile (:mod:`bluesky_jit.apps.profile_startup`) into an IPython profile.
+
+    Parameters
+    ----------
+    directory : path
+        The profile directory, e.g. ``~/.ipython/profile_jit``; created if missing.
+    force : bool
+        Replace a startup file of that name that differs (edited by hand).
+
+    Returns
+    -------
+    Path
+        ``directory/startup/00-bluesky_jit.py``.
+
+    Raises
+    ------
+    ConfigError
+        The file exists, differs, and ``force`` is False; or it cannot be written.
+    """
+    from importlib.resources import files
+
+    text = files("bluesky_jit.apps").joinpath("profile_startup.py").read_text()
+    path = Path(directory).expanduser() / "startup" / PROFILE_STARTUP
+    try:
+        if path.exists() and path.read_text() != text and not force:
+            raise ConfigError(
+                f"{path} exists and differs from this version's profile (edited?). Keep it, "
+                "or pass --force (force=True) to replace it."
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise ConfigError(f"Cannot write the profile to {path}: {err}.") from err
+    return path
 
 
 def at_exit(*functions: Callable[[], None]) -> None:
