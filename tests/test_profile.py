@@ -36,6 +36,8 @@ def test_profile_install_writes_the_startup_file_and_keeps_an_edited_one(tmp_pat
     assert main(["profile", "install", str(target)]) == 0
     path = target / "startup" / PROFILE_STARTUP
     assert path.read_text() == STARTUP.read_text()
+    permissions = (target / "startup" / "user_group_permissions.yaml").read_text()
+    assert "primary:" in permissions  # the queue server's default user group
     assert f"--profile-dir={target}" in capsys.readouterr().out
     assert install_profile(target) == path  # the same file again: fine
     path.write_text("# edited\n")

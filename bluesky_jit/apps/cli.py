@@ -969,7 +969,7 @@ def _profile() -> None:
 
 @_profile.command(
     "install",
-    help="write the profile's startup file to DIR/startup/00-bluesky_jit.py",
+    help="write the profile into DIR/startup (IPython, queue server)",
     epilog="\b\nexamples:\n  bluesky-jit profile install ~/.ipython/profile_jit\n"
     "  ipython --profile=jit\n  start-re-manager --startup-dir ~/.ipython/profile_jit/startup",
 )

@@ -73,7 +73,11 @@ CONNECTION_FILE: Final = "connection.json"
 """Written by ``bluesky-jit serve`` next to the catalog: its URI and API key (mode 0600)."""
 DEFAULT_DATA_DIR: Final = Path("bluesky_jit_data")
 PROFILE_STARTUP: Final = "00-bluesky_jit.py"
-"""The startup file :func:`install_profile` writes."""
+PROFILE_FILES: Final = {
+    PROFILE_STARTUP: "profile_startup.py",
+    "user_group_permissions.yaml": "user_group_permissions.yaml",
+}
+"""What :func:`install_profile` writes into ``startup/``: name -> file of this package."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -686,14 +690,17 @@ class LazyJit:
 
 
 def install_profile(directory: str | Path, *, force: bool = False) -> Path:
-    """Write the profile (:mod:`bluesky_jit.apps.profile_startup`) into an IPython profile.
+    """Write the profile into an IPython profile directory (also a queue server's startup).
+
+    Writes :mod:`bluesky_jit.apps.profile_startup` as ``startup/00-bluesky_jit.py``
+    and the queue server's ``startup/user_group_permissions.yaml``.
 
     Parameters
     ----------
     directory : path
         The profile directory, e.g. ``~/.ipython/profile_jit``; created if missing.
     force : bool
-        Replace a startup file of that name that differs (edited by hand).
+        Replace files of those names that differ (edited by hand).
 
     Returns
     -------
@@ -703,23 +710,28 @@ def install_profile(directory: str | Path, *, force: bool = False) -> Path:
     Raises
     ------
     ConfigError
-        The file exists, differs, and ``force`` is False; or it cannot be written.
+        A file exists, differs, and ``force`` is False; or it cannot be written.
     """
     from importlib.resources import files
 
-    text = files("bluesky_jit.apps").joinpath("profile_startup.py").read_text()
-    path = Path(directory).expanduser() / "startup" / PROFILE_STARTUP
+    startup = Path(directory).expanduser() / "startup"
+    texts = {
+        startup / name: files("bluesky_jit.apps").joinpath(source).read_text()
+        for name, source in PROFILE_FILES.items()
+    }
     try:
-        if path.exists() and path.read_text() != text and not force:
-            raise ConfigError(
-                f"{path} exists and differs from this version's profile (edited?). Keep it, "
-                "or pass --force (force=True) to replace it."
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        for path, text in texts.items():
+            if path.exists() and path.read_text() != text and not force:
+                raise ConfigError(
+                    f"{path} exists and differs from this version's profile (edited?). Keep "
+                    "it, or pass --force (force=True) to replace it."
+                )
+        startup.mkdir(parents=True, exist_ok=True)
+        for path, text in texts.items():
+            path.write_text(text)
     except OSError as err:
-        raise ConfigError(f"Cannot write the profile to {path}: {err}.") from err
-    return path
+        raise ConfigError(f"Cannot write the profile to {startup}: {err}.") from err
+    return startup / PROFILE_STARTUP
 
 
 def at_exit(*functions: Callable[[], None]) -> None:
