@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from bluesky_jit.apps.cli import main
-from bluesky_jit.apps.session import PROFILE_STARTUP, install_profile
+from bluesky_jit.apps.session import PROFILE_STARTUP, LazyCatalog, LazyJit, install_profile
 from bluesky_jit.catalog import derived_runs_for, runs_container
-from bluesky_jit.errors import ConfigError
+from bluesky_jit.errors import CatalogError, ConfigError
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "profile_jit"
 STARTUP = Path(find_spec("bluesky_jit.apps.profile_startup").origin)  # found, not imported
@@ -119,3 +119,25 @@ def test_ipython_with_the_profile_runs_a_scan_into_the_catalog(jit_catalog, tiny
     config = derived.metadata["start"]["config"]
     assert config["reconstruction"]["refresh_every"] == 8  # from the settings file
     assert f"-> derived run {derived.metadata['start']['uid']} (success" in out
+
+
+def test_lazy_jit_that_cannot_start_logs_and_never_raises_into_the_run_engine(caplog):
+    def build():
+        raise ConfigError("no such device: cuda:7")
+
+    jit = LazyJit(build)
+    jit("descriptor", {})  # before a start document: nothing to start
+    jit("start", {"uid": "3f2a"})
+    jit("stop", {})
+    assert not jit.started and jit.flush(1) and list(jit.summaries) == []
+    assert "run 3f2a goes on without it" in caplog.text and "cuda:7" in caplog.text
+    with pytest.raises(AttributeError, match="before the first run"):
+        jit.move_slices(slice_row=1)
+
+
+def test_lazy_catalog_refuses_a_bad_target_at_once(tmp_path):
+    with pytest.raises(CatalogError, match="http"):
+        LazyCatalog("ftp://example.org")
+    catalog = LazyCatalog(tmp_path / "data")
+    assert catalog.local is None and catalog.spool_dir("raw") == tmp_path / "data" / "spool" / "raw"
+    assert not (tmp_path / "data").exists()

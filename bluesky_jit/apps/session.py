@@ -401,6 +401,11 @@ class LazyCatalog:
         """Where the catalog answers (opens the catalog)."""
         return self.open().uri
 
+    @property
+    def local(self) -> LocalCatalog | None:
+        """The embedded server, once started here (does not open the catalog)."""
+        return self._session.local if self._session is not None else None
+
     def runs(self, name: str) -> Container:
         """As :meth:`CatalogSession.runs` (opens the catalog)."""
         return self.open().runs(name)
