@@ -1,8 +1,8 @@
 """Sessions: settings files, opening a catalog, finding derived runs, a simulated beamline.
 
 What the command line (:mod:`bluesky_jit.apps.cli`) and the IPython profile
-(:mod:`bluesky_jit.apps.profile_startup`) share, so that the profile's startup files stay a
-few lines each:
+(:mod:`bluesky_jit.apps.profile_startup`) share, so that the profile stays
+short:
 
 - :func:`load_settings` reads a TOML or YAML settings file (sections
   ``[jit]``, ``[catalog]``, ``[beamline]`` and one per subcommand).
