@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS="test,astra,kafka,export"
+EXTRAS="test,astra,kafka,export,queue"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -2,10 +2,16 @@
 # Set up (if needed), lint, and run the test suite; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# CI: a real Chromium for the web view's browser test (skipped, with the reason, where none is)
-if [[ "${CI:-}" == "true" && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null \
-    && ! command -v chromium >/dev/null; then
-    apt-get update -q && apt-get install -y -q chromium chromium-driver
+# CI (as root, with apt-get): a real Chromium for the web view's browser test and
+# redis-server for the queue server test; elsewhere each is skipped with the reason.
+if [[ "${CI:-}" == "true" && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium chromium-driver)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  if (( ${#missing[@]} )); then
+    { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+      || echo "test.sh: could not install ${missing[*]}; their tests are skipped" >&2
+  fi
 fi
 bash scripts/setup.sh
 .venv/bin/ruff check .

@@ -228,10 +228,11 @@ namespace = {"__name__": "__main__"}
 for path in sorted(Path(sys.argv[1]).glob("*.py")):     # as IPython runs a profile's startup
     exec(compile(path.read_text(), str(path), "exec"), namespace)
 RE, tomo, catalog = namespace["RE"], namespace["tomo"], namespace["catalog"]
+devices = [namespace[name] for name in ("det", "rot_stage", "shutter", "sample_stage")]
 RE.subscribe(lambda name, doc: print("frame", flush=True) if name == "event" else None)
 from bluesky.utils import RunEngineInterrupted
 try:
-    RE(tomo(num_angles=16, rotations=200))
+    RE(tomo(*devices, num_angles=16, rotations=200))
     result = {"interrupted": False}
 except RunEngineInterrupted:
     result = {"interrupted": True, "state": str(RE.state), "server": catalog.local.running}

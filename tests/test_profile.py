@@ -1,42 +1,78 @@
-"""The IPython profile (profiles/profile_jit): IPython in a subprocess runs a short scan.
+"""The IPython profile (bluesky_jit/apps/profile_startup.py, linked from profiles/profile_jit).
 
-The profile directory is copied to tmp_path (IPython writes history, logs and pid files
-into it) and pointed at the session's Tiled server through BLUESKY_JIT_* variables.
+`bluesky-jit profile install` writes it into tmp_path (IPython writes history, logs and pid
+files there); IPython in a subprocess runs a short scan with it, pointed at the session's
+Tiled server through BLUESKY_JIT_* variables.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
+from bluesky_jit.apps.cli import main
+from bluesky_jit.apps.session import PROFILE_STARTUP, LazyCatalog, LazyJit, install_profile
 from bluesky_jit.catalog import derived_runs_for, runs_container
+from bluesky_jit.errors import CatalogError, ConfigError
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "profile_jit"
+STARTUP = Path(find_spec("bluesky_jit.apps.profile_startup").origin)  # found, not imported
 BIN = Path(sys.executable).parent
 
 
-def test_startup_files_are_numbered_and_thin():
-    files = sorted(p.name for p in (PROFILE / "startup").glob("*.py"))
-    assert files == sorted(files) and len(files) >= 5
-    assert all(name[:2].isdigit() and name[2] == "-" for name in files)
-    for path in (PROFILE / "startup").glob("*.py"):
-        code = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith(("#", '"""', "from ", "import "))
-        ]
-        assert len(code) <= 10, path  # logic lives in bluesky_jit.apps.session
+def test_the_checkout_profile_is_the_package_startup_file():
+    (startup,) = (PROFILE / "startup").glob("*.py")
+    assert startup.name == PROFILE_STARTUP
+    assert startup.resolve() == STARTUP.resolve()
+
+
+def test_profile_install_writes_the_startup_file_and_keeps_an_edited_one(tmp_path, capsys):
+    target = tmp_path / "profile_jit"
+    assert main(["profile", "install", str(target)]) == 0
+    path = target / "startup" / PROFILE_STARTUP
+    assert path.read_text() == STARTUP.read_text()
+    permissions = (target / "startup" / "user_group_permissions.yaml").read_text()
+    assert "primary:" in permissions  # the queue server's default user group
+    assert f"--profile-dir={target}" in capsys.readouterr().out
+    assert install_profile(target) == path  # the same file again: fine
+    path.write_text("# edited\n")
+    with pytest.raises(ConfigError, match="--force"):
+        install_profile(target)
+    assert main(["profile", "install", str(target)]) == 2
+    assert install_profile(target, force=True).read_text() != "# edited\n"
+
+
+def test_importing_the_startup_file_without_ipython_starts_nothing(tmp_path):
+    """Plans and devices exist; no catalog server, no child process, IPython not imported."""
+    code = """
+import inspect, sys, psutil
+import bluesky_jit.apps.profile_startup as p
+assert "IPython" not in sys.modules
+assert inspect.isgeneratorfunction(p.tomo) and inspect.isgeneratorfunction(p.tomo_step)
+assert {p.det.name, p.rot_stage.name, p.shutter.name, p.sample_stage.name}
+assert not p.jit.started and p.jit.summaries == () and p.jit.flush(1)
+assert psutil.Process().children() == [], psutil.Process().children()
+print("DESCRIPTION", p.catalog.description)
+"""
+    env = {**os.environ, "MPLBACKEND": "Agg", "BLUESKY_JIT_DATA_DIR": str(tmp_path / "data")}
+    env.pop("BLUESKY_JIT_CATALOG", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(opened at the first run)" in result.stdout
+    assert not (tmp_path / "data" / "catalog").exists()
 
 
 @pytest.mark.slow
 def test_ipython_with_the_profile_runs_a_scan_into_the_catalog(jit_catalog, tiny_toml, tmp_path):
     profile = tmp_path / "profile_jit"
-    shutil.copytree(PROFILE / "startup", profile / "startup")
+    install_profile(profile)
     settings = tmp_path / "settings.toml"
     settings.write_text(
         tiny_toml.read_text() + "[beamline]\nsize = 32\nrows = 4\nphotons = 300.0\n"
@@ -52,7 +88,7 @@ def test_ipython_with_the_profile_runs_a_scan_into_the_catalog(jit_catalog, tiny
         "BLUESKY_JIT_DATA_DIR": str(data_dir),
     }
     code = (
-        "(uid,) = RE(tomo(num_angles=16, rotations=1)); "
+        "(uid,) = RE(tomo(det, rot_stage, shutter, sample_stage, num_angles=16)); "
         "assert jit.flush(120); "
         "print('RAW_UID', uid, 'RUNS', len(jit.summaries))"
     )
@@ -73,7 +109,7 @@ def test_ipython_with_the_profile_runs_a_scan_into_the_catalog(jit_catalog, tiny
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert "bluesky-jit profile: catalog Tiled catalog" in out
+    assert f"bluesky-jit profile: catalog {jit_catalog.uri} (opened at the first run)" in out
     line = next(line for line in out.splitlines() if line.startswith("RAW_UID"))
     uid = line.split()[1]
     client = jit_catalog.client()
@@ -83,3 +119,25 @@ def test_ipython_with_the_profile_runs_a_scan_into_the_catalog(jit_catalog, tiny
     config = derived.metadata["start"]["config"]
     assert config["reconstruction"]["refresh_every"] == 8  # from the settings file
     assert f"-> derived run {derived.metadata['start']['uid']} (success" in out
+
+
+def test_lazy_jit_that_cannot_start_logs_and_never_raises_into_the_run_engine(caplog):
+    def build():
+        raise ConfigError("no such device: cuda:7")
+
+    jit = LazyJit(build)
+    jit("descriptor", {})  # before a start document: nothing to start
+    jit("start", {"uid": "3f2a"})
+    jit("stop", {})
+    assert not jit.started and jit.flush(1) and list(jit.summaries) == []
+    assert "run 3f2a goes on without it" in caplog.text and "cuda:7" in caplog.text
+    with pytest.raises(AttributeError, match="before the first run"):
+        jit.move_slices(slice_row=1)
+
+
+def test_lazy_catalog_refuses_a_bad_target_at_once(tmp_path):
+    with pytest.raises(CatalogError, match="http"):
+        LazyCatalog("ftp://example.org")
+    catalog = LazyCatalog(tmp_path / "data")
+    assert catalog.local is None and catalog.spool_dir("raw") == tmp_path / "data" / "spool" / "raw"
+    assert not (tmp_path / "data").exists()

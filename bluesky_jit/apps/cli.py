@@ -1,4 +1,4 @@
-"""The command line: ``bluesky-jit demo | replay | listen | serve | export | spool``.
+"""The command line: ``bluesky-jit demo | replay | listen | serve | export | spool | profile``.
 
 Settings come from flags, then a settings file (``--config FILE``, TOML or
 YAML), then the defaults: a flag always wins over the file, the file over the
@@ -1071,6 +1071,35 @@ def _spool(call: Invocation) -> int:
         if not total:
             _log(f"nothing in the spool of {session.data_dir}", stdout=True)
     return EXIT_OK
+
+
+# -------------------------------------------------------------------------- profile
+@cli.group("profile", help="the IPython profile, also a queue server's startup code")
+def _profile() -> None:
+    pass
+
+
+@_profile.command(
+    "install",
+    help="write the profile into DIR/startup (IPython, queue server)",
+    epilog="\b\nexamples:\n  bluesky-jit profile install ~/.ipython/profile_jit\n"
+    "  ipython --profile=jit\n  start-re-manager --startup-dir ~/.ipython/profile_jit/startup",
+)
+@click.argument("directory", type=PathType)
+@opt("--force", is_flag=True, help="replace a startup file that differs")
+def _profile_install(directory: Path, force: bool) -> Invocation:
+    return Invocation("profile install", {"directory": directory, "force": force}, {})
+
+
+def _install(call: Invocation) -> int:
+    from .session import install_profile
+
+    path = install_profile(call.values["directory"], force=call.values["force"])
+    _log(f"profile startup file {path}; run: ipython --profile-dir={path.parents[1]}", stdout=True)
+    return EXIT_OK
+
+
+HANDLERS["profile install"] = _install
 
 
 # ---------------------------------------------------------------------------- utils

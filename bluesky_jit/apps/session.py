@@ -1,27 +1,30 @@
 """Sessions: settings files, opening a catalog, finding derived runs, a simulated beamline.
 
 What the command line (:mod:`bluesky_jit.apps.cli`) and the IPython profile
-(``profiles/profile_jit``) share, so that the profile's startup files stay a
-few lines each:
+(:mod:`bluesky_jit.apps.profile_startup`) share, so that the profile stays
+short:
 
 - :func:`load_settings` reads a TOML or YAML settings file (sections
   ``[jit]``, ``[catalog]``, ``[beamline]`` and one per subcommand).
 - :func:`open_catalog` gives a :class:`CatalogSession` on a Tiled URI, on a
   running ``bluesky-jit serve``, or on an embedded catalog it starts itself.
 - :func:`find_derived` searches derived runs by raw uid, model and settings.
-- :func:`simulated_beamline`, :func:`attach` and :func:`tomo_plan` set up
-  the simulated devices, the callback and a plan to run.
+- :func:`simulated_beamline` and :func:`attach` set up the simulated devices
+  and the callback; :class:`LazyCatalog` and ``attach(..., lazy=True)`` defer
+  the catalog server and the child processes to the first run.
 
 Importing this module imports neither tiled, torch nor bluesky.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import threading
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -40,15 +43,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CatalogSession",
+    "LazyCatalog",
+    "LazyJit",
     "SECTIONS",
+    "at_exit",
     "attach",
     "find_derived",
+    "install_profile",
     "jit_config",
     "load_settings",
     "open_catalog",
     "profile_settings",
     "simulated_beamline",
-    "tomo_plan",
 ]
 
 SECTIONS: Final = (
@@ -66,6 +72,12 @@ or in tables by section (``[jit.training]``)."""
 CONNECTION_FILE: Final = "connection.json"
 """Written by ``bluesky-jit serve`` next to the catalog: its URI and API key (mode 0600)."""
 DEFAULT_DATA_DIR: Final = Path("bluesky_jit_data")
+PROFILE_STARTUP: Final = "00-bluesky_jit.py"
+PROFILE_FILES: Final = {
+    PROFILE_STARTUP: "profile_startup.py",
+    "user_group_permissions.yaml": "user_group_permissions.yaml",
+}
+"""What :func:`install_profile` writes into ``startup/``: name -> file of this package."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -301,16 +313,10 @@ def open_catalog(
     """
     from .. import catalog as cat
 
-    if isinstance(target, str) and target.startswith(("http://", "https://")):
+    directory = _data_dir(target, data_dir)
+    if _is_uri(target):
         key = api_key or os.environ.get("TILED_API_KEY") or None
-        client = cat.connect(target, api_key=key)
-        directory = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-        return CatalogSession(client, target, directory.resolve(), key)
-    if isinstance(target, str) and "://" in target:
-        raise CatalogError(
-            f"A catalog must be an http(s):// URI or a data directory; got {target!r}."
-        )
-    directory = Path(target if target is not None else (data_dir or DEFAULT_DATA_DIR)).resolve()
+        return CatalogSession(cat.connect(target, api_key=key), target, directory, key)
     catalog_dir = directory / "catalog"
     served = _running_server(catalog_dir)
     if served is not None:
@@ -330,6 +336,99 @@ def open_catalog(
         local.close()
         raise
     return CatalogSession(client, local.uri, directory, local.api_key, local)
+
+
+def _is_uri(target: str | Path | None) -> bool:
+    return isinstance(target, str) and target.startswith(("http://", "https://"))
+
+
+def _data_dir(target: str | Path | None, data_dir: str | Path | None) -> Path:
+    """Where a session on ``target`` writes derived files (see :func:`open_catalog`)."""
+    if _is_uri(target):
+        return Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).resolve()
+    if isinstance(target, str) and "://" in target:
+        raise CatalogError(
+            f"A catalog must be an http(s):// URI or a data directory; got {target!r}."
+        )
+    return Path(target if target is not None else (data_dir or DEFAULT_DATA_DIR)).resolve()
+
+
+class LazyCatalog:
+    """The catalog of :func:`open_catalog`, opened at its first use.
+
+    What a profile holds: importing the profile (IPython, or a queue server
+    listing its plans) starts no Tiled server. An embedded server started
+    here records itself in ``DIR/catalog/connection.json`` (as
+    ``bluesky-jit serve`` does), so other commands on ``DIR`` use it while
+    this session lives. Only explicit uses open it (``hasattr`` does not).
+
+    Parameters
+    ----------
+    target, api_key, data_dir
+        As for :func:`open_catalog`; a bad ``target`` is refused here, at once.
+    """
+
+    def __init__(
+        self,
+        target: str | Path | None = None,
+        *,
+        api_key: str | None = None,
+        data_dir: str | Path | None = None,
+    ) -> None:
+        self.data_dir = _data_dir(target, data_dir)
+        self._target = target if target is not None else self.data_dir
+        self._api_key = api_key
+        self._session: CatalogSession | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> CatalogSession:
+        """The open catalog (opened, and an embedded server started, on the first call)."""
+        with self._lock:
+            if self._session is None:
+                session = open_catalog(self._target, api_key=self._api_key, data_dir=self.data_dir)
+                if session.local is not None:
+                    write_connection_file(session.local)
+                self._session = session
+        return self._session
+
+    @property
+    def client(self) -> Container:
+        """The catalog's root (opens the catalog)."""
+        return self.open().client
+
+    @property
+    def uri(self) -> str:
+        """Where the catalog answers (opens the catalog)."""
+        return self.open().uri
+
+    @property
+    def local(self) -> LocalCatalog | None:
+        """The embedded server, once started here (does not open the catalog)."""
+        return self._session.local if self._session is not None else None
+
+    def runs(self, name: str) -> Container:
+        """As :meth:`CatalogSession.runs` (opens the catalog)."""
+        return self.open().runs(name)
+
+    def spool_dir(self, name: str) -> Path:
+        """As :meth:`CatalogSession.spool_dir`."""
+        return self.data_dir / "spool" / name
+
+    @property
+    def description(self) -> str:
+        """Where results go, for logs (before the first run: where they will go)."""
+        if self._session is None:
+            return f"catalog {self._target} (opened at the first run)"
+        return self._session.description
+
+    def close(self) -> None:
+        """Stop the embedded server if one was started (and remove its connection file)."""
+        with self._lock:
+            session, self._session = self._session, None
+        if session is not None and session.local is not None:
+            (session.local.directory / CONNECTION_FILE).unlink(missing_ok=True)
+        if session is not None:
+            session.close()
 
 
 def write_connection_file(local: LocalCatalog) -> Path:
@@ -446,19 +545,20 @@ def simulated_beamline(save_path: str | Path, settings: Mapping[str, Any] | None
 
 def attach(
     RE: Any,
-    session: CatalogSession,
+    session: CatalogSession | LazyCatalog,
     *,
     config: JitConfig | None = None,
     write_raw: bool = True,
     on_run_finished: Callable[[Any], None] | None = None,
     in_process: bool = False,
-) -> JitProcess | JitCallback:
+    lazy: bool = False,
+) -> JitProcess | JitCallback | LazyJit:
     """Subscribe the just-in-time callback (and a raw-run writer) to ``RE``.
 
     Parameters
     ----------
     RE : RunEngine
-    session : CatalogSession
+    session : CatalogSession or LazyCatalog
         Derived runs go to its ``"derived"`` container, files to
         ``session.data_dir / "derived"``; raw runs to ``"raw"`` when
         ``write_raw``.
@@ -472,27 +572,190 @@ def attach(
         :class:`~bluesky_jit.writer.CatalogWriter`) instead of child processes
         (:class:`~bluesky_jit.worker_process.JitProcess` and ``WriterProcess``,
         the default: the scan keeps its pace).
+    lazy : bool
+        Open the catalog and start the children at the first start document
+        (:class:`LazyJit`), not now: what a profile does.
 
     Returns
     -------
-    JitProcess or JitCallback
+    JitProcess, JitCallback or LazyJit
         Subscribed; ``RE.unsubscribe`` with ``jit.token`` to detach.
     """
+    build = functools.partial(
+        _callbacks, session, config, write_raw, on_run_finished or _report(session), in_process
+    )
+    if lazy:
+        jit: Any = LazyJit(build)
+        jit.token = RE.subscribe(jit)
+        return jit
+    writer, jit = build()
+    if writer is not None:
+        RE.subscribe(writer)
+    jit.token = RE.subscribe(jit)
+    return jit
+
+
+def _callbacks(
+    session: CatalogSession | LazyCatalog,
+    config: JitConfig | None,
+    write_raw: bool,
+    on_run_finished: Callable[[Any], None],
+    in_process: bool,
+) -> tuple[Any, JitProcess | JitCallback]:
+    """The raw-run writer (or None) and the just-in-time callback of :func:`attach`."""
     from ..callbacks import JitCallback
     from ..catalog import tiled_writer
     from ..worker_process import JitProcess
 
+    writer = None
     if write_raw:
         raw_spool = session.spool_dir("raw")
-        RE.subscribe(tiled_writer(session.runs("raw"), spool_dir=raw_spool, process=not in_process))
+        writer = tiled_writer(session.runs("raw"), spool_dir=raw_spool, process=not in_process)
     jit = (JitCallback if in_process else JitProcess)(
         config=config,
         emit=tiled_writer(session.runs("derived"), spool_dir=session.spool_dir("derived")),
         directory=session.data_dir / "derived",
-        on_run_finished=on_run_finished or _report(session),
+        on_run_finished=on_run_finished,
     )
-    jit.token = RE.subscribe(jit)
-    return jit
+    return writer, jit
+
+
+class LazyJit:
+    """A document callback that starts the work of :func:`attach` at the first start document.
+
+    Until then nothing runs: no catalog server, no child process. Then it
+    forwards every document to the raw-run writer and the just-in-time
+    callback, whose attributes it offers (only ``flush``, ``summaries`` and
+    ``progress`` before then, which start nothing). If they cannot
+    start, the error is logged, the run goes on without them, and the next
+    run's start document tries again: a callback never raises into the
+    RunEngine.
+    """
+
+    def __init__(self, build: Callable[[], tuple[Any, Any]]) -> None:
+        self._build = build
+        self._writer: Any = None
+        self._jit: Any = None
+        self._lock = threading.Lock()
+        self.token: int | None = None
+
+    @property
+    def started(self) -> bool:
+        """True once the writer and the callback run."""
+        return self._jit is not None
+
+    def start(self) -> Any:
+        """Start the writer and the callback now (if not yet); return the callback."""
+        with self._lock:
+            if self._jit is None:
+                self._writer, self._jit = self._build()
+        return self._jit
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if self._jit is None:
+            if name != "start":
+                return
+            try:
+                self.start()
+            except Exception:
+                logger.exception("bluesky-jit did not start; run %s goes on without it", doc["uid"])
+                return
+        if self._writer is not None:
+            self._writer(name, doc)
+        self._jit(name, doc)
+
+    def progress(self) -> list[Any]:
+        """Summaries of the runs in progress (none before the first run)."""
+        return self._jit.progress() if self._jit is not None else []
+
+    @property
+    def summaries(self) -> Any:
+        """The most recent runs' summaries (none before the first run)."""
+        return self._jit.summaries if self._jit is not None else ()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """As the callback's ``flush`` (True before the first run: nothing to wait for)."""
+        return self._jit.flush(timeout) if self._jit is not None else True
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or self._jit is None:
+            raise AttributeError(
+                f"LazyJit has no {name!r} before the first run starts it; call start() first."
+            )
+        return getattr(self._jit, name)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Finish the queued work (up to ``timeout`` s each) and end the children, if started."""
+        if self._jit is None:
+            return
+        self._jit.close(timeout)
+        for writer in (self._jit.emit, self._writer):
+            if writer is not None:
+                writer.close(timeout)
+
+
+def install_profile(directory: str | Path, *, force: bool = False) -> Path:
+    """Write the profile into an IPython profile directory (also a queue server's startup).
+
+    Writes :mod:`bluesky_jit.apps.profile_startup` as ``startup/00-bluesky_jit.py``
+    and the queue server's ``startup/user_group_permissions.yaml``.
+
+    Parameters
+    ----------
+    directory : path
+        The profile directory, e.g. ``~/.ipython/profile_jit``; created if missing.
+    force : bool
+        Replace files of those names that differ (edited by hand).
+
+    Returns
+    -------
+    Path
+        ``directory/startup/00-bluesky_jit.py``.
+
+    Raises
+    ------
+    ConfigError
+        A file exists, differs, and ``force`` is False; or it cannot be written.
+    """
+    from importlib.resources import files
+
+    startup = Path(directory).expanduser() / "startup"
+    texts = {
+        startup / name: files("bluesky_jit.apps").joinpath(source).read_text()
+        for name, source in PROFILE_FILES.items()
+    }
+    try:
+        for path, text in texts.items():
+            if path.exists() and path.read_text() != text and not force:
+                raise ConfigError(
+                    f"{path} exists and differs from this version's profile (edited?). Keep "
+                    "it, or pass --force (force=True) to replace it."
+                )
+        startup.mkdir(parents=True, exist_ok=True)
+        for path, text in texts.items():
+            path.write_text(text)
+    except OSError as err:
+        raise ConfigError(f"Cannot write the profile to {startup}: {err}.") from err
+    return startup / PROFILE_STARTUP
+
+
+def at_exit(*functions: Callable[[], None]) -> None:
+    """Call ``functions`` in order when this process ends, also as a ``multiprocessing`` child.
+
+    A queue server runs the profile in such a child, which skips ``atexit``
+    but runs ``multiprocessing``'s own exit functions (the main process runs
+    them from ``atexit``).
+    """
+    from multiprocessing.util import Finalize
+
+    def run_all() -> None:
+        for function in functions:
+            try:
+                function()
+            except Exception:
+                logger.exception("bluesky-jit: %s failed at exit", function)
+
+    Finalize(None, run_all, exitpriority=10)
 
 
 def _report(session: CatalogSession) -> Callable[[Any], None]:
@@ -507,33 +770,3 @@ def _report(session: CatalogSession) -> Callable[[Any], None]:
         )
 
     return report
-
-
-def tomo_plan(beamline: Any, **defaults: Any) -> Callable[..., Iterator[Any]]:
-    """A continuous tomography plan on ``beamline``: ``RE(tomo(num_angles=90, rotations=2))``.
-
-    ``defaults`` are keyword arguments of
-    :func:`simulated_devices.plans.tomo_continuous` that calls may override.
-    """
-    from simulated_devices.plans import tomo_continuous
-
-    from .demo import checkpoint_each_frame
-
-    def tomo(*, num_angles: int = 90, rotations: int = 1, **kwargs: Any) -> Iterator[Any]:
-        """A tomography scan: ``num_angles`` projections per 180 degrees, ``rotations`` turns.
-
-        A checkpoint precedes each frame, so one Ctrl-C pauses the RunEngine
-        within a frame (then ``RE.resume()`` or ``RE.abort()``).
-        """
-        plan = tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
-            num_angles=num_angles,
-            rotations=rotations,
-            **{**defaults, **kwargs},
-        )
-        return checkpoint_each_frame(plan)
-
-    return tomo

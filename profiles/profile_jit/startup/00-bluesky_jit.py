@@ -1,0 +1,1 @@
+../../../bluesky_jit/apps/profile_startup.py
