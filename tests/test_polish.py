@@ -222,3 +222,17 @@ def test_a_missing_warm_start_file_is_refused_before_the_scan(tmp_path, capsys):
     argv = ["demo", "--warm-start", str(missing), "--online-strategy", "frozen"]
     assert main([*argv, "--data-dir", str(tmp_path), "--no-progress"]) == 2
     assert "warm_start" in capsys.readouterr().err
+
+
+def test_the_readme_lists_every_fault_tested_with_a_test_that_exists():
+    import re
+
+    section = README.split("#### Every bad input and fault tested")[1].split("</details>")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 60
+    tests = Path(__file__).parent
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row.split("|")[-2])
+        assert named, f"no test named for {row}"
+        for file, name in named:
+            assert f"def {name}(" in (tests / file).read_text(), f"{file}::{name} in {row}"
