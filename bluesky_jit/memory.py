@@ -181,7 +181,7 @@ def plan_memory(
             f"projections per rotation: even keeping only rows {band[0]}..{band[1] - 1} for the "
             f"axial slice, the run needs {_gb(needed)} and the memory budget is {_gb(budget)}. "
             "If the metadata is wrong, fix tomo['detector_shape'] and tomo['num_angles']; else "
-            "raise runtime.memory_budget_gb (bluesky-jit --set memory_budget_gb=...), bin the "
+            "raise runtime.memory_budget_gb (JitConfig(memory_budget_gb=...)), bin the "
             "detector, or take fewer projections per rotation."
         )
     binning = 0

@@ -237,14 +237,11 @@ class RunPipeline:
             settings["vertical_slices"] = False
             geometry = cropped(geometry, plan.rows)
             vertical = self._vertical_geometry(None)
-            if vertical is not None:
+            if vertical is not None:  # through the axial slice's centre, in binned rows
+                row = min(self._row(self.summary.geometry) // plan.binning, vertical.rows - 1)
                 self.vertical = StreamingReconstructor(
                     vertical,
-                    **settings
-                    | {
-                        "slice_row": min(self._row(vertical) // plan.binning, vertical.rows - 1),
-                        "vertical_slices": True,
-                    },
+                    **{**settings, "slice_row": row, "vertical_slices": True},
                     device=device,
                     capacity=vertical.num_angles + cfg.reconstruction.refresh_every,
                     threads=self.budget.recon_threads_arg,
