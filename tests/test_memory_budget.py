@@ -86,6 +86,7 @@ def test_a_scan_larger_than_the_budget_keeps_the_rows_of_its_slice(tmp_path):
     [
         ((40000, 40000), 1800, "raise runtime.memory_budget_gb"),
         ((2048, 2048), 180, "the scan metadata says the detector is (2048, 2048)"),
+        ((8, 48), 10**8, "at 100000000 projections per rotation"),
     ],
 )
 def test_metadata_announcing_a_huge_detector_allocates_nothing(tmp_path, shape, angles, said):
