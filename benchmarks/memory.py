@@ -12,9 +12,9 @@ except ``refresh_every``: fewer refreshes keep the run to a few minutes on a
 2-core machine. Documents are fed as fast as the worker takes them (at most
 ``--backlog`` waiting), so the peak is that of the pipeline, not of a queue.
 
-Reported (``--json``): the peak resident memory of the process (``ru_maxrss``;
-the trainer is a thread, so there is no child process unless
-``trainer_process`` is set, and then its peak is ``children_peak_rss_bytes``),
+Reported (``--json``): the peak resident memory of the process (``ru_maxrss``)
+and of its largest ended child process (``children_peak_rss_bytes``: the
+trainer is a thread here; with ``trainer_process`` it would count there),
 the resident memory before the scan, the memory plan of the run (the derived
 run's ``memory`` metadata: rows kept, vertical binning, what whole frames
 would need) and the run's summary, with the machine's description.
