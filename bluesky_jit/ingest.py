@@ -80,6 +80,8 @@ class AreaDetectorHDF5Handler:
 
     Frames live in ``/entry/data/data`` with shape (N, rows, cols);
     ``frame_per_point`` frames belong to each datum's ``point_number``.
+    Frames that would take more than half the default memory budget
+    (:func:`bluesky_jit.memory.budget_bytes`) are refused before reading.
     """
 
     specs = {"AD_HDF5"}
@@ -91,6 +93,12 @@ class AreaDetectorHDF5Handler:
 
     def __call__(self, point_number: int) -> np.ndarray:
         self._dataset.refresh()
+        size = self._per_point * math.prod(self._dataset.shape[1:]) * self._dataset.dtype.itemsize
+        if size > budget_bytes(None) // 2:
+            raise ScanDataError(
+                f"{self._file.filename} holds frames of shape {self._dataset.shape[1:]} "
+                f"({size / 2**30:.2f} GB a point), more than half the memory budget; not read"
+            )
         start = point_number * self._per_point
         return self._dataset[start : start + self._per_point]
 

@@ -176,3 +176,19 @@ def test_a_missing_detector_key_is_named_with_the_keys_there_are():
     sink, _ = feed(inline_run(md=tomo_md(detector_key="cam")))
     assert sink.projections == []
     assert any("'cam'" in p and "['det', 'rot_stage']" in p for p in sink.problems), sink.problems
+
+
+def test_an_ad_hdf5_point_too_large_is_refused_before_reading(tmp_path):
+    """Old-style Resource/Datum frames: 4 x 40000 x 40000 float64 (47.7 GB) a point, in kB."""
+    from bluesky_jit.errors import ScanDataError
+    from bluesky_jit.ingest import AreaDetectorHDF5Handler
+
+    path = tmp_path / "ad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/entry/data/data", (4, 40000, 40000), dtype="f8", chunks=(1, 50, 50))
+    handler = AreaDetectorHDF5Handler(str(path), frame_per_point=4)
+    before = rss()
+    with pytest.raises(ScanDataError, match="47.68 GB a point.*not read"):
+        handler(0)
+    handler.close()
+    assert rss() - before < 500 * MB
