@@ -43,6 +43,7 @@ import event_model
 
 from .config import JitConfig
 from .ingest import CalibrationStore, TomoIngest
+from .memory import budget_bytes
 from .pipeline import _KEEP, RunPipeline, RunSummary, _in_context
 
 logger = logging.getLogger(__name__)
@@ -512,6 +513,7 @@ class JitCallback:
             geometry_overrides=self.geometry_overrides,
             handler_registry=self.handler_registry,
             root_map=self.root_map,
+            memory_budget=budget_bytes(self.config.runtime.memory_budget_gb),
         )
         self.pipelines[uid] = pipeline
         return [_Guard(ingest, pipeline, self._finished)], []

@@ -188,6 +188,10 @@ class Runtime(_Section):
     per rotation, and always one at the end); None: a rotation."""
     pace_guard: Bool = True
     """Training yields the time it would take from the scan (bluesky_jit.budget.PaceGuard)."""
+    memory_budget_gb: PositiveFloat | None = None
+    """Memory (GB) a run's frames may take; None: a quarter of the machine's memory. Whole
+    frames that do not fit are cut to the rows the axial slice needs (binned frames for
+    the vertical slices); a scan that does not fit even so is refused."""
     run_timeout_s: PositiveFloat | None = 3600.0
     """Seconds without a document after which an open run is closed as aborted (its
     trainer stopped, its derived stop written); None: wait for the stop forever."""

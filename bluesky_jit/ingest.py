@@ -15,6 +15,7 @@ Only this module and :mod:`bluesky_jit.emit` know what a document looks like.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from .errors import BlueskyJitError, ScanDataError
 from .geometry import ScanGeometry, geometry_from_start
+from .memory import budget_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class AreaDetectorHDF5Handler:
 
     Frames live in ``/entry/data/data`` with shape (N, rows, cols);
     ``frame_per_point`` frames belong to each datum's ``point_number``.
+    Frames that would take more than half the default memory budget
+    (:func:`bluesky_jit.memory.budget_bytes`) are refused before reading.
     """
 
     specs = {"AD_HDF5"}
@@ -89,6 +93,12 @@ class AreaDetectorHDF5Handler:
 
     def __call__(self, point_number: int) -> np.ndarray:
         self._dataset.refresh()
+        size = self._per_point * math.prod(self._dataset.shape[1:]) * self._dataset.dtype.itemsize
+        if size > budget_bytes(None) // 2:
+            raise ScanDataError(
+                f"{self._file.filename} holds frames of shape {self._dataset.shape[1:]} "
+                f"({size / 2**30:.2f} GB a point), more than half the memory budget; not read"
+            )
         start = point_number * self._per_point
         return self._dataset[start : start + self._per_point]
 
@@ -128,6 +138,10 @@ class TomoIngest(event_model.DocumentRouter):
         Resource spec -> handler class; ``AD_HDF5`` is built in.
     root_map : mapping, optional
         Rewrites file paths of moved data (``{old_root: new_root}``).
+    memory_budget : int, optional
+        Bytes (:func:`bluesky_jit.memory.budget_bytes`; default a quarter of
+        the machine's memory): frames read at once, and projections waiting
+        for dark and flat fields, stay within half of it.
 
     Notes
     -----
@@ -144,8 +158,10 @@ class TomoIngest(event_model.DocumentRouter):
         geometry_overrides: Mapping[str, Any] | None = None,
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__()
+        self.memory_budget = budget_bytes(None) if memory_budget is None else memory_budget
         self.sink = sink
         self.calibrations = calibrations if calibrations is not None else CalibrationStore()
         self.overrides = dict(geometry_overrides or {})
@@ -172,6 +188,7 @@ class TomoIngest(event_model.DocumentRouter):
         self._md_angles: list[float] = []  # tomo['angles'], one per frame (fly scans)
         self._frames: dict[int, np.ndarray] = {}  # primary seq_num -> frame
         self._waiting: list[tuple[np.ndarray, float, int]] = []  # before calibration
+        self._waiting_bytes = 0
         self._events_seen: dict[str, int] = {}  # stream -> events that reached the ingest
         self.projections = 0
 
@@ -263,6 +280,14 @@ class TomoIngest(event_model.DocumentRouter):
             images = [k for k, v in doc["data_keys"].items() if len(v.get("shape") or []) >= 2]
             if images:
                 self.detector_key = images[0]
+        elif stream in PROJECTION_STREAMS and self.detector_key not in doc["data_keys"]:
+            self._fatal(
+                ScanDataError(
+                    f"tomo['detector_key'] names {self.detector_key!r}, but the {stream!r} stream "
+                    f"has the data keys {sorted(doc['data_keys'])}. Set tomo['detector_key'] to "
+                    "the detector's image key (or leave it out: the first image key is used)."
+                )
+            )
 
     def resource(self, doc):
         self._filler("resource", doc)
@@ -355,6 +380,16 @@ class TomoIngest(event_model.DocumentRouter):
             raise ScanDataError(
                 f"the file holds {dataset.shape[0]} frames but frames up to {stop} were announced"
             )
+        shape = tuple(dataset.shape[-2:])  # checked before a byte is read
+        expected = self.geometry.detector_shape if self.geometry is not None else shape
+        size = (stop - start) * math.prod(dataset.shape[1:]) * dataset.dtype.itemsize
+        if shape != expected or size > self.memory_budget // 2:
+            raise ScanDataError(
+                f"the file holds frames of shape {shape} ({dataset.dtype}, {size / 2**30:.2f} GB "
+                f"for these {stop - start}); the scan metadata says the detector is {expected} "
+                f"and half the memory budget is {self.memory_budget / 2**31:.2f} GB. Fix "
+                "tomo['detector_shape'] or the detector's ROI/binning; none of them was read"
+            )
         return np.asarray(dataset[start:stop])
 
     def _angle_from_metadata(self, seq_num: int) -> None:
@@ -390,7 +425,7 @@ class TomoIngest(event_model.DocumentRouter):
             have_own = bool(self._darks and self._flats)
             stored = self.start_doc.get("tomo", {}).get("dark_flat_uid")
             if not have_own and self.calibrations.get(stored) is None:
-                self._waiting.append((frame, angle, index))  # flats may come at the end
+                self._wait(frame, angle, index)  # flats may come at the end
                 return
             try:
                 self._calibrate()
@@ -398,6 +433,22 @@ class TomoIngest(event_model.DocumentRouter):
                 self._fatal(error)
                 return
         self._deliver(frame, angle, index)
+
+    def _wait(self, frame: np.ndarray, angle: float, index: int) -> None:
+        """Keep a projection until the dark and flat fields come, within half the budget."""
+        self._waiting_bytes += frame.nbytes
+        if self._waiting_bytes > self.memory_budget // 2:
+            self._fatal(
+                ScanDataError(
+                    f"{len(self._waiting) + 1} projections ({self._waiting_bytes / 2**30:.2f} GB) "
+                    "waited for dark and flat fields, more than half the memory budget "
+                    f"({self.memory_budget / 2**30:.2f} GB, runtime.memory_budget_gb). Take the "
+                    "darks and flats before the projections, or a dark/flat run first "
+                    "(tomo.role='dark_flat'), or raise memory_budget_gb."
+                )
+            )
+            return
+        self._waiting.append((frame, angle, index))
 
     def _calibrate(self) -> None:
         if self._darks and self._flats:
@@ -417,7 +468,7 @@ class TomoIngest(event_model.DocumentRouter):
             darks, flats = stored
         self.sink.calibration(darks, flats)  # raises ScanDataError on unusable fields
         self._calibrated = True
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
         for frame, angle, index in waiting:
             self._deliver(frame, angle, index)
 
@@ -436,6 +487,7 @@ class TomoIngest(event_model.DocumentRouter):
     def _fatal(self, error: Exception) -> None:
         self.dead = True
         self._waiting.clear()
+        self._waiting_bytes = 0
         self._problem(error)
 
 

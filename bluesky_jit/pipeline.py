@@ -25,6 +25,7 @@ import numpy as np
 from .config import JitConfig
 from .errors import BlueskyJitError, ConfigError, GeometryError
 from .geometry import ScanGeometry, Slice
+from .memory import MemoryPlan, binned, cropped
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,9 @@ class RunPipeline:
         self.rng = np.random.default_rng(run.seed)
         self.derived = None
         self.recon = None
+        self.vertical = None
+        """The reconstructor of binned frames for the vertical slices (memory budget), or None."""
+        self.plan: MemoryPlan | None = None
         self.pairs = None
         self.trainer = None
         self.denoiser = None
@@ -191,6 +195,14 @@ class RunPipeline:
                 )
             )
             geometry = None
+        if geometry is not None:
+            try:
+                self.plan = self._plan_memory(geometry)
+                if self.plan.reduced:
+                    logger.warning("bluesky_jit run %s: %s", start["uid"], self.plan.reduced)
+            except ConfigError as error:  # nothing allocated: the stop says what to change
+                self.problem(error)
+                geometry = None
         if self.emit is not None:
             from .emit import DerivedRun
 
@@ -199,14 +211,19 @@ class RunPipeline:
                 from .geometry import default_slices
 
                 rc = self.config.reconstruction
-                axial, xz, yz = default_slices(
+                axial, _, _ = default_slices(
                     geometry,
                     slice_row=rc.slice_row,
                     slice_size=rc.slice_size,
                     slice_center=rc.slice_center,
                 )
                 n = axial.shape[0]
-                if rc.vertical_slices:
+                vertical = self._vertical_geometry(geometry)
+                if vertical is not None:
+                    binning = max(self.plan.binning, 1)
+                    _, xz, yz = default_slices(
+                        vertical, **self._binned_slices(self._row(geometry), binning)
+                    )
                     extra = {VERTICAL_STREAMS[0]: xz.shape, VERTICAL_STREAMS[1]: yz.shape}
             self.derived = DerivedRun(
                 raw_start=start,
@@ -231,18 +248,30 @@ class RunPipeline:
         from .pairs import PairMaker
         from .reconstruction.streaming import StreamingReconstructor
 
-        cfg, device = self.config, self.config.runtime.device
-        window = geometry.num_angles
-        every = cfg.reconstruction.refresh_every
-        frame_step = cfg.pairs.frame_step or max(1, window // 2)
-        reach = (cfg.frames - 1) * frame_step if cfg.pairs.stack == "t" else 0  # T looks back
+        cfg, device, plan = self.config, self.config.runtime.device, self.plan
+        settings = cfg.reconstruction.model_dump()
+        if plan.rows is not None:  # the rows of the axial slice alone (the memory budget)
+            settings["slice_row"] = self._row(geometry) - plan.rows[0]
+            settings["vertical_slices"] = False
+            geometry = cropped(geometry, plan.rows)
+            vertical = self._vertical_geometry(None)
+            if vertical is not None:  # through the axial slice's centre, in binned pixels
+                binned_slices = self._binned_slices(self._row(self.summary.geometry), plan.binning)
+                self.vertical = StreamingReconstructor(
+                    vertical,
+                    **{**settings, **binned_slices, "vertical_slices": True},
+                    device=device,
+                    capacity=vertical.num_angles + cfg.reconstruction.refresh_every,
+                    threads=self.budget.recon_threads_arg,
+                )
         self.recon = StreamingReconstructor(
             geometry,
-            **cfg.reconstruction.model_dump(),
+            **settings,
             device=device,
-            capacity=max(2 * window, window + reach + every),
+            capacity=self._capacity(geometry),
             threads=self.budget.recon_threads_arg,
         )
+        window = geometry.num_angles
         if getattr(self.recon.backend, "name", None) == "numba":
             self.budget.apply_worker()  # numba's thread count is per thread: this worker's
         if self._skip_above is None:
@@ -259,6 +288,51 @@ class RunPipeline:
             device=device,
             num_threads=self.budget.infer_threads,
         )
+
+    def _capacity(self, geometry: ScanGeometry) -> int:
+        """Filtered projections kept: two rotations, more for T stacks (they look back)."""
+        cfg, window = self.config, geometry.num_angles
+        frame_step = cfg.pairs.frame_step or max(1, window // 2)
+        reach = (cfg.frames - 1) * frame_step if cfg.pairs.stack == "t" else 0
+        return max(2 * window, window + reach + cfg.reconstruction.refresh_every)
+
+    def _row(self, geometry: ScanGeometry) -> int:
+        row = self.config.reconstruction.slice_row
+        return geometry.rows // 2 if row is None else row
+
+    def _plan_memory(self, geometry: ScanGeometry) -> Any:
+        """What the run keeps within the memory budget (:func:`~.memory.plan_memory`)."""
+        from .memory import budget_bytes, plan_memory
+
+        cfg = self.config
+        stack = cfg.frames // 2 + 1 if cfg.pairs.stack == "z" else 0
+        return plan_memory(
+            geometry,
+            capacity=self._capacity(geometry),
+            extra=cfg.reconstruction.refresh_every,
+            row=self._row(geometry),
+            reach=cfg.pairs.neighbourhood_rows + stack,
+            vertical=cfg.reconstruction.vertical_slices,
+            budget=budget_bytes(cfg.runtime.memory_budget_gb),
+        )
+
+    def _binned_slices(self, row: int, binning: int) -> dict[str, Any]:
+        """The slice settings in the pixels of frames binned ``binning`` x ``binning``."""
+        rc = self.config.reconstruction
+        rows = self.summary.geometry.rows // binning
+        return {
+            "slice_row": min(row // binning, rows - 1),
+            "slice_size": None if rc.slice_size is None else max(2, rc.slice_size // binning),
+            "slice_center": tuple(c / binning for c in rc.slice_center),
+        }
+
+    def _vertical_geometry(self, geometry: ScanGeometry | None) -> ScanGeometry | None:
+        """The geometry the vertical slices come from; None without vertical slices."""
+        plan = self.plan
+        geometry = geometry if geometry is not None else self.summary.geometry
+        if not self.config.reconstruction.vertical_slices or plan.binning == 0:
+            return None
+        return geometry if plan.binning == 1 else binned(geometry, plan.binning)
 
     def _make_trainer(self) -> Any:
         """The trainer of the training settings, in a thread or (``trainer_process``) a process.
@@ -303,6 +377,7 @@ class RunPipeline:
                 "inference": resolve_precision(cfg.inference.infer_precision, device),
             },
             "budget": self._budget_record(geometry),
+            "memory": self.plan.to_dict() if self.plan is not None else None,
         }
 
     def _budget_record(self, geometry: ScanGeometry | None) -> dict[str, Any]:
@@ -317,15 +392,25 @@ class RunPipeline:
         }
 
     def calibration(self, darks: np.ndarray, flats: np.ndarray) -> None:
-        if self.recon is not None:
-            self.recon.set_flatfield(darks, flats)
+        if self.recon is None:
+            return
+        plan = self.plan
+        plan.check(darks, "Dark fields")
+        plan.check(flats, "Flat fields")
+        self.recon.set_flatfield(plan.crop(darks), plan.crop(flats))
+        if self.vertical is not None:
+            self.vertical.set_flatfield(plan.bin(darks), plan.bin(flats))
 
     def projection(self, frame: np.ndarray, *, angle_deg: float, index: int) -> None:
         if self.recon is None:
             return
         if self._first_projection is None:
             self._first_projection = time.monotonic()
-        due = self.recon.add_frame(frame, angle_deg=angle_deg, index=index)
+        plan = self.plan
+        plan.check(frame, "A frame")
+        due = self.recon.add_frame(plan.crop(frame), angle_deg=angle_deg, index=index)
+        if self.vertical is not None:
+            self.vertical.add_frame(plan.bin(frame), angle_deg=angle_deg, index=index)
         self.summary.projections += 1
         self._unrefreshed += 1
         waiting = self._watch_backlog()
@@ -449,20 +534,22 @@ class RunPipeline:
                 self._guard.start()
         first, last = int(slices.indices[0]), int(slices.indices[-1])
         common = {"projection_index": last, "first_projection_index": first}
+        row = slices.row + (self.plan.rows[0] if self.plan.rows else 0)  # on the detector
         with self._summary_lock:
             self.summary.slices += 1
             self.summary.last_slice = slices.full
             self.summary.last_indices = slices.indices
             self.summary.images["reconstruction"] = slices.full
-            self.summary.positions["reconstruction"] = slices.row
+            self.summary.positions["reconstruction"] = row
         if self.derived is not None:
             self.derived.add_reconstruction(
-                slices.full, num_projections=len(slices.indices), slice_row=slices.row, **common
+                slices.full, num_projections=len(slices.indices), slice_row=row, **common
             )
-        if recon.vertical_slices:
+        vertical = self.vertical if self.vertical is not None else recon
+        if vertical.vertical_slices:
             for index, name in enumerate(VERTICAL_STREAMS, start=1):
-                plane = recon.slices[index]
-                image = recon.reconstruct_slice(plane).full
+                plane = vertical.slices[index]
+                image = vertical.reconstruct_slice(plane).full
                 with self._summary_lock:
                     self.summary.images[name] = image
                     self.summary.positions[name] = plane.center[_ACROSS[index]]
@@ -556,13 +643,9 @@ class RunPipeline:
         for key, value in moves.items():
             try:
                 if key == "row":
-                    if not 0 <= int(value) < self.recon.geometry.rows:
-                        raise ConfigError(
-                            f"slice_row {value} is outside the detector rows "
-                            f"0..{self.recon.geometry.rows - 1}."
-                        )
-                    self.recon.row = int(value)
-                    self.pairs.set_row(int(value))
+                    row = self._kept_row(int(value))
+                    self.recon.row = row
+                    self.pairs.set_row(row)
                     self.trainer.clear_holdout()  # alpha rates the new place (seed 000 Fig. 7a)
                 elif key == "patch_size":
                     self.pairs.set_patch_size(value)
@@ -571,12 +654,16 @@ class RunPipeline:
                     self.pairs.set_region(value)
                 elif key == "center":
                     self.recon.set_center(value)
+                    if self.vertical is not None:  # the binned frames' column
+                        b = self.plan.binning
+                        self.vertical.set_center((value - (b - 1) / 2) / b)
                     self.trainer.clear_holdout()  # alpha rates the new reconstruction
                     with self._summary_lock:
                         self.summary.geometry = self.recon.geometry
                     logger.info("bluesky_jit: centre of rotation now column %g", value)
                 else:
-                    old = self.recon.slices[key]
+                    recon = self.vertical if self.vertical is not None else self.recon
+                    old = recon.slices[key]
                     if not isinstance(value, Slice):  # a position across the plane, mm
                         center = list(old.center)
                         center[_ACROSS[key]] = float(value)
@@ -586,9 +673,23 @@ class RunPipeline:
                             f"A moved vertical slice must keep its shape {old.shape} (the derived "
                             f"run's stream has it); got {value.shape}."
                         )
-                    self.recon.move_slice(key, value)
+                    recon.move_slice(key, value)
             except (BlueskyJitError, IndexError, TypeError, AttributeError) as error:
                 self.problem(error)
+
+    def _kept_row(self, row: int) -> int:
+        """A detector row as a row of the frames kept; ConfigError outside them."""
+        rows = self.summary.geometry.rows
+        first, stop = self.plan.rows or (0, rows)
+        if not 0 <= row < rows:
+            raise ConfigError(f"slice_row {row} is outside the detector rows 0..{rows - 1}.")
+        if not first <= row < stop:
+            raise ConfigError(
+                f"slice_row {row} is outside the detector rows {first}..{stop - 1} kept within "
+                "the memory budget; raise runtime.memory_budget_gb to move the slice further, "
+                "or start the scan with slice_row there."
+            )
+        return row - first
 
     def _network_useful(self) -> bool:
         """Denoise once the network beats doing nothing on hold-out pairs (alpha < 1).

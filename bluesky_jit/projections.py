@@ -314,10 +314,10 @@ class ProjectionBuffer:
             raise ConfigError(f"ProjectionBuffer capacity must be >= 2; got {capacity}.")
         self.capacity = capacity
         self.shape = tuple(shape)
-        self.data = torch.zeros((capacity, *shape), dtype=torch.float32, device=device)
-        # on the CPU, copies go through a numpy view: torch's intra-op threads
-        # slow small copies down badly on a busy machine
-        self._view = self.data.numpy() if self.data.device.type == "cpu" else None
+        self.device = torch.device(device)
+        self.data: torch.Tensor | None = None  # allocated by the first frame, which confirms
+        self._view: np.ndarray | None = None  # the shape; on the CPU copies go through a numpy
+        # view (torch's intra-op threads slow small copies down badly on a busy machine)
         self.angles = np.zeros(capacity)  # radians
         self.indices = np.full(capacity, -1, dtype=np.int64)
         self.count = 0
@@ -347,7 +347,15 @@ class ProjectionBuffer:
     def append(self, filtered: torch.Tensor, *, angle: float, index: int) -> None:
         """Keep one filtered projection (rows, cols) taken at ``angle`` (radians)."""
         index = int(index)
+        if tuple(filtered.shape) != self.shape:
+            raise ScanDataError(
+                f"A filtered projection of shape {tuple(filtered.shape)} arrived; the buffer "
+                f"keeps {self.shape}. Expected every frame to have the detector shape."
+            )
         with self._lock:
+            if self.data is None:
+                self.data = torch.zeros((self.capacity, *self.shape), device=self.device)
+                self._view = self.data.numpy() if self.device.type == "cpu" else None
             slot = self.count % self.capacity
             previous = int(self.indices[slot])
             if self.count >= self.capacity and self._slot_of.get(previous) == slot:
@@ -409,11 +417,11 @@ class ProjectionBuffer:
                 view = self._view if rows is None else self._view[:, rows]
                 data = torch.from_numpy(np.ascontiguousarray(view[slots]))
             else:
-                index = torch.as_tensor(slots, device=self.data.device)
+                index = torch.as_tensor(slots, device=self.device)
                 source = self.data if rows is None else self.data[:, rows]
                 data = source.index_select(0, index)
             angles = self.angles[slots].copy()
-        return data, torch.as_tensor(angles, dtype=torch.float32, device=self.data.device)
+        return data, torch.as_tensor(angles, dtype=torch.float32, device=self.device)
 
     def angles_of(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Angles (radians, float64) of buffered projections given by global index."""

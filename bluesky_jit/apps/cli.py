@@ -533,6 +533,12 @@ LISTEN = (
         "serializer=bluesky_jit.apps.listen.zmq_serializer())); pickle runs code from "
         "whoever can reach the proxy: only on a closed bus",
     ),  # fmt: skip
+    opt(
+        "--curve-secret-key",
+        type=PathType,
+        help="CURVE: this listener's certificate file with its secret key (zmq.auth)",
+    ),
+    opt("--curve-server-key", type=PathType, help="CURVE: the 0MQ proxy's public certificate"),
     opt("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers"),
     opt("--topic", multiple=True, help="Kafka topic (repeatable)"),
     opt("--group", default="bluesky-jit", help="Kafka consumer group id"),
@@ -931,6 +937,8 @@ def _listen(call: Invocation) -> int:
                         on_ready=lambda: _log(f"listening to {source}; {where}", stdout=True),
                         check=False,
                         zmq_format=v["zmq_format"],
+                        curve_secret_key=v["curve_secret_key"],
+                        curve_server_key=v["curve_server_key"],
                     )
 
             else:

@@ -60,6 +60,7 @@ __all__ = [
     "kafka_deserializer",
     "kafka_serializer",
     "listen_zmq",
+    "zmq_curve",
 ]
 
 DOCUMENT_NAMES: Final = frozenset(
@@ -463,6 +464,46 @@ def check_reachable(host: str, port: int, what: str, timeout: float = 3.0) -> No
         ) from err
 
 
+def zmq_curve(secret_key: str | Path | None, server_key: str | Path | None) -> Any:
+    """bluesky's ``ClientCurve`` of two certificate files (``zmq.auth``), or None for neither.
+
+    ``secret_key``: this listener's certificate with its secret key
+    (``zmq.auth.create_certificates`` writes ``NAME.key_secret``);
+    ``server_key``: the proxy's public certificate (``NAME.key``). Keys are
+    read from files only, never from the command line.
+
+    Raises
+    ------
+    ConfigError
+        If only one is given, or a file is not a certificate (with a secret key).
+    """
+    import zmq.auth
+    from bluesky.callbacks.zmq import ClientCurve
+
+    if secret_key is None and server_key is None:
+        return None
+    if secret_key is None or server_key is None:
+        raise ConfigError(
+            "CURVE needs both certificate files: this listener's secret one "
+            "(--curve-secret-key NAME.key_secret) and the proxy's public one "
+            "(--curve-server-key SERVER.key); make them with zmq.auth.create_certificates."
+        )
+    for path, what in ((secret_key, "secret"), (server_key, "server's public")):
+        try:
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"Cannot read the CURVE {what} certificate {path}: {error}. Expected a "
+                "certificate file written by zmq.auth.create_certificates."
+            ) from error
+        if what == "secret" and secret is None:
+            raise ConfigError(
+                f"{path} holds no secret key: pass this listener's NAME.key_secret file as "
+                "--curve-secret-key (the NAME.key file is its public half)."
+            )
+    return ClientCurve(secret_path=Path(secret_key), server_public_key=Path(server_key))
+
+
 def listen_zmq(
     address: str,
     listener: Listener,
@@ -472,6 +513,8 @@ def listen_zmq(
     tick_s: float = 0.5,
     check: bool = True,
     zmq_format: str = "msgpack",
+    curve_secret_key: str | Path | None = None,
+    curve_server_key: str | Path | None = None,
 ) -> None:
     """Consume documents from a 0MQ proxy's out-port until ``stop`` or ``listener.stopped``.
 
@@ -495,6 +538,9 @@ def listen_zmq(
         How the RunEngine side encodes (:func:`zmq_serializer`). ``"pickle"``
         (bluesky's default) lets anyone who can send to the proxy run code in
         this process: only on a bus nobody else can reach.
+    curve_secret_key, curve_server_key : path, optional
+        CURVE encryption and authentication on a network bus (:func:`zmq_curve`): this
+        listener's certificate file (with its secret key) and the proxy's public one.
     """
     import pickle
 
@@ -511,13 +557,16 @@ def listen_zmq(
             "proxy can run code in this process. Use it only on a bus nobody else can reach."
         )
     deserializer = pickle.loads if zmq_format == "pickle" else zmq_deserializer()
+    curve = zmq_curve(curve_secret_key, curve_server_key)
     host, port = parse_address(address, "0MQ proxy address")
     if check:
         check_reachable(host, port, "0MQ proxy (out-port)")
     stop = stop or threading.Event()
     ready = on_ready
     while not (stop.is_set() or listener.stopped.is_set()):
-        dispatcher = RemoteDispatcher(f"{host}:{port}", deserializer=deserializer)
+        dispatcher = RemoteDispatcher(
+            f"{host}:{port}", deserializer=deserializer, curve_config=curve
+        )
         dispatcher.subscribe(listener)
         loop = dispatcher.loop
 
