@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from ..errors import ConfigError, NotDerivedError, RunNotFoundError, ScanDataError
-from .live import DerivedData, _metric_rows, _title, _window, read_derived
+from .live import DerivedData, _metric_rows, _title, _to_uint8, _window, read_derived
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
@@ -515,9 +515,3 @@ def _animation(data: DerivedData, path: Path, *, fps: float, max_frames: int) ->
         loop=0,
     )
     return path
-
-
-def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    lo, hi = window
-    scaled = (np.asarray(image, dtype=np.float64) - lo) / (hi - lo)
-    return (np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)

@@ -439,3 +439,9 @@ def _window(image: np.ndarray | None) -> tuple[float, float]:
         return (0.0, 1.0)
     lo, hi = np.nanpercentile(image, [1, 99])
     return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+
+
+def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    scaled = (np.asarray(image, dtype=np.float64) - lo) / (hi - lo)
+    return (np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
