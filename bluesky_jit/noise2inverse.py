@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import N2I_STRATEGIES
-from .errors import ConfigError
+from .errors import ConfigError, ScanDataError
 
 STRATEGIES = N2I_STRATEGIES
 """Noise2Inverse strategies (:data:`bluesky_jit.config.N2IStrategy`)."""
@@ -86,3 +86,72 @@ def inputs(recons: np.ndarray, strategy: str) -> np.ndarray:
     if r.shape[0] == 2:  # the other split, exactly
         return r[::-1].copy()
     return (r.sum(axis=0, keepdims=True) - r) / (r.shape[0] - 1)
+
+
+UNCERTAINTY_SCALE = 2.7
+"""Calibration of :func:`uncertainty`: the factor that puts 95 % of the pixels of four
+phantom slices (two phantoms, 1000 and 300 photons; pooled) within 2 sigma of the truth
+(``benchmarks/uncertainty.py``; 90-98 % per slice). The spread alone would need 1: it
+misses the error common to all K outputs (blur, motion within the window)."""
+UNCERTAINTY_SMOOTH_PX = 1.0
+"""Gaussian width (pixels) over which the per-pixel variance is averaged: with K = 2 one
+pixel's spread is a single sample, too noisy to be a standard deviation on its own."""
+
+
+def uncertainty(
+    outputs: np.ndarray,
+    strategy: str,
+    *,
+    scale: float = UNCERTAINTY_SCALE,
+    smooth_px: float = UNCERTAINTY_SMOOTH_PX,
+) -> np.ndarray | None:
+    """A calibrated standard deviation of the Noise2Inverse estimate, per pixel.
+
+    The estimate is the mean of the K network outputs; their spread is its
+    standard error as if the K were independent, ``std(outputs, ddof=1) /
+    sqrt(K)``. X:1 inputs are not: each is the mean of K - 1 splits, so they
+    differ by ``1 / (K - 1)`` of the splits' differences, and the spread is
+    multiplied by ``K - 1``. The variance is averaged locally (Gaussian,
+    ``smooth_px``) and ``scale`` accounts for what the spread does not see
+    (the error common to all K outputs, e.g. blurred edges).
+
+    Parameters
+    ----------
+    outputs : ndarray, shape (K, H, W)
+        The network outputs (:meth:`bluesky_jit.inference.Denoiser.denoise_each`).
+    strategy : {"X:1", "1:X"}
+    scale : float
+        :data:`UNCERTAINTY_SCALE`: fitted so that about 95 % of the pixels of
+        a phantom have ``|error| <= 2 sigma``.
+    smooth_px : float
+        0 keeps the raw per-pixel spread.
+
+    Returns
+    -------
+    ndarray, shape (H, W), float32, or None
+        Same units as the slice (1/mm); None for K < 2 (no spread).
+
+    References
+    ----------
+    Hendriksen, Pelt, Batenburg, "Noise2Inverse: self-supervised deep
+    convolutional denoising for tomography", IEEE Transactions on Computational
+    Imaging 6 (2020), section III-C (the mean over the K splits).
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.ndim != 3:
+        raise ScanDataError(
+            f"uncertainty() needs the K network outputs, shape (K, H, W); got {out.shape}. "
+            "Pass Denoiser.denoise_each(inputs)."
+        )
+    k = out.shape[0]
+    if k < 2:
+        return None
+    check_strategy(strategy, k)
+    var = out.var(axis=0, ddof=1) / k
+    if strategy == "X:1":
+        var *= (k - 1) ** 2
+    if smooth_px > 0:
+        from scipy.ndimage import gaussian_filter
+
+        var = gaussian_filter(var, smooth_px, mode="reflect")
+    return (scale * np.sqrt(var)).astype(np.float32)

@@ -53,6 +53,8 @@ class RunSummary:
     geometry: ScanGeometry | None = None
     last_slice: np.ndarray | None = None
     last_denoised: np.ndarray | None = None
+    last_uncertainty: np.ndarray | None = None
+    """Standard deviation of :attr:`last_denoised` per pixel (the ``uncertainty`` stream)."""
     last_indices: np.ndarray | None = None
     last_denoised_indices: np.ndarray | None = None
     derived_path: str | None = None
@@ -472,20 +474,28 @@ class RunPipeline:
         self.refresh()
 
     def _denoise(self, slices: Any) -> None:
-        """The Noise2Inverse estimate: the mean of the network over its K inputs."""
+        """The Noise2Inverse estimate (the mean of the network over its K inputs) and its
+        uncertainty (:func:`~bluesky_jit.noise2inverse.uncertainty`, from their spread)."""
+        from .noise2inverse import uncertainty
+
         inputs, window = self.pairs.inference_inputs(refresh=slices)
-        denoised = self.denoiser.denoise_mean(inputs)
+        outputs = self.denoiser.denoise_each(inputs)
+        denoised = outputs.mean(axis=0)
+        sigma = uncertainty(outputs, self.pairs.n2i_strategy)
         with self._summary_lock:
             self.summary.denoised += 1
             self.summary.last_denoised = denoised
+            self.summary.last_uncertainty = sigma
             self.summary.last_denoised_indices = window
         if self.derived is not None:
-            self.derived.add_denoised(
-                denoised,
-                train_step=int(self.denoiser.weights_version or 0),
-                projection_index=int(window[-1]),
-                first_projection_index=int(window[0]),
-            )
+            scalars = {
+                "train_step": int(self.denoiser.weights_version or 0),
+                "projection_index": int(window[-1]),
+                "first_projection_index": int(window[0]),
+            }
+            self.derived.add_denoised(denoised, **scalars)
+            if sigma is not None:
+                self.derived.add_image("uncertainty", sigma, **scalars)
 
     def move(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
         """Ask for slices elsewhere from the next refresh on (any thread).
