@@ -15,7 +15,11 @@ candidate uncertainty maps sigma:
 - ``spread_raw``: the per-pixel spread of the K outputs (standard error of their
   mean, :func:`bluesky_jit.noise2inverse.uncertainty` with ``smooth_px=0``);
 - ``spread``: the same with the variance averaged over a Gaussian of
-  ``UNCERTAINTY_SMOOTH_PX`` pixels (what the pipeline publishes);
+  ``UNCERTAINTY_SMOOTH_PX`` pixels (what the pipeline publishes when there is
+  no hold-out estimate);
+- ``spread_holdout``: that map scaled to the hold-out estimate of the denoised
+  image's RMS error (``sigma_denoised`` of ``bluesky_jit.steering.noise_levels``
+  on 256 hold-out pairs; no truth needed): what the pipeline publishes;
 - ``recon_noise``: the local noise of the reconstruction itself (the same
   estimator on the K split reconstructions), i.e. sigma without the network.
 
@@ -23,8 +27,9 @@ For each: the scale fitted on the pixels of all cases pooled (``|error| <= 2
 scale sigma`` for 95 % of them) and the coverage it gives on each case; the
 coverage without a scale; the scale each case alone would want; the Spearman
 rank correlation of sigma and |error|; and the mean |error| in the top and the
-bottom decile of sigma. For ``spread`` also the coverage with the pipeline's
-``UNCERTAINTY_SCALE``. Phantoms: ``bubbles`` (the bubbly liquid) and ``bead_bed`` (another
+bottom decile of sigma. For ``spread`` and ``spread_holdout`` also the
+coverage with the pipeline's scales (``UNCERTAINTY_SCALE``,
+``UNCERTAINTY_HOLDOUT_SCALE``). Phantoms: ``bubbles`` (the bubbly liquid) and ``bead_bed`` (another
 column, sliced through its bed of small dense beads), each at 1000 and 300
 photons per pixel.
 """
@@ -50,6 +55,7 @@ from bluesky_jit.evaluation import disc_mask  # noqa: E402
 from bluesky_jit.inference import Denoiser  # noqa: E402
 from bluesky_jit.models import build_model  # noqa: E402
 from bluesky_jit.pairs import PairMaker, SamplingRegion  # noqa: E402
+from bluesky_jit.steering import noise_levels  # noqa: E402
 from bluesky_jit.training import Trainer  # noqa: E402
 
 PHANTOMS = {
@@ -58,7 +64,7 @@ PHANTOMS = {
 }
 """Phantom name -> BubbleColumn seed, number of bubbles and slice row (16 detector rows;
 the bed fills the last 4)."""
-ESTIMATORS = ("spread_raw", "spread", "recon_noise")
+ESTIMATORS = ("spread_raw", "spread", "spread_holdout", "recon_noise")
 
 
 def denoise_case(phantom: str, photons: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -87,6 +93,8 @@ def denoise_case(phantom: str, photons: float, args: argparse.Namespace) -> dict
             trainer.buffer.push(*maker.pairs(128))
         trainer.step()
     train_s = time.perf_counter() - t0
+    trainer.add_holdout(*maker.pairs(256))
+    levels = noise_levels(trainer.evaluate_details(), splits=args.splits, strategy="X:1")
     splits = maker.slice_splits(end=end)
     inputs, window = maker.inference_inputs(end=end)
     outputs = Denoiser(build_model("unet"), source=trainer).denoise_each(inputs)
@@ -96,6 +104,7 @@ def denoise_case(phantom: str, photons: float, args: argparse.Namespace) -> dict
         "splits": splits,
         "truth": stream.truth(window, spec["row"]),
         "mask": mask,
+        "holdout_rms": levels["sigma_denoised"],
         "train_steps": args.steps,
         "train_s": train_s,
     }
@@ -107,6 +116,7 @@ def sigmas(case: dict[str, Any]) -> dict[str, np.ndarray]:
     return {
         "spread_raw": unc(case["outputs"], "X:1", scale=1.0, smooth_px=0.0),
         "spread": unc(case["outputs"], "X:1", scale=1.0),
+        "spread_holdout": unc(case["outputs"], "X:1", rms=case["holdout_rms"], scale=1.0),
         "recon_noise": unc(case["splits"], "1:X", scale=1.0),
     }
 
@@ -179,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in cases
     }
     for name, result in results.items():
-        sigma, error = maps[name]["spread"], errors[name]
-        scale = noise2inverse.UNCERTAINTY_SCALE
-        result["spread"]["coverage_2sigma_pipeline"] = float(np.mean(error <= 2 * scale * sigma))
+        result["holdout_rms"] = cases[name]["holdout_rms"]
+        pipeline = {
+            "spread": noise2inverse.UNCERTAINTY_SCALE,
+            "spread_holdout": noise2inverse.UNCERTAINTY_HOLDOUT_SCALE,
+        }
+        for key, scale in pipeline.items():
+            covered = errors[name] <= 2 * scale * maps[name][key]
+            result[key]["coverage_2sigma_pipeline"] = float(np.mean(covered))
     out = {
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -189,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "scales": scales,
         "pipeline": {
             "scale": noise2inverse.UNCERTAINTY_SCALE,
+            "holdout_scale": noise2inverse.UNCERTAINTY_HOLDOUT_SCALE,
             "smooth_px": noise2inverse.UNCERTAINTY_SMOOTH_PX,
         },
         "cases": results,

@@ -247,8 +247,8 @@ class Denoiser:
         inputs = np.asarray(inputs, dtype=np.float32)
         if inputs.ndim != (4 if self.spatial_dims == 3 else 3) or inputs.shape[0] < 1:
             raise ScanDataError(
-                f"The denoiser got inputs of shape {inputs.shape}; expected (K, H, W), or "
-                "(K, frames, H, W) for a network on stacks."
+                f"denoise_mean() and denoise_each() got inputs of shape {inputs.shape}; expected "
+                "(K, H, W), or (K, frames, H, W) for a network on stacks."
             )
         return np.stack([self(item) for item in inputs]).astype(np.float32, copy=False)
 

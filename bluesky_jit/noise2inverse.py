@@ -89,10 +89,12 @@ def inputs(recons: np.ndarray, strategy: str) -> np.ndarray:
 
 
 UNCERTAINTY_SCALE = 2.7
-"""Calibration of :func:`uncertainty`: the factor that puts 95 % of the pixels of four
-phantom slices (two phantoms, 1000 and 300 photons; pooled) within 2 sigma of the truth
-(``benchmarks/uncertainty.py``; 90-98 % per slice). The spread alone would need 1: it
+"""Calibration of :func:`uncertainty` from the spread alone: the factor that puts 95 % of
+the pixels of four phantom slices (two phantoms, 1000 and 300 photons; pooled) within 2
+sigma of the truth (``benchmarks/uncertainty.py``). The spread alone would need 1: it
 misses the error common to all K outputs (blur, motion within the window)."""
+UNCERTAINTY_HOLDOUT_SCALE = 1.3
+"""The same calibration for a map scaled to the hold-out estimate of the RMS error."""
 UNCERTAINTY_SMOOTH_PX = 1.0
 """Gaussian width (pixels) over which the per-pixel variance is averaged: with K = 2 one
 pixel's spread is a single sample, too noisy to be a standard deviation on its own."""
@@ -102,7 +104,8 @@ def uncertainty(
     outputs: np.ndarray,
     strategy: str,
     *,
-    scale: float = UNCERTAINTY_SCALE,
+    rms: float | None = None,
+    scale: float | None = None,
     smooth_px: float = UNCERTAINTY_SMOOTH_PX,
 ) -> np.ndarray | None:
     """A calibrated standard deviation of the Noise2Inverse estimate, per pixel.
@@ -112,17 +115,23 @@ def uncertainty(
     sqrt(K)``. X:1 inputs are not: each is the mean of K - 1 splits, so they
     differ by ``1 / (K - 1)`` of the splits' differences, and the spread is
     multiplied by ``K - 1``. The variance is averaged locally (Gaussian,
-    ``smooth_px``) and ``scale`` accounts for what the spread does not see
-    (the error common to all K outputs, e.g. blurred edges).
+    ``smooth_px``). The spread says where the error is, not all of how large:
+    it misses what the K outputs share (blur, motion within the window). With
+    ``rms``, the hold-out estimate of the denoised image's RMS error
+    (``sigma_denoised`` of :func:`bluesky_jit.steering.noise_levels`, no
+    ground truth needed), the map is scaled to that RMS; then by ``scale``.
 
     Parameters
     ----------
     outputs : ndarray, shape (K, H, W)
         The network outputs (:meth:`bluesky_jit.inference.Denoiser.denoise_each`).
     strategy : {"X:1", "1:X"}
-    scale : float
-        :data:`UNCERTAINTY_SCALE`: fitted so that about 95 % of the pixels of
-        a phantom have ``|error| <= 2 sigma``.
+    rms : float, optional
+        Hold-out RMS error of the denoised image (1/mm); ignored unless > 0.
+    scale : float, optional
+        By default :data:`UNCERTAINTY_HOLDOUT_SCALE` with ``rms``, else
+        :data:`UNCERTAINTY_SCALE`: fitted so that 95 % of the pixels of
+        phantoms have ``|error| <= 2 sigma``.
     smooth_px : float
         0 keeps the raw per-pixel spread.
 
@@ -135,7 +144,9 @@ def uncertainty(
     ----------
     Hendriksen, Pelt, Batenburg, "Noise2Inverse: self-supervised deep
     convolutional denoising for tomography", IEEE Transactions on Computational
-    Imaging 6 (2020), section III-C (the mean over the K splits).
+    Imaging 6 (2020), section III-C (the mean over the K splits); Graas, Coban,
+    Batenburg, Lucka, "Just-in-time deep learning for real-time X-ray computed
+    tomography", Scientific Reports 13 (2023), eq. 4 (the hold-out error).
     """
     out = np.asarray(outputs, dtype=np.float64)
     if out.ndim != 3:
@@ -154,4 +165,10 @@ def uncertainty(
         from scipy.ndimage import gaussian_filter
 
         var = gaussian_filter(var, smooth_px, mode="reflect")
-    return (scale * np.sqrt(var)).astype(np.float32)
+    sigma = np.sqrt(var)
+    if rms is not None and rms > 0:  # NaN is not > 0
+        spread = float(np.sqrt(var.mean()))
+        sigma = sigma * (rms / spread) if spread > 0 else np.full_like(sigma, rms)
+        scale = UNCERTAINTY_HOLDOUT_SCALE if scale is None else scale
+    scale = UNCERTAINTY_SCALE if scale is None else scale
+    return (scale * sigma).astype(np.float32)

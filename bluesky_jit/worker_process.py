@@ -427,7 +427,13 @@ def _read(pipe: BinaryIO) -> Any:
     return unpackb(data)
 
 
-_ARRAY_FIELDS = ("last_slice", "last_denoised", "last_indices", "last_denoised_indices")
+_ARRAY_FIELDS = (
+    "last_slice",
+    "last_denoised",
+    "last_uncertainty",
+    "last_indices",
+    "last_denoised_indices",
+)
 
 
 def _summary_message(summary: RunSummary, metrics_from: int = 0) -> dict[str, Any]:
