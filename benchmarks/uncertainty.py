@@ -17,9 +17,11 @@ candidate uncertainty maps sigma:
 - ``spread``: the same with the variance averaged over a Gaussian of
   ``UNCERTAINTY_SMOOTH_PX`` pixels (what the pipeline publishes when there is
   no hold-out estimate);
-- ``spread_holdout``: that map scaled to the hold-out estimate of the denoised
-  image's RMS error (``sigma_denoised`` of ``bluesky_jit.steering.noise_levels``
-  on 256 hold-out pairs; no truth needed): what the pipeline publishes;
+- ``spread_rms``: that map scaled to the slice's own estimate of the RMS error
+  (:func:`bluesky_jit.noise2inverse.error_rms`: each output against the split its
+  input left out; no truth needed): what the pipeline publishes;
+- ``spread_holdout``: the same scaled to the hold-out pairs' estimate instead
+  (``sigma_denoised`` of ``bluesky_jit.steering.noise_levels``, 256 pairs);
 - ``recon_noise``: the local noise of the reconstruction itself (the same
   estimator on the K split reconstructions), i.e. sigma without the network.
 
@@ -27,11 +29,11 @@ For each: the scale fitted on the pixels of all cases pooled (``|error| <= 2
 scale sigma`` for 95 % of them) and the coverage it gives on each case; the
 coverage without a scale; the scale each case alone would want; the Spearman
 rank correlation of sigma and |error|; and the mean |error| in the top and the
-bottom decile of sigma. For ``spread`` and ``spread_holdout`` also the
-coverage with the pipeline's scales (``UNCERTAINTY_SCALE``,
-``UNCERTAINTY_HOLDOUT_SCALE``). Phantoms: ``bubbles`` (the bubbly liquid) and ``bead_bed`` (another
-column, sliced through its bed of small dense beads), each at 1000 and 300
-photons per pixel.
+bottom decile of sigma. For ``spread`` and ``spread_rms`` also the coverage
+with the pipeline's scales (``UNCERTAINTY_SCALE``, ``UNCERTAINTY_RMS_SCALE``).
+Phantoms: ``bubbles`` (the bubbly liquid) and ``bead_bed`` (another column,
+sliced through its bed of small dense beads), each at 1000 and 300 photons per
+pixel. 2-4 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ PHANTOMS = {
 }
 """Phantom name -> BubbleColumn seed, number of bubbles and slice row (16 detector rows;
 the bed fills the last 4)."""
-ESTIMATORS = ("spread_raw", "spread", "spread_holdout", "recon_noise")
+ESTIMATORS = ("spread_raw", "spread", "spread_rms", "spread_holdout", "recon_noise")
 
 
 def denoise_case(phantom: str, photons: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +103,7 @@ def denoise_case(phantom: str, photons: float, args: argparse.Namespace) -> dict
     mask = disc_mask(args.size, 0.97 * stream.phantom.inner_radius / (args.size / 2))
     return {
         "outputs": outputs,
+        "inputs": inputs,
         "splits": splits,
         "truth": stream.truth(window, spec["row"]),
         "mask": mask,
@@ -113,10 +116,12 @@ def denoise_case(phantom: str, photons: float, args: argparse.Namespace) -> dict
 def sigmas(case: dict[str, Any]) -> dict[str, np.ndarray]:
     """Each candidate map, unscaled."""
     unc = noise2inverse.uncertainty
+    spread = unc(case["outputs"], "X:1", scale=1.0)
     return {
         "spread_raw": unc(case["outputs"], "X:1", scale=1.0, smooth_px=0.0),
-        "spread": unc(case["outputs"], "X:1", scale=1.0),
-        "spread_holdout": unc(case["outputs"], "X:1", rms=case["holdout_rms"], scale=1.0),
+        "spread": spread,
+        "spread_rms": unc(case["outputs"], "X:1", inputs=case["inputs"], scale=1.0),
+        "spread_holdout": spread * case["holdout_rms"] / np.sqrt(np.mean(spread**2)),
         "recon_noise": unc(case["splits"], "1:X", scale=1.0),
     }
 
@@ -190,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, result in results.items():
         result["holdout_rms"] = cases[name]["holdout_rms"]
+        result["self_rms"] = noise2inverse.error_rms(
+            cases[name]["inputs"], cases[name]["outputs"], "X:1"
+        )
         pipeline = {
             "spread": noise2inverse.UNCERTAINTY_SCALE,
-            "spread_holdout": noise2inverse.UNCERTAINTY_HOLDOUT_SCALE,
+            "spread_rms": noise2inverse.UNCERTAINTY_RMS_SCALE,
         }
         for key, scale in pipeline.items():
             covered = errors[name] <= 2 * scale * maps[name][key]
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "scales": scales,
         "pipeline": {
             "scale": noise2inverse.UNCERTAINTY_SCALE,
-            "holdout_scale": noise2inverse.UNCERTAINTY_HOLDOUT_SCALE,
+            "rms_scale": noise2inverse.UNCERTAINTY_RMS_SCALE,
             "smooth_px": noise2inverse.UNCERTAINTY_SMOOTH_PX,
         },
         "cases": results,

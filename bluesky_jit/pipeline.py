@@ -476,15 +476,13 @@ class RunPipeline:
     def _denoise(self, slices: Any) -> None:
         """The Noise2Inverse estimate (the mean of the network over its K inputs) and its
         uncertainty (:func:`~bluesky_jit.noise2inverse.uncertainty`: where from their
-        spread, how much from the newest hold-out estimate of the error)."""
+        spread, how much from the outputs against the splits their inputs left out)."""
         from .noise2inverse import uncertainty
 
         inputs, window = self.pairs.inference_inputs(refresh=slices)
         outputs = self.denoiser.denoise_each(inputs)
         denoised = outputs.mean(axis=0)
-        rows = self.summary.metrics
-        rms = rows[-1].get("sigma_denoised") if rows else None
-        sigma = uncertainty(outputs, self.pairs.n2i_strategy, rms=rms)
+        sigma = uncertainty(outputs, self.pairs.n2i_strategy, inputs=inputs)
         with self._summary_lock:
             self.summary.denoised += 1
             self.summary.last_denoised = denoised

@@ -13,8 +13,9 @@ from bluesky_jit.buffers import ReplayBuffer
 from bluesky_jit.callbacks import JitCallback
 from bluesky_jit.catalog import derived_runs_for, runs_container, tiled_writer
 from bluesky_jit.errors import ConfigError, ScanDataError
+from bluesky_jit.evaluation import disc_mask
 from bluesky_jit.models import build_model
-from bluesky_jit.noise2inverse import UNCERTAINTY_SCALE, inputs, uncertainty
+from bluesky_jit.noise2inverse import UNCERTAINTY_SCALE, error_rms, inputs, uncertainty
 from bluesky_jit.training import Trainer
 from simulated_devices.beamline import hw as make_hw
 
@@ -72,18 +73,27 @@ def test_larger_where_the_noise_is_larger_and_scaled():
     np.testing.assert_allclose(uncertainty(outputs, "X:1", scale=3.0), 3 * sigma, rtol=1e-5)
 
 
-def test_a_holdout_rms_sets_how_large_the_spread_only_where():
-    rng = np.random.default_rng(2)
-    outputs = rng.normal(size=(2, 32, 32)) * np.linspace(0.1, 1.0, 32)
-    shape = uncertainty(outputs, "X:1", scale=1.0)
-    sigma = uncertainty(outputs, "X:1", rms=0.02, scale=1.0)
-    assert np.sqrt(np.mean(sigma.astype(float) ** 2)) == pytest.approx(0.02, rel=1e-4)
+@pytest.mark.parametrize("strategy", ["X:1", "1:X"])
+def test_the_error_is_estimated_from_the_left_out_splits_without_truth(strategy):
+    """A 'network' that keeps half of its input's noise and blurs a step: error_rms finds the
+    RMS error against the truth from the splits alone, and the map takes that size."""
+    rng = np.random.default_rng(4)
+    truth = np.where(np.arange(96) < 48, 1.0, 2.0) * np.ones((96, 1))
+    splits = truth + 0.3 * rng.standard_normal((4, 96, 96))
+    fed = inputs(splits, strategy)
+    bias = 0.05 * np.sin(np.arange(96) / 5.0)
+    outputs = truth + 0.5 * (fed - truth) + bias
+    true_rms = np.sqrt(np.mean((outputs - truth)[:, disc_mask(96)] ** 2))
+    assert error_rms(fed, outputs, strategy) == pytest.approx(true_rms, rel=0.05)
+    sigma = uncertainty(outputs, strategy, inputs=fed, scale=1.0)
+    assert np.sqrt(np.mean(sigma.astype(float) ** 2)) == pytest.approx(true_rms, rel=0.05)
+    shape = uncertainty(outputs, strategy, scale=1.0)  # without inputs: the spread alone
     np.testing.assert_allclose(sigma / shape, sigma[0, 0] / shape[0, 0], rtol=1e-4)
-    flat = uncertainty(np.zeros((2, 8, 8)), "X:1", rms=0.02, scale=1.0)  # outputs agree
-    np.testing.assert_allclose(flat, 0.02)
-    for unknown in (None, float("nan"), 0.0):  # no hold-out estimate: the spread alone
-        alone = uncertainty(outputs, "X:1", rms=unknown)
-        np.testing.assert_allclose(alone, UNCERTAINTY_SCALE * shape, rtol=1e-6)
+    alone = uncertainty(outputs, strategy)
+    np.testing.assert_allclose(alone, UNCERTAINTY_SCALE * shape, rtol=1e-6)
+    agreeing = np.broadcast_to(outputs.mean(axis=0), outputs.shape)  # no spread at all
+    flat = uncertainty(agreeing, strategy, inputs=fed, scale=1.0)
+    np.testing.assert_allclose(flat, error_rms(fed, agreeing, strategy), rtol=1e-6)
 
 
 def test_bad_outputs_and_too_few_splits():
@@ -127,9 +137,9 @@ def test_on_a_phantom_it_is_larger_where_the_error_is_larger(bead_bed):
     """Against the truth: sigma ranks the error, and 2 sigma covers most pixels."""
     benchmark, case = bead_bed
     mask = case["mask"]
-    sigma = uncertainty(case["outputs"], "X:1", rms=case["holdout_rms"])[mask]
+    sigma = uncertainty(case["outputs"], "X:1", inputs=case["inputs"])[mask]
     error = np.abs(case["outputs"].mean(axis=0) - case["truth"])[mask]
     rated = benchmark.rate(sigma, error, 1.0)
     assert rated["spearman"] > 0.15  # measured 0.29
     assert rated["mean_error_top_decile"] > 1.5 * rated["mean_error_bottom_decile"]  # 2.4x
-    assert 0.85 < rated["coverage_2sigma"] < 0.995  # 0.95 (not a case it was fitted on)
+    assert 0.8 < rated["coverage_2sigma"] < 0.995  # 0.88 (not a case it was fitted on)
