@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from bluesky_jit.buffers import ReplayBuffer
-from bluesky_jit.callbacks import JitCallback
 from bluesky_jit.catalog import derived_runs_for, runs_container, tiled_writer
 from bluesky_jit.errors import ConfigError, ScanDataError
 from bluesky_jit.evaluation import disc_mask
 from bluesky_jit.models import build_model
 from bluesky_jit.noise2inverse import UNCERTAINTY_SCALE, error_rms, inputs, uncertainty
 from bluesky_jit.training import Trainer
+from bluesky_jit.worker_process import JitProcess
 from simulated_devices.beamline import hw as make_hw
 
 from .helpers import blobs
@@ -105,8 +105,9 @@ def test_bad_outputs_and_too_few_splits():
 
 
 def test_uncertainty_stream_in_the_derived_run_in_the_catalog(RE, local_catalog, data_dir):
-    """A real scan: the derived run read back from Tiled has one uncertainty map per
-    denoised slice, finite, non-negative, in 1/mm, at the denoised slices' indices.
+    """A real scan (the worker in its child process, as the README wires it): the derived
+    run read back from Tiled has one uncertainty map per denoised slice, finite,
+    non-negative, in 1/mm, at the denoised slices' indices; the summary has the last one.
     A warm start (a network after one step on blobs) denoises from the first slice on."""
     rng = np.random.default_rng(0)
     pairs = [blobs(rng, 16, 16)[:, None].astype(np.float32) for _ in range(2)]
@@ -117,7 +118,7 @@ def test_uncertainty_stream_in_the_derived_run_in_the_catalog(RE, local_catalog,
     derived_runs = runs_container(local_catalog.client(), "derived")
     writer = tiled_writer(derived_runs, spool_dir=data_dir / "spool")
     config = CONFIG.replace(warm_start=str(warm.save(data_dir / "warm.pt")))
-    jit = JitCallback(config=config, emit=writer, directory=data_dir / "derived")
+    jit = JitProcess(config=config, emit=writer, directory=data_dir / "derived")
     uid, _ = run_scan(RE, jit, make_hw(data_dir / "raw", source=source(), frame_rate=20.0))
     assert writer.flush(timeout=60)
     summary = jit.summaries[0]
