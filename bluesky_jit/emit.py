@@ -6,7 +6,7 @@ with :func:`event_model.compose_run` (never by hand), and hands each
 ``bluesky_tiled_plugins.TiledWriter``. Only this module (and ``ingest``) know
 what a document looks like.
 
-A derived run has three streams:
+A derived run has these streams:
 
 ``reconstruction``
     One reconstructed slice per event, shape (H, W) float32, stored in the
@@ -15,6 +15,10 @@ A derived run has three streams:
 ``denoised``
     One denoised slice per event, stored at ``/denoised``; scalars e.g.
     ``projection_index``, ``train_step``, ``weights_version``.
+``uncertainty``
+    Beside each denoised slice, its calibrated standard deviation per pixel
+    (same shape and units), stored at ``/uncertainty``, with the same scalars
+    (:func:`bluesky_jit.noise2inverse.uncertainty`).
 ``metrics``
     Scalars only (e.g. ``train_step``, ``loss``, ``alpha``, ``elapsed``,
     ``pairs_seen``), stored inline in the events.
@@ -50,7 +54,7 @@ PLAN_NAME: Final = "bluesky_jit"
 PLAN_TYPE: Final = "derived"
 """``plan_type`` of a derived run: made by a callback from a raw run, not by a plan
 (bluesky's plans say ``"generator"``); bluesky's ``LiveTable`` prints it at the stop."""
-IMAGE_STREAMS: Final = ("reconstruction", "denoised")
+IMAGE_STREAMS: Final = ("reconstruction", "denoised", "uncertainty")
 """Streams that carry one image per event; the image data key is the stream name."""
 STREAMS: Final = (*IMAGE_STREAMS, "metrics")
 HDF5_MIMETYPE: Final = "application/x-hdf5"
@@ -77,8 +81,8 @@ figure for them."""
 DIMENSIONS: Final = (("step",), "metrics")
 """The independent variable: the start document's ``hints["dimensions"]``."""
 IMAGE_UNITS: Final = "1/mm"
-"""Reconstructed and denoised values are linear attenuation coefficients in 1/mm
-(README, "Scan metadata": binning the detector does not change them)."""
+"""Reconstructed and denoised values, and their uncertainty, are linear attenuation
+coefficients in 1/mm (README, "Scan metadata": binning the detector does not change them)."""
 UNITS: Final[dict[str, str]] = {
     "sigma_fbp": IMAGE_UNITS,
     "sigma_denoised": IMAGE_UNITS,
@@ -157,8 +161,9 @@ class DerivedRun:
     is refused (use ``math.nan``). The names ``time`` and ``seq_num`` are
     reserved.
 
-    The HDF5 file is created on the first image, with both datasets
-    ``/reconstruction`` and ``/denoised`` of shape (N, H, W) float32, chunked
+    The HDF5 file is created on the first image, with the datasets
+    ``/reconstruction``, ``/denoised`` and ``/uncertainty`` (and one per extra
+    image stream) of shape (N, H, W) float32, chunked
     per frame and growing along N; it is then switched to SWMR mode, and every
     frame is flushed before its documents are emitted.
 

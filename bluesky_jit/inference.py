@@ -230,16 +230,27 @@ class Denoiser:
         -------
         ndarray, shape (H, W), float32
         """
+        return self.denoise_each(inputs).mean(axis=0)
+
+    def denoise_each(self, inputs: np.ndarray) -> np.ndarray:
+        """The denoised image of each input: their mean is :meth:`denoise_mean`, their
+        spread the raw material of :func:`bluesky_jit.noise2inverse.uncertainty`.
+
+        Parameters
+        ----------
+        inputs : ndarray, shape (K, H, W) or, for stacks, (K, frames, H, W)
+
+        Returns
+        -------
+        ndarray, shape (K, H, W), float32
+        """
         inputs = np.asarray(inputs, dtype=np.float32)
         if inputs.ndim != (4 if self.spatial_dims == 3 else 3) or inputs.shape[0] < 1:
             raise ScanDataError(
-                f"denoise_mean() got inputs of shape {inputs.shape}; expected (K, H, W), or "
-                "(K, frames, H, W) for a network on stacks."
+                f"denoise_mean() and denoise_each() got inputs of shape {inputs.shape}; expected "
+                "(K, H, W), or (K, frames, H, W) for a network on stacks."
             )
-        total = self(inputs[0])
-        for item in inputs[1:]:
-            total = total + self(item)
-        return (total / inputs.shape[0]).astype(np.float32)
+        return np.stack([self(item) for item in inputs]).astype(np.float32, copy=False)
 
     def _refresh(self) -> None:
         if self.source is None:

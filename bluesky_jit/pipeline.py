@@ -56,6 +56,8 @@ class RunSummary:
     geometry: ScanGeometry | None = None
     last_slice: np.ndarray | None = None
     last_denoised: np.ndarray | None = None
+    last_uncertainty: np.ndarray | None = None
+    """Standard deviation of :attr:`last_denoised` per pixel (the ``uncertainty`` stream)."""
     last_indices: np.ndarray | None = None
     last_denoised_indices: np.ndarray | None = None
     images: dict[str, np.ndarray] = field(default_factory=dict)
@@ -584,21 +586,32 @@ class RunPipeline:
         self.refresh()
 
     def _denoise(self, slices: Any) -> None:
-        """The Noise2Inverse estimate: the mean of the network over its K inputs."""
+        """The Noise2Inverse estimate (the mean of the network over its K inputs) and its
+        uncertainty (:func:`~bluesky_jit.noise2inverse.uncertainty`: where from their
+        spread, how much from the outputs against the splits their inputs left out)."""
+        from .noise2inverse import uncertainty
+
         inputs, window = self.pairs.inference_inputs(refresh=slices)
-        denoised = self.denoiser.denoise_mean(inputs)
+        outputs = self.denoiser.denoise_each(inputs)
+        denoised = outputs.mean(axis=0)
+        sigma = uncertainty(outputs, self.pairs.n2i_strategy, inputs=inputs)
         with self._summary_lock:
             self.summary.denoised += 1
             self.summary.last_denoised = denoised
+            self.summary.last_uncertainty = sigma
             self.summary.last_denoised_indices = window
             self.summary.images["denoised"] = denoised
+            if sigma is not None:  # the web view shows it beside the denoised slice
+                self.summary.images["uncertainty"] = sigma
         if self.derived is not None:
-            self.derived.add_denoised(
-                denoised,
-                train_step=int(self.denoiser.weights_version or 0),
-                projection_index=int(window[-1]),
-                first_projection_index=int(window[0]),
-            )
+            scalars = {
+                "train_step": int(self.denoiser.weights_version or 0),
+                "projection_index": int(window[-1]),
+                "first_projection_index": int(window[0]),
+            }
+            self.derived.add_denoised(denoised, **scalars)
+            if sigma is not None:
+                self.derived.add_image("uncertainty", sigma, **scalars)
 
     def move(self, *, slice_row: int | None = None, vertical: dict | None = None) -> None:
         """Ask for slices elsewhere from the next refresh on (any thread).

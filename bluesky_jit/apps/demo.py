@@ -378,7 +378,18 @@ def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[s
         result["psnr_fbp"] = psnr(run.last_slice, truth, mask)
         if run.last_denoised is not None:
             result["psnr_denoised"] = psnr(run.last_denoised, truth, mask)
+        if run.last_uncertainty is not None:
+            result.update(_calibration(run.last_denoised, run.last_uncertainty, truth, mask))
     return result, truth
+
+
+def _calibration(denoised, sigma, truth, mask) -> dict[str, float]:
+    """Mean uncertainty and the fraction of pixels within 2 sigma of the truth (in ``mask``)."""
+    error = np.abs(denoised - truth)[mask]
+    return {
+        "mean_uncertainty": float(sigma[mask].mean()),
+        "within_2_sigma": float(np.mean(error <= 2 * sigma[mask])),
+    }
 
 
 def _figures(run, truth, result: dict[str, Any], directory: Path) -> list[str]:
@@ -386,12 +397,16 @@ def _figures(run, truth, result: dict[str, Any], directory: Path) -> list[str]:
 
     paths = []
     if run.last_slice is not None:
+        error = None if run.last_denoised is None else np.abs(run.last_denoised - truth)
+        maps = ("uncertainty (sigma)", "|denoised - truth|")
         images = {
             _titled("FBP", result["psnr_fbp"]): run.last_slice,
             _titled("denoised", result["psnr_denoised"]): run.last_denoised,
+            maps[0]: run.last_uncertainty,
+            maps[1]: error if run.last_uncertainty is not None else None,
             "truth": truth,
         }
-        paths.append(save_slices(directory / "slices.png", images, title="last slice"))
+        paths.append(save_slices(directory / "slices.png", images, title="last slice", maps=maps))
     if run.metrics:
         paths.append(save_learning_curve(directory / "learning_curve.png", run.metrics))
     return [str(p) for p in paths]
@@ -489,6 +504,11 @@ def format_summary(result: dict[str, Any]) -> str:
         ),
         "PSNR          " + _psnr_line(result),
     ]
+    if "within_2_sigma" in result:
+        lines.append(
+            f"uncertainty   mean sigma {result['mean_uncertainty']:.2g} 1/mm; "
+            f"{result['within_2_sigma']:.0%} of the pixels within 2 sigma of the truth"
+        )
     writes = result.get("catalog_writes")
     if writes:
         raw, derived = writes["raw"], writes["derived"]

@@ -7,7 +7,7 @@ backend, so nothing here needs a screen.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,15 @@ def save_slices(
     *,
     title: str = "",
     window: tuple[float, float] | None = None,
+    maps: Collection[str] = (),
 ) -> Path:
     """Save images (each (H, W)) side by side with one shared grey window.
 
     The window defaults to the 1st and 99th percentile of the first image, so
-    noisy and denoised slices are drawn on the same scale.
+    noisy and denoised slices are drawn on the same scale. The images named
+    in ``maps`` (e.g. an uncertainty map and the error) share a colour scale
+    of their own, from 0 to the 99th percentile of the first of them, with a
+    colour bar.
     """
     import matplotlib
 
@@ -32,12 +36,19 @@ def save_slices(
     import matplotlib.pyplot as plt
 
     items = [(k, np.asarray(v)) for k, v in images.items() if v is not None]
+    slices = [image for name, image in items if name not in maps]
     if window is None:
-        lo, hi = np.percentile(items[0][1], [1, 99])
+        lo, hi = np.percentile(slices[0], [1, 99])
         window = (float(lo), float(hi))
+    coloured = [image for name, image in items if name in maps]
+    top = float(np.percentile(coloured[0], 99)) if coloured else 1.0
     fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.4), squeeze=False)
     for ax, (name, image) in zip(axes[0], items, strict=True):
-        ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
+        if name in maps:
+            shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=top or 1.0)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="1/mm")
+        else:
+            ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
         ax.set_title(name)
         ax.axis("off")
     return _save(fig, path, title)
