@@ -60,7 +60,8 @@ def test_show_reads_a_derived_run_back_in_two_lines(jit_catalog, demo_run, deriv
 def test_export_png_and_gif(derived, tmp_path):
     from PIL import Image
 
-    from bluesky_jit.apps.live import export, read_derived
+    from bluesky_jit.apps.export import export
+    from bluesky_jit.apps.live import read_derived
 
     data = read_derived(derived)
     assert data.reconstruction.shape[1:] == (32, 32)
@@ -82,7 +83,7 @@ def test_a_raw_run_is_not_a_derived_run(jit_catalog, demo_run):
     with pytest.raises(NotDerivedError, match="not a bluesky_jit derived run"):
         read_derived(raw)
     with pytest.raises(ValueError, match="Cannot tell the export format of .slices.jpg"):
-        from bluesky_jit.apps.live import export
+        from bluesky_jit.apps.export import export
 
         export(raw, "slices.jpg")
 

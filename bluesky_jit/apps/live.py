@@ -20,9 +20,9 @@ Read back (two lines)::
     from bluesky_jit.apps.live import show
     show("http://127.0.0.1:8000", "3f2a", api_key="...")   # derived or raw uid
 
-:func:`export` writes a derived run's slices as PNG (a contact sheet), GIF (an
-animation), TIFF or NXdata HDF5 (:mod:`bluesky_jit.apps.export`, which also
-writes raw runs as NXtomo and DXchange).
+:func:`bluesky_jit.apps.export.export` writes a derived run's slices as PNG (a
+contact sheet), GIF (an animation), TIFF or NXdata HDF5, and raw runs as NXtomo
+and DXchange.
 
 matplotlib is imported only when a function needs it.
 """
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ..callbacks import JitCallback
     from ..worker_process import JitProcess
 
-__all__ = ["PLANES", "DerivedData", "LiveView", "export", "open_derived", "read_derived", "show"]
+__all__ = ["PLANES", "DerivedData", "LiveView", "open_derived", "read_derived", "show"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +198,6 @@ def show(catalog: str | Container, uid: str | None = None, *, api_key: str | Non
         title=_title(data.uid, data.raw_uid, data.stop.get("exit_status", "running")),
     )
     return figure
-
-
-def export(run: Container | DerivedData, path: str | Path, **options: Any) -> Path:
-    """Write a derived run's slices: see :func:`bluesky_jit.apps.export.export` (PNG
-    contact sheet, GIF animation, TIFF stack, NXdata HDF5)."""
-    from .export import export as export_run
-
-    return export_run(run, path, **options)
 
 
 # ------------------------------------------------------------------------------ live
