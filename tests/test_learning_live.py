@@ -93,9 +93,10 @@ def test_stacks_denoise_live_from_a_warm_start(RE, tmp_path, name):
     summary, derived, pipeline = scan(RE, tmp_path, config, rotations=3)
     assert (pipeline.pairs.stack, pipeline.pairs.frames) == (name[0].lower(), 3)
     assert summary.problems == []
+    streams = {d["uid"]: d["name"] for d in derived.named("descriptor")}
     events = derived.named("event")
-    recon = [e["data"] for e in events if "slice_row" in e["data"]]
-    denoised = [e["data"] for e in events if "train_step" in e["data"]]
+    recon = [e["data"] for e in events if streams[e["descriptor"]] == "reconstruction"]
+    denoised = [e["data"] for e in events if streams[e["descriptor"]] == "denoised"]
     step = ANGLES // 2  # default frame_step: half a rotation
     if name == "Z3":
         assert len(denoised) == len(recon) == summary.slices > 0
