@@ -217,26 +217,36 @@ def run_case(args: argparse.Namespace, name: str, size: int, photons: float, set
 
 
 def table(path: Path) -> str:
-    """The README table (markdown) from a results JSON."""
+    """The README tables (markdown) from a results JSON: the cases, then the exploration."""
     data = json.loads(path.read_text())
+    text = rows(data["cases"])
+    for run in data.get("exploration", []):
+        text += f"\nExploration (load average {run['machine']['load_average'][0]:.1f}):\n\n"
+        text += rows(run["cases"])
+    return text + "\nPSNR (dB) / SSIM against the truth over each slice's window.\n"
+
+
+def rows(cases: list[dict]) -> str:
+    """One markdown table of cases."""
     lines = [
-        "| phantom | px | photons | window | FBP | TV oracle | BM3D oracle | denoised | alpha |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| phantom | px | photons | window | FBP | TV oracle | BM3D oracle | denoised "
+        "| denoised - TV | alpha |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(v: dict | None) -> str:
         return "–" if v is None else f"{v['psnr']:.1f} / {v['ssim']:.2f}"
 
-    for c in data["cases"]:
+    for c in cases:
         if "error" in c:
             continue
         lines.append(
             f"| {c['phantom']} | {c['size']} | {c['photons']:g} | {c['setting']} "
             f"({c['window_s']:.1f} s) | {cell(c['fbp'])} | {cell(c['tv_oracle'])} | "
             f"{cell(c.get('bm3d_oracle'))} | {cell(c['denoised'])} | "
-            f"{c['denoised']['alpha']:.2f} |"
+            f"{c['targets']['margin_db']:+.1f} dB | {c['denoised']['alpha']:.2f} |"
         )
-    return "\n".join(lines) + "\n\nPSNR (dB) / SSIM against the truth over each slice's window.\n"
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row", type=int, default=12, help="slice row (above the bubbles' bed)")
     parser.add_argument("--truth-samples", type=int, default=16)
     parser.add_argument("--no-bm3d", action="store_true")
+    parser.add_argument(
+        "--exploration", type=Path, action="append", default=[], help="earlier JSON to include"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("bluesky_jit_data/dynamic_quality"))
     args = parser.parse_args(argv)
@@ -275,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                     cases.append(case)
     out = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}}
     out["cases"] = cases
+    out["exploration"] = [
+        {k: json.loads(p.read_text())[k] for k in ("machine", "settings", "cases")}
+        for p in args.exploration
+    ]
     text = json.dumps(out, indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
