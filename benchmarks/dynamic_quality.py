@@ -221,7 +221,8 @@ def table(path: Path) -> str:
     data = json.loads(path.read_text())
     text = rows(data["cases"])
     for run in data.get("exploration", []):
-        text += f"\nExploration (load average {run['machine']['load_average'][0]:.1f}):\n\n"
+        load = run["machine"]["load_average"][0]
+        text += f"\nExploration, {run['settings']['set'] or 'defaults'} (load {load:.1f}):\n\n"
         text += rows(run["cases"])
     return text + "\nPSNR (dB) / SSIM against the truth over each slice's window.\n"
 
