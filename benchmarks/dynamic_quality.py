@@ -219,12 +219,17 @@ def run_case(args: argparse.Namespace, name: str, size: int, photons: float, set
 def table(path: Path) -> str:
     """The README tables (markdown) from a results JSON: the cases, then the exploration."""
     data = json.loads(path.read_text())
-    text = rows(data["cases"])
+    text = label(data, "Cases") + rows(data["cases"])
     for run in data.get("exploration", []):
-        load = run["machine"]["load_average"][0]
-        text += f"\nExploration, {run['settings']['set'] or 'defaults'} (load {load:.1f}):\n\n"
-        text += rows(run["cases"])
+        text += "\n" + label(run, "Exploration") + rows(run["cases"])
     return text + "\nPSNR (dB) / SSIM against the truth over each slice's window.\n"
+
+
+def label(run: dict, what: str) -> str:
+    """A line naming a run's JitConfig changes and the machine's load."""
+    given = run["settings"].get("set", "[]")
+    config = "default JitConfig" if given == "[]" else f"JitConfig {given}"
+    return f"{what}, {config} (load average {run['machine']['load_average'][0]:.1f}):\n\n"
 
 
 def rows(cases: list[dict]) -> str:
