@@ -216,6 +216,15 @@ def run_case(args: argparse.Namespace, name: str, size: int, photons: float, set
     return case
 
 
+def runs(path: Path) -> list[dict]:
+    """A results JSON as runs (machine, settings, cases): its own, then its exploration's."""
+    data = json.loads(path.read_text())
+    keys = ("machine", "settings", "cases")
+    return [{k: data[k] for k in keys}] + [
+        {k: r[k] for k in keys} for r in data.get("exploration", [])
+    ]
+
+
 def table(path: Path) -> str:
     """The README tables (markdown) from a results JSON: the cases, then the exploration."""
     data = json.loads(path.read_text())
@@ -274,12 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exploration", type=Path, action="append", default=[], help="earlier JSON to include"
     )
+    parser.add_argument("--combine", type=Path, default=None, help="a JSON's cases as main")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("bluesky_jit_data/dynamic_quality"))
     args = parser.parse_args(argv)
     path = args.json or Path(__file__).parent / "results" / "dynamic_quality.json"
     if args.table:
         print(table(path))
+        return 0
+    if args.combine is not None:  # no scan: one run's cases, every other run as exploration
+        main_run, *others = runs(args.combine)
+        main_run["exploration"] = others + [r for p in args.exploration for r in runs(p)]
+        path.write_text(json.dumps(main_run, indent=1))
         return 0
     from live_learning import parse_value
 
@@ -294,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                     cases.append(case)
     out = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}}
     out["cases"] = cases
-    out["exploration"] = [
-        {k: json.loads(p.read_text())[k] for k in ("machine", "settings", "cases")}
-        for p in args.exploration
-    ]
+    out["exploration"] = [run for p in args.exploration for run in runs(p)]
     text = json.dumps(out, indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
