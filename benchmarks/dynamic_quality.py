@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.combine is not None:  # no scan: one run's cases, every other run as exploration
         main_run, *others = runs(args.combine)
-        main_run["exploration"] = others + [r for p in args.exploration for r in runs(p)]
+        unique = {json.dumps(r["cases"]): r for p in args.exploration for r in runs(p)}
+        main_run["exploration"] = others + [r for r in unique.values() if r not in others]
         path.write_text(json.dumps(main_run, indent=1))
         return 0
     from live_learning import parse_value
