@@ -6,7 +6,7 @@ frame does the camera record? The detectors (`simulated_devices.detector`,
 `simulated_devices.detector_v1`) ask it on every trigger.
 
 - `PhantomSource`: Poisson-noisy counts of an analytic phantom
-  (`simulated_devices.phantoms.BubbleColumn`); its noiseless truth stays
+  (`simulated_devices.phantoms`); its noiseless truth stays
   available as ``source.phantom`` for evaluation.
 - `RecordingSource`: replays a recorded scan (`DXchangeRecording`).
 
@@ -93,7 +93,7 @@ class PhantomSource:
 
     Parameters
     ----------
-    phantom : BubbleColumn
+    phantom : BubbleColumn, SinteringGrains or PorousFlow
         Any object with ``detector_shape``, ``pixel_size``,
         ``center_of_rotation``, ``project(angle_deg, t)`` and ``describe()``.
     photons : float
