@@ -133,10 +133,7 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
     t0 = time.monotonic()
     RE(
         tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=per_rotation,
             rotations=rotations,
             angular_range=(0.0, spec["range"]),

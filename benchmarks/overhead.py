@@ -485,10 +485,7 @@ def run_case(
         hook = threading.Thread(target=during, args=(started,), name="outage", daemon=True)
         hook.start()
     plan = tomo_continuous(
-        beamline.det,
-        beamline.rot_stage,
-        beamline.shutter,
-        beamline.sample_stage,
+        *beamline.plan_devices,
         num_angles=scan.angles,
         rotations=scan.rotations,
         angular_range=angular_range,

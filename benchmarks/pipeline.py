@@ -48,10 +48,7 @@ def record_scan(directory: Path, *, shape, num_angles: int, rotations: int):
     t0 = time.perf_counter()
     RE(
         tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=num_angles,
             rotations=rotations,
             num_darks=5,

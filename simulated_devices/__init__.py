@@ -10,8 +10,7 @@ create the RunEngine first::
 
     RE = RunEngine()
     beamline = hw("/tmp/scan")  # api="async": ophyd-async devices
-    RE(tomo_scan(beamline.det, beamline.rot_stage, beamline.shutter,
-                 beamline.sample_stage, num_angles=90))
+    RE(tomo_scan(*beamline.plan_devices, num_angles=90))
     truth = beamline.source.phantom.truth(t=0.0, row=8)
 
 Modules: `phantoms` (analytic `BubbleColumn`), `recordings` (DXchange files),

@@ -39,6 +39,12 @@ class SimulatedBeamline:
     api: str
     save_path: Path
 
+    @property
+    def plan_devices(self) -> tuple[Any, Any, Any, Any]:
+        """``(det, rot_stage, shutter, sample_stage)``: the devices the plans take, in order,
+        as in ``tomo_continuous(*beamline.plan_devices, num_angles=90)``."""
+        return (self.det, self.rot_stage, self.shutter, self.sample_stage)
+
     def devices(self) -> dict[str, Any]:
         """The devices by name, e.g. to ``globals().update(...)`` in a profile."""
         return {

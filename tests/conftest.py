@@ -183,10 +183,7 @@ def bad_tomo_run(jit_catalog):
     settings = {"size": 32, "rows": 4, "photons": 300.0, "api": "v1"}
     beamline = simulated_beamline(jit_catalog.base / "bad_run", settings)
     plan = tomo_scan(
-        beamline.det,
-        beamline.rot_stage,
-        beamline.shutter,
-        beamline.sample_stage,
+        *beamline.plan_devices,
         num_angles=16,
         num_darks=0,
         num_flats=0,

@@ -262,10 +262,7 @@ def _scan(RE, jit, beamline, rotations):
     RE.subscribe(jit)
     RE(
         tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES,
             num_darks=3,
             num_flats=3,
@@ -334,10 +331,7 @@ def test_a_worker_behind_the_scan_pauses_training_skips_refreshes_and_drops_noth
     RE.subscribe(raw)
     RE(
         tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES,
             num_darks=3,
             num_flats=3,

@@ -74,9 +74,7 @@ def run_scan(RE, jit, beamline, plan=tomo_continuous, **kw):
     if plan is tomo_continuous:
         args["rotations"] = 2
     args.update(kw)
-    (uid,) = RE(
-        plan(beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage, **args)
-    )
+    (uid,) = RE(plan(*beamline.plan_devices, **args))
     assert jit.flush(timeout=120)
     jit.close()
     return uid, raw
@@ -172,10 +170,7 @@ def test_callback_never_blocks_the_run_engine_and_reports_dropped_frames(RE, tmp
     t0 = time.monotonic()
     RE(
         tomo_scan(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES,
             num_darks=2,
             num_flats=2,
@@ -370,10 +365,7 @@ def test_scan_stops_once_the_denoiser_is_good_enough(RE, tmp_path):
     report = {}
     planned = 20 * ANGLES
     plan = tomo_continuous(
-        beamline.det,
-        beamline.rot_stage,
-        beamline.shutter,
-        beamline.sample_stage,
+        *beamline.plan_devices,
         num_angles=ANGLES,
         rotations=20,
         num_darks=3,
@@ -435,7 +427,7 @@ def recorded_inline_scan(RE, tmp_path) -> Collector:
     RE.subscribe(raw)
     RE(
         tomo_continuous(
-            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=16, rotations=2, num_darks=2, num_flats=2,
         )
     )  # fmt: skip

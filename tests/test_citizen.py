@@ -41,10 +41,7 @@ def derived(local_catalog):
         RE.subscribe(jit)
         RE.subscribe(lambda name, doc: starts.append(doc) if name == "start" else None)
         plan = tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES,
             rotations=2,
             num_darks=3,

@@ -59,10 +59,7 @@ def tomo_runs(RE, beamline, *, bad: bool = False, num_angles: int = 16):
     n = 0 if bad else 2
     return RE(
         tomo_scan(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=num_angles,
             num_darks=n,
             num_flats=n,

@@ -35,7 +35,7 @@ def test_multi_rotation_recording_replays_in_order(RE, tmp_path):
     path = write_rotations(tmp_path / "three.h5")
     beam = beamline(tmp_path, path)
     docs = record(RE)
-    RE(recorded_scan(beam.det, beam.rot_stage, beam.shutter, beam.sample_stage))
+    RE(recorded_scan(*beam.plan_devices))
     start = docs[0][1]
     assert start["plan_name"] == "recorded_scan"
     tomo = start["tomo"]
@@ -55,7 +55,7 @@ def test_multi_rotation_recording_replays_in_order(RE, tmp_path):
 def test_a_plan_with_the_recordings_angles_replays_in_order_too(RE, tmp_path):
     beam = beamline(tmp_path, write_rotations(tmp_path / "three.h5"))
     docs = record(RE)
-    args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
+    args = beam.plan_devices
     RE(tomo_continuous(*args, num_angles=8, rotations=3, angular_range=(0, 360), num_darks=1))
     second = len(docs)
     RE(
@@ -72,7 +72,7 @@ def test_a_plan_with_the_recordings_angles_replays_in_order_too(RE, tmp_path):
 def test_a_plan_whose_angles_disagree_is_refused_before_the_run(RE, tmp_path):
     beam = beamline(tmp_path, write_rotations(tmp_path / "one.h5", rotations=1, per_rotation=12))
     docs = record(RE)
-    args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
+    args = beam.plan_devices
     with pytest.raises(ValueError) as refused:  # angular_range left at its (0, 180) default
         RE(tomo_scan(*args, num_angles=12))
     message = str(refused.value)
@@ -98,7 +98,7 @@ def test_the_tooth_scan_still_replays(RE, tmp_path, tooth_path):
     rec = DXchangeRecording.open(tooth_path)
     beam = beamline(tmp_path, tooth_path, center_of_rotation=295.0)
     docs = record(RE)
-    RE(recorded_scan(beam.det, beam.rot_stage, beam.shutter, beam.sample_stage))
+    RE(recorded_scan(*beam.plan_devices))
     tomo = docs[0][1]["tomo"]
     assert (tomo["num_angles"], tomo["angular_range"], tomo["rotations"]) == (181, [0, 180], 1)
     frames = stream_frames(docs)
@@ -124,7 +124,7 @@ def test_slice_size_and_centre_set_the_published_slice(RE, tmp_path, tooth_path)
         )
         token = RE.subscribe(jit)
         beam = beamline(tmp_path / name, tooth_path, center_of_rotation=295.0)
-        RE(recorded_scan(beam.det, beam.rot_stage, beam.shutter, beam.sample_stage))
+        RE(recorded_scan(*beam.plan_devices))
         RE.unsubscribe(token)
         assert jit.flush(timeout=120)
         jit.close()

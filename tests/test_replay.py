@@ -195,10 +195,7 @@ def hex_layout_scan(jit_catalog):
         )
         (scan,) = RE(
             tomo_scan(
-                bl.det,
-                bl.rot_stage,
-                bl.shutter,
-                bl.sample_stage,
+                *bl.plan_devices,
                 num_angles=16,
                 dark_flat_uid=calibration,
             )

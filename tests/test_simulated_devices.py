@@ -224,10 +224,7 @@ def test_tomo_scan_with_ophyd_async_detector(RE, tmp_path):
     docs = record(RE)
     (uid,) = RE(
         tomo_scan(
-            beam.det,
-            beam.rot_stage,
-            beam.shutter,
-            beam.sample_stage,
+            *beam.plan_devices,
             num_angles=6,
             num_darks=2,
             num_flats=3,
@@ -289,10 +286,7 @@ def test_dark_flat_run_then_scan_and_continuous(RE, hw):
     (flat_uid,) = RE(dark_flat_run(hw.det, hw.shutter, hw.sample_stage, num_darks=2, num_flats=2))
     (scan_uid,) = RE(
         tomo_continuous(
-            hw.det,
-            hw.rot_stage,
-            hw.shutter,
-            hw.sample_stage,
+            *hw.plan_devices,
             num_angles=3,
             rotations=2,
             dark_flat_uid=flat_uid,
@@ -322,7 +316,7 @@ def test_recording_source_replays_through_a_scan(RE, tmp_path, tooth_path):
     source = RecordingSource(rec, center_of_rotation=295.0, replay="nearest_angle")
     beam = make_hw(tmp_path, source=source)
     docs = record(RE)
-    args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
+    args = beam.plan_devices
     RE(tomo_scan(*args, num_angles=4, num_darks=1, num_flats=1))
     start = docs[0][1]
     assert start["sample"] and start["tomo"]["center_of_rotation"] == 295.0
@@ -336,7 +330,7 @@ def test_recording_source_replays_through_a_scan(RE, tmp_path, tooth_path):
 def test_v1_detector_external_files_and_inline(RE, tmp_path):
     docs = record(RE)
     beam = make_hw(tmp_path / "ext", api="v1")
-    args = (beam.det, beam.rot_stage, beam.shutter, beam.sample_stage)
+    args = beam.plan_devices
     RE(tomo_scan(*args, num_angles=3, num_darks=1, num_flats=2))
     validate_all(docs)
     resources = [d for n, d in docs if n == "resource"]

@@ -74,10 +74,7 @@ def run_steered(RE, hw, *, stop=True, on_good=None, alpha_below=0.6, **kwargs):
     RE.subscribe(learner)
     report = {}
     plan = tomo_continuous(
-        hw.det,
-        hw.rot_stage,
-        hw.shutter,
-        hw.sample_stage,
+        *hw.plan_devices,
         num_angles=8,
         rotations=2,
         num_darks=1,

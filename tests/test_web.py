@@ -35,10 +35,7 @@ def live_scan(tmp_path_factory):
         RE.subscribe(jit)
         beamline = make_hw(tmp / "raw", source=source(), frame_rate=20.0, paced=True)
         plan = tomo_continuous(
-            beamline.det,
-            beamline.rot_stage,
-            beamline.shutter,
-            beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES,
             rotations=200,
             num_darks=3,

@@ -113,7 +113,7 @@ def test_quality_signals_steer_the_scan_from_the_child(RE, tmp_path):
     RE.subscribe(jit)
     report = {}
     plan = tomo_continuous(
-        beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+        *beamline.plan_devices,
         num_angles=ANGLES, rotations=20, num_darks=3, num_flats=3,
     )  # fmt: skip
     RE(until_quality(plan, quality, alpha_below=0.9, skip_motors=(beamline.rot_stage,),
@@ -139,7 +139,7 @@ def test_a_dead_child_costs_the_scan_nothing(RE, tmp_path):
     beamline = make_hw(tmp_path / "raw", source=source(), frame_rate=40.0, paced=True)
     (uid,) = RE(
         tomo_continuous(
-            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES, rotations=2, num_darks=3, num_flats=3,
         )
     )  # fmt: skip
@@ -206,7 +206,7 @@ def test_raw_runs_through_a_writer_process_into_the_catalog(RE, local_catalog, d
     beamline = make_hw(data_dir / "raw", source=source(), frame_rate=40.0)
     (uid,) = RE(
         tomo_continuous(
-            beamline.det, beamline.rot_stage, beamline.shutter, beamline.sample_stage,
+            *beamline.plan_devices,
             num_angles=ANGLES, rotations=1, num_darks=3, num_flats=3,
         )
     )  # fmt: skip

@@ -127,10 +127,7 @@ def test_a_catalog_outage_mid_scan_loses_nothing(RE, tmp_path, short_tiled_retri
         thread.start()
         (uid,) = RE(
             tomo_continuous(
-                beamline.det,
-                beamline.rot_stage,
-                beamline.shutter,
-                beamline.sample_stage,
+                *beamline.plan_devices,
                 num_angles=16,
                 rotations=12,
                 num_darks=2,

@@ -203,7 +203,7 @@ def _scene(options: DemoOptions) -> tuple[Any, Any, Callable[[Any], Any], int]:
         return (
             None,
             source,
-            lambda b: recorded_scan(b.det, b.rot_stage, b.shutter, b.sample_stage),
+            lambda b: recorded_scan(*b.plan_devices),
             total,
         )
     phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)
@@ -211,10 +211,7 @@ def _scene(options: DemoOptions) -> tuple[Any, Any, Callable[[Any], Any], int]:
 
     def plan(b: Any) -> Any:
         return tomo_continuous(
-            b.det,
-            b.rot_stage,
-            b.shutter,
-            b.sample_stage,
+            *b.plan_devices,
             num_angles=options.num_angles,
             rotations=options.rotations,
             sample="bubble column (simulated)",
