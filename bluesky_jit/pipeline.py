@@ -54,10 +54,6 @@ class RunSummary:
     problems: list[str] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     geometry: ScanGeometry | None = None
-    last_slice: np.ndarray | None = None
-    last_denoised: np.ndarray | None = None
-    last_uncertainty: np.ndarray | None = None
-    """Standard deviation of :attr:`last_denoised` per pixel (the ``uncertainty`` stream)."""
     last_indices: np.ndarray | None = None
     last_denoised_indices: np.ndarray | None = None
     images: dict[str, np.ndarray] = field(default_factory=dict)
@@ -75,6 +71,21 @@ class RunSummary:
     """Seconds the trainer paused because frames waited for the worker."""
     refreshes_skipped: int = 0
     """Due slice refreshes skipped because frames waited for the worker."""
+
+    @property
+    def last_slice(self) -> np.ndarray | None:
+        """The newest axial reconstruction (``images["reconstruction"]``)."""
+        return self.images.get("reconstruction")
+
+    @property
+    def last_denoised(self) -> np.ndarray | None:
+        """The newest denoised slice (``images["denoised"]``)."""
+        return self.images.get("denoised")
+
+    @property
+    def last_uncertainty(self) -> np.ndarray | None:
+        """Standard deviation of :attr:`last_denoised` per pixel (``images["uncertainty"]``)."""
+        return self.images.get("uncertainty")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able numbers (arrays and geometry left out)."""
@@ -539,7 +550,6 @@ class RunPipeline:
         row = slices.row + (self.plan.rows[0] if self.plan.rows else 0)  # on the detector
         with self._summary_lock:
             self.summary.slices += 1
-            self.summary.last_slice = slices.full
             self.summary.last_indices = slices.indices
             self.summary.images["reconstruction"] = slices.full
             self.summary.positions["reconstruction"] = row
@@ -597,11 +607,11 @@ class RunPipeline:
         sigma = uncertainty(outputs, self.pairs.n2i_strategy, inputs=inputs)
         with self._summary_lock:
             self.summary.denoised += 1
-            self.summary.last_denoised = denoised
-            self.summary.last_uncertainty = sigma
             self.summary.last_denoised_indices = window
             self.summary.images["denoised"] = denoised
-            if sigma is not None:  # the web view shows it beside the denoised slice
+            if sigma is None:  # fewer than two splits: no spread to measure
+                self.summary.images.pop("uncertainty", None)
+            else:
                 self.summary.images["uncertainty"] = sigma
         if self.derived is not None:
             scalars = {

@@ -435,9 +435,6 @@ def _read(pipe: BinaryIO) -> Any:
 
 
 _ARRAY_FIELDS = (
-    "last_slice",
-    "last_denoised",
-    "last_uncertainty",
     "last_indices",
     "last_denoised_indices",
     "images",

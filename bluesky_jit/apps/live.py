@@ -242,7 +242,7 @@ class LiveView:
             self.figure = _new_figure(len(self.planes))
             self._panels = _Panels(self.figure, self.planes)
         self._shown = key
-        images = summary.images or {"reconstruction": summary.last_slice}
+        images = summary.images
         self._panels.draw(
             [images.get(PLANES[plane]) for plane in self.planes],
             summary.last_denoised,
