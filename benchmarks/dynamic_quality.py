@@ -104,7 +104,9 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
     per_rotation = round(args.rotation_s * args.fps * spec["range"] / 360.0)
     rotations = int(np.ceil((args.seconds + 2) * args.fps / per_rotation))
     test_at = int(args.seconds * args.fps)
-    marks: dict[str, Any] = {}
+    # The newest slice is scored at the test moment and at the window ends before it.
+    moments = {test_at - j * per_rotation for j in range(args.moments)}
+    captured: list[dict[str, Any]] = []
 
     def capture() -> None:
         deadline = time.monotonic() + 15
@@ -114,19 +116,21 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
             if s is not None and s.last_denoised is not None:
                 done = s.last_denoised_indices is s.last_indices or variant is not None
                 if done:
-                    marks.update(
-                        fbp=s.last_slice,
-                        indices=s.last_indices,
-                        denoised=s.last_denoised,
-                        denoised_indices=s.last_denoised_indices,
-                        alpha=quality.alpha.get(),
-                        steps=s.train_steps,
+                    captured.append(
+                        dict(
+                            fbp=s.last_slice,
+                            indices=s.last_indices,
+                            denoised=s.last_denoised,
+                            denoised_indices=s.last_denoised_indices,
+                            alpha=quality.alpha.get(),
+                            steps=s.train_steps,
+                        )
                     )
                     return
             time.sleep(0.01)
 
     def watch(name: str, doc: dict) -> None:
-        if name == "event" and "rot_stage" in doc["data"] and doc["seq_num"] - 1 == test_at:
+        if name == "event" and "rot_stage" in doc["data"] and doc["seq_num"] - 1 in moments:
             threading.Thread(target=capture, daemon=True).start()
 
     RE.subscribe(watch)
@@ -144,7 +148,9 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
     jit.flush(timeout=600)
     jit.close()
     summary = jit.summaries[0]
-    marks.update(
+    unique = {int(m["indices"][-1]): m for m in captured}  # two threads may see one window
+    marks: dict[str, Any] = dict(
+        moments=[unique[k] for k in sorted(unique)],
         times=np.asarray(source.times),
         window_s=per_rotation / args.fps,
         scan_seconds=scan_s,
@@ -155,34 +161,59 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
     return marks
 
 
-def evaluate(args: argparse.Namespace, phantom: Any, marks: dict) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, phantom: Any, times: np.ndarray, m: dict) -> dict:
     """PSNR and SSIM of FBP, oracle TV, oracle BM3D and the denoiser against the truth."""
-    times = marks["times"]
-
-    def truth(indices: np.ndarray) -> np.ndarray:
-        t = times[np.asarray(indices)]
-        return phantom.truth_window(float(t[0]), float(t[-1]), args.row, num=args.truth_samples)
-
-    fbp = marks["fbp"]
-    reference = truth(marks["indices"])
+    fbp = m["fbp"]
+    reference = window_truth(args, phantom, times, m["indices"])
     mask = disc_mask(reference.shape[0], 0.85)
 
     def scores(image: np.ndarray, ref: np.ndarray = reference) -> dict[str, float]:
         return {"psnr": psnr(image, ref, mask), "ssim": ssim(image, ref, mask)}
 
-    out: dict[str, Any] = {"fbp": scores(fbp)}
+    out: dict[str, Any] = {"window_end": int(m["indices"][-1]), "fbp": scores(fbp)}
     tv = tune_tv([fbp], [reference], mask=mask)
     out["tv_oracle"] = scores(tv_denoise(fbp, tv.value)) | {"weight": tv.value}
     if bm3d_available() and not args.no_bm3d:
         sigma = float(np.std((fbp - reference)[mask]))
         bm = tune_bm3d([fbp], [reference], sigma=sigma, mask=mask, factors=(0.5, 1.0, 2.0))
         out["bm3d_oracle"] = scores(bm3d_denoise(fbp, bm.value)) | {"sigma": bm.value}
-    same = marks["denoised_indices"] is marks["indices"]
-    ref = reference if same else truth(marks["denoised_indices"])
-    out["denoised"] = scores(marks["denoised"], ref) | {"alpha": marks["alpha"]}
+    same = m["denoised_indices"] is m["indices"]
+    ref = reference if same else window_truth(args, phantom, times, m["denoised_indices"])
+    out["denoised"] = scores(m["denoised"], ref) | {"alpha": m["alpha"]}
     if not same:  # a T stack denoises an earlier window: TV on that window's FBP is unknown
-        lag = int(marks["indices"][-1]) - int(marks["denoised_indices"][-1])
+        lag = int(m["indices"][-1]) - int(m["denoised_indices"][-1])
         out["denoised"]["note"] = f"window ends {lag} projections earlier"
+    return out
+
+
+def window_truth(args: argparse.Namespace, phantom: Any, times: np.ndarray, indices: Any):
+    """The phantom's truth averaged over the times of a window's projections."""
+    t = times[np.asarray(indices)]
+    return phantom.truth_window(float(t[0]), float(t[-1]), args.row, num=args.truth_samples)
+
+
+def recency(args: argparse.Namespace, phantom: Any, times: np.ndarray, moments: list) -> dict:
+    """Weighting recent projections: ``w`` x the newest window + ``(1 - w)`` x the one before.
+
+    With half-turn windows two consecutive windows make a full parallel-beam
+    turn, so every blend is a complete reconstruction whose older half counts
+    ``1 - w``. Scored against the truth of the newest window (what the user wants
+    to see now): FBP and oracle TV on the blended FBP, and the blended denoised
+    slices (w = 1 is the newest window alone, w = 0.5 the full turn).
+    """
+    old, new = moments[-2], moments[-1]
+    reference = window_truth(args, phantom, times, new["indices"])
+    mask = disc_mask(reference.shape[0], 0.85)
+    out = {}
+    for w in (1.0, 0.75, 0.5):
+        fbp = w * new["fbp"] + (1 - w) * old["fbp"]
+        denoised = w * new["denoised"] + (1 - w) * old["denoised"]
+        tv = tune_tv([fbp], [reference], mask=mask)
+        out[f"{w:g}"] = {
+            "fbp": psnr(fbp, reference, mask),
+            "tv_oracle": psnr(tv_denoise(fbp, tv.value), reference, mask),
+            "denoised": psnr(denoised, reference, mask),
+        }
     return out
 
 
@@ -200,15 +231,19 @@ def run_case(args: argparse.Namespace, name: str, size: int, photons: float, set
         "train_steps_per_s": marks["train_steps_per_s"],
         "exit_status": marks["exit_status"],
     }
-    if "denoised" not in marks:
-        return case | {"error": "no denoised slice at the test moment (training too slow?)"}
-    case |= evaluate(args, phantom, marks)
-    margin = case["denoised"]["psnr"] - case["tv_oracle"]["psnr"]
+    if not marks["moments"]:
+        return case | {"error": "no denoised slice at the test moments (training too slow?)"}
+    scored = [evaluate(args, phantom, marks["times"], m) for m in marks["moments"]]
+    case |= {k: v for k, v in scored[-1].items() if k != "window_end"} | {"moments": scored}
+    if len(marks["moments"]) >= 2 and SETTINGS[setting]["variant"] is None:
+        case["recency"] = recency(args, phantom, marks["times"], marks["moments"])
+    margins = [s["denoised"]["psnr"] - s["tv_oracle"]["psnr"] for s in scored]
     need = TARGETS_DB.get(photons, 1.5)
-    case["targets"] = {
-        f"psnr >= tv_oracle + {need} dB": bool(margin >= need),
+    case["targets"] = {  # at the test moment; the earlier windows show the learning
+        f"psnr >= tv_oracle + {need} dB": bool(margins[-1] >= need),
         "alpha <= 0.6": bool(case["denoised"]["alpha"] <= 0.6),
-        "margin_db": margin,
+        "margin_db": margins[-1],
+        "margin_db_by_window": margins,
     }
     return case
 
@@ -276,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--row", type=int, default=12, help="slice row (above the bubbles' bed)")
     parser.add_argument("--truth-samples", type=int, default=16)
+    parser.add_argument(
+        "--moments",
+        type=int,
+        default=3,
+        help="score the window ending at the test moment (the table) "
+        "and this many minus one windows before it (the learning over time)",
+    )
     parser.add_argument("--no-bm3d", action="store_true")
     parser.add_argument(
         "--exploration", type=Path, action="append", default=[], help="earlier JSON to include"
