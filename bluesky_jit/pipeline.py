@@ -208,6 +208,14 @@ class RunPipeline:
                 )
             )
             geometry = None
+        if geometry is not None and self.supervised and geometry.beam != "parallel":
+            self.problem(  # before anything is allocated: the stop says what to change
+                ConfigError(
+                    f'target="supervised" computes its SIRT target for parallel beam; this '
+                    f'scan is {geometry.beam} beam. Use target="noise2inverse" for it.'
+                )
+            )
+            geometry = None
         if geometry is not None:
             try:
                 self.plan = self._plan_memory(geometry)
@@ -302,6 +310,11 @@ class RunPipeline:
             num_threads=self.budget.infer_threads,
         )
 
+    @property
+    def supervised(self) -> bool:
+        """Whether the network learns the SIRT target (``pairs.target="supervised"``)."""
+        return self.config.pairs.target == "supervised"
+
     def _capacity(self, geometry: ScanGeometry) -> int:
         """Filtered projections kept: two rotations, more for T stacks (they look back)."""
         cfg, window = self.config, geometry.num_angles
@@ -379,11 +392,18 @@ class RunPipeline:
             "model": {"name": t.model, "config": resolve_config(t.model, t.model_config)},
             "backend": {"reconstruction": cfg.reconstruction.backend, "device": device},
             "buffer_capacity": t.buffer_capacity,
-            "noise2inverse": {
+            "noise2inverse": None
+            if self.supervised
+            else {
                 "splits": cfg.pairs.splits,
                 "strategy": cfg.pairs.n2i_strategy,
                 "stack": cfg.pairs.stack,
                 "frames": cfg.frames,
+            },
+            "target": {
+                "kind": cfg.pairs.target,
+                "windows": cfg.pairs.target_windows if self.supervised else None,
+                "iterations": cfg.pairs.target_iterations if self.supervised else None,
             },
             "precision": {
                 "train": resolve_precision(t.train_precision, device),
@@ -598,7 +618,8 @@ class RunPipeline:
     def _denoise(self, slices: Any) -> None:
         """The Noise2Inverse estimate (the mean of the network over its K inputs) and its
         uncertainty (:func:`~bluesky_jit.noise2inverse.uncertainty`: where from their
-        spread, how much from the outputs against the splits their inputs left out)."""
+        spread, how much from the outputs against the splits their inputs left out).
+        Supervised: the network on the window's FBP, one output, so no uncertainty."""
         from .noise2inverse import uncertainty
 
         inputs, window = self.pairs.inference_inputs(refresh=slices)
@@ -751,6 +772,8 @@ class RunPipeline:
         details = self.trainer.latest_quality
         if "mse_input" not in details:
             return {}
+        if self.supervised:  # the noise estimates need independent split noise: alpha only
+            details = {"alpha": details["alpha"]}
         n2i = {"splits": self.pairs.splits, "strategy": self.pairs.n2i_strategy}
         if self.quality is not None:
             try:
