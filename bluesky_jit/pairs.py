@@ -402,6 +402,8 @@ class PairMaker:
         ``sampling_radius`` (a fraction of the reconstruction circle) stands
         for the ``region`` of that disc, checked to fit a patch. Works for cone
         beam too: patches lie in axial planes at the height of their detector row.
+        With ``target="supervised"`` the reconstructor also keeps the unfiltered
+        projections of the rows pairs come from (for its SIRT), from then on.
         """
         geometry = reconstructor.geometry
         if sampling_radius is not None:

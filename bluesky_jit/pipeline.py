@@ -10,6 +10,7 @@ worker thread; :class:`RunSummary` is what it reports.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -165,6 +166,8 @@ class RunPipeline:
         self.arrivals = arrivals if beside_scan else None
         self.beside_scan = beside_scan
         self._guard: Any = None
+        self._targets: Any = None  # supervised: the thread that makes pairs (SIRT), and
+        self._making: Any = None  # its pairs in the making
         self._holds: set[str] = set()
         self._holds_lock = threading.Lock()
         self.quality = quality
@@ -522,6 +525,7 @@ class RunPipeline:
             return
         try:
             self._stop_yielding()
+            self._stop_making_pairs()
             if self.recon is not None and self.recon.ready and self._unrefreshed:
                 self.refresh()  # the last slice shows the last projections, however far behind
             elif self.recon is not None and not summary.slices and len(self.recon.buffer):
@@ -555,9 +559,10 @@ class RunPipeline:
         self._apply_moves()
         slices = self._last_slices = recon.reconstruct()
         self._unrefreshed = 0
-        if run.train and pairs.ready:  # T stacks wait for their earlier windows
-            trainer.buffer.push(*pairs.pairs(pairs.pairs_per_refresh))
-            trainer.add_holdout(*pairs.pairs(pairs.holdout_per_refresh))
+        if run.train and pairs.ready and self.supervised:
+            self._make_pairs_beside()
+        elif run.train and pairs.ready:  # T stacks wait for their earlier windows
+            self._feed_trainer()
         if run.train and not trainer.running and len(trainer.buffer) >= trainer.batch_size:
             trainer.start()
             if run.pace_guard and self.arrivals is not None and self._guard is None:
@@ -590,6 +595,36 @@ class RunPipeline:
         self._emit_metrics()
         if pairs.ready and self._network_useful():
             self._denoise(slices)
+
+    def _feed_trainer(self) -> None:
+        pairs, trainer = self.pairs, self.trainer
+        trainer.buffer.push(*pairs.pairs(pairs.pairs_per_refresh))
+        trainer.add_holdout(*pairs.pairs(pairs.holdout_per_refresh))
+
+    def _make_pairs_beside(self) -> None:
+        """Supervised pairs (their SIRT takes seconds) on a thread of their own, one batch
+        at a time, so the worker keeps up with the scan; a refresh while one is in the
+        making makes none."""
+        if (self._making is not None and not self._making.done()) or self._targets is False:
+            return  # still busy, or the run ends
+        self._check_made()
+        if self._targets is None:
+            self._targets = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="bluesky-jit-target"
+            )
+        self._making = self._targets.submit(self._feed_trainer)
+
+    def _stop_making_pairs(self) -> None:
+        """Wait for the pairs in the making; make no more (the run ends)."""
+        if self._targets:
+            self._targets.shutdown(wait=True)
+            self._check_made()
+        self._targets = False
+
+    def _check_made(self) -> None:
+        if self._making is not None and self._making.exception() is not None:
+            self.problem(_in_context("the supervised target", self._making.exception()))
+        self._making = None
 
     def _refresh_short(self) -> None:
         """At the stop, less than a rotation arrived (a frame rejected, say): reconstruct
@@ -684,6 +719,8 @@ class RunPipeline:
     def _apply_moves(self) -> None:
         with self._moves_lock:
             moves, self._moves = self._moves, {}
+        if "row" in moves and self._making is not None:  # its SIRT reads the rows kept now
+            concurrent.futures.wait([self._making])
         for key, value in moves.items():
             try:
                 if key == "row":
