@@ -21,7 +21,9 @@ Settings (``--setting``, several allowed), what temporal resolution needs:
 - ``full``: the product's default; the window is the plan's rotation (360 degrees);
 - ``half``: the same acquisition planned as 180-degree rotations, so the
   window is half as long (a parallel-beam 360-degree rotation holds two);
-- ``half-T3``: ``half`` with the T3 network (the slice and two earlier windows in).
+- ``half-T3``: ``half`` with the T3 network (the slice and two earlier windows in);
+- ``half-sup``: ``half`` with ``target="supervised"`` (TomoGAN-style: the window's FBP
+  in, SIRT over the last two windows as target); its alpha is against that target.
 
 Writes JSON with the machine; ``--table`` prints the README table from it.
 """
@@ -50,6 +52,7 @@ SETTINGS = {
     "full": {"range": 360.0, "variant": None},
     "half": {"range": 180.0, "variant": None},
     "half-T3": {"range": 180.0, "variant": "T3"},
+    "half-sup": {"range": 180.0, "variant": None, "target": "supervised"},
 }
 TARGETS_DB = {1000.0: 1.5, 300.0: 2.0}  # denoised >= oracle TV + this, by photons
 
@@ -90,6 +93,8 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
 
     spec = SETTINGS[setting]
     given = {"slice_row": args.row, **{k: v for k, v in args.config.items()}}
+    if "target" in spec:
+        given["target"] = spec["target"]
     variant = spec["variant"]
     config = JitConfig.for_variant(variant, **given) if variant else JitConfig(**given)
     quality = QualitySignals(name="jit_quality")
@@ -241,10 +246,11 @@ def run_case(args: argparse.Namespace, name: str, size: int, photons: float, set
     need = TARGETS_DB.get(photons, 1.5)
     case["targets"] = {  # at the test moment; the earlier windows show the learning
         f"psnr >= tv_oracle + {need} dB": bool(margins[-1] >= need),
-        "alpha <= 0.6": bool(case["denoised"]["alpha"] <= 0.6),
         "margin_db": margins[-1],
         "margin_db_by_window": margins,
     }
+    if "target" not in SETTINGS[setting]:  # alpha against a SIRT target is another measure
+        case["targets"]["alpha <= 0.6"] = bool(case["denoised"]["alpha"] <= 0.6)
     return case
 
 
@@ -291,7 +297,8 @@ def rows(cases: list[dict]) -> str:
             f"| {c['phantom']} | {c['size']} | {c['photons']:g} | {c['setting']} "
             f"({c['window_s']:.1f} s) | {cell(c['fbp'])} | {cell(c['tv_oracle'])} | "
             f"{cell(c.get('bm3d_oracle'))} | {cell(c['denoised'])} | "
-            f"{c['targets']['margin_db']:+.1f} dB | {c['denoised']['alpha']:.2f} |"
+            f"{c['targets']['margin_db']:+.1f} dB | {c['denoised']['alpha']:.2f}"
+            f"{' (vs SIRT)' if 'target' in SETTINGS.get(c['setting'], {}) else ''} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -53,6 +53,10 @@ Precision = Literal["float32", "bfloat16"]
 """Training / inference precisions (bfloat16: autocast for training, bf16 weights
 for inference)."""
 Stack = Literal["z", "t"]
+Target = Literal["noise2inverse", "supervised"]
+"""Training targets: ``noise2inverse``, the K splits of the window are each other's
+targets (Hendriksen et al. 2020); ``supervised``, the window's FBP in and a many-iteration
+SIRT over more projections as target (as TomoGAN, Liu et al. 2020)."""
 """Network input stacks: nearby slices (Zx) or earlier windows (Tx)."""
 
 _SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -110,6 +114,13 @@ class Pairs(_Section):
     windows; the depth is model_config["frames"]."""
     frame_step: PositiveInt | None = None
     """Projections between the windows of a t stack; default half a rotation."""
+    target: Annotated[Target, Field(title="training target")] = "noise2inverse"
+    """noise2inverse: the window's K splits train each other; supervised: the window's FBP
+    in, target_iterations of SIRT over the last target_windows windows as target."""
+    target_windows: PositiveInt = 2
+    """Supervised target: SIRT over the projections of this many most recent windows."""
+    target_iterations: PositiveInt = 100
+    """Supervised target: SIRT iterations (from zero, at each refresh)."""
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
@@ -320,6 +331,11 @@ class JitConfig(BaseModel):
             raise ConfigError(
                 f"stack={p.stack!r} needs a network on stacks (model='unet3d'); model "
                 f"{t.model!r} takes single slices. Set stack=None."
+            )
+        if p.target == "supervised" and p.stack is not None:
+            raise ConfigError(
+                f'target="supervised" trains on single slices; got stack={p.stack!r}. Set '
+                'stack=None (a 2D network), or use target="noise2inverse" for Zx/Tx stacks.'
             )
         if t.online_strategy == "frozen" and t.warm_start is None:
             raise ConfigError(

@@ -77,6 +77,16 @@ class ProjectionSource(Protocol):
 
 
 STACKS = (None, "z", "t")
+TARGETS = ("noise2inverse", "supervised")
+
+
+class TargetSource(Protocol):
+    """What supervised pairs need: kept line integrals and SIRT slices from them, e.g. a
+    :class:`~bluesky_jit.reconstruction.streaming.StreamingReconstructor`."""
+
+    def keep_line_integrals(self, first: int, last: int, capacity: int) -> Any: ...
+
+    def sirt_slice(self, indices: np.ndarray, row: int, *, iterations: int) -> np.ndarray: ...
 
 
 class SamplingRegion:
@@ -267,6 +277,16 @@ class PairMaker:
     pairs_per_refresh, holdout_per_refresh : int
         Training and hold-out pairs the pipeline asks for at each refresh
         (kept here as :attr:`pairs_per_refresh`, :attr:`holdout_per_refresh`).
+    target : {"noise2inverse", "supervised"}
+        Supervised (as TomoGAN, Liu et al. 2020): the input is the window's FBP,
+        the target ``target_iterations`` of SIRT (``reference.sirt_slice``) over
+        the last ``target_windows`` windows; both cut from full slices at the
+        patch centres, rounded to the slice's pixels. Needs ``reference`` and
+        ``slices`` (:meth:`from_reconstructor`) and no stack.
+    target_windows, target_iterations : int
+    reference : TargetSource, optional
+    center_xy : (float, float)
+        Centre (x, y) of the slices, mm (where supervised patches are cut).
     """
 
     def __init__(
@@ -292,6 +312,11 @@ class PairMaker:
         holdout_per_refresh: int = 8,
         patches: SubsetPatches | None = None,
         slices: SubsetSlices | None = None,
+        target: str = "noise2inverse",
+        target_windows: int = 2,
+        target_iterations: int = 100,
+        reference: TargetSource | None = None,
+        center_xy: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         if (backproject is None) == (patches is None):
             raise ConfigError(
@@ -316,6 +341,15 @@ class PairMaker:
             raise ConfigError(f"Stacks need an odd number of frames (a middle one); got {frames}.")
         if not (np.isfinite(pixel_size) and pixel_size > 0):
             raise ConfigError(f"PairMaker pixel_size must be > 0 mm; got {pixel_size!r}.")
+        if target not in TARGETS:
+            raise ConfigError(f"PairMaker target must be one of {TARGETS}; got {target!r}.")
+        check_int("PairMaker", "target_windows", target_windows)
+        check_int("PairMaker", "target_iterations", target_iterations)
+        if target == "supervised" and (reference is None or slices is None or stack):
+            raise ConfigError(
+                'target="supervised" needs a reconstructor (PairMaker.from_reconstructor: its '
+                f"SIRT and full slices) and no stack; got stack={stack!r}."
+            )
         step = window // 2 if frame_step is None else frame_step
         check_int("PairMaker", "frame_step", step)
         self.source = source
@@ -334,6 +368,13 @@ class PairMaker:
         self.frames = frames
         self.frame_step = step
         self.slice_size = slice_size
+        self.target = target
+        self.target_windows = target_windows
+        self.target_iterations = target_iterations
+        self.reference = reference
+        self.center_xy = (float(center_xy[0]), float(center_xy[1]))
+        self._line_integrals: Any = None
+        self._targets: dict[tuple[int, int], np.ndarray] = {}
         self._rng = rng if rng is not None else np.random.default_rng()
         self._lock = threading.Lock()
         self._row = 0
@@ -361,6 +402,8 @@ class PairMaker:
         ``sampling_radius`` (a fraction of the reconstruction circle) stands
         for the ``region`` of that disc, checked to fit a patch. Works for cone
         beam too: patches lie in axial planes at the height of their detector row.
+        With ``target="supervised"`` the reconstructor also keeps the unfiltered
+        projections of the rows pairs come from (for its SIRT), from then on.
         """
         geometry = reconstructor.geometry
         if sampling_radius is not None:
@@ -377,6 +420,8 @@ class PairMaker:
             "pixel_size": geometry.voxel_size,
             "row": reconstructor.row,
             "slice_size": reconstructor.n,
+            "center_xy": tuple(reconstructor.center_xy),
+            "reference": reconstructor,
         }
         return cls(
             reconstructor.buffer,
@@ -406,6 +451,11 @@ class PairMaker:
             raise ConfigError(f"Slice row must be an integer in [0, {self.rows}); got {row!r}.")
         with self._lock:
             self._row = int(row)
+        if self.target == "supervised":  # SIRT needs the unfiltered rows pairs come from
+            reach, span = self.neighbourhood_rows, (self.target_windows + 1) * self.window
+            self._line_integrals = self.reference.keep_line_integrals(
+                row - reach, row + reach, span
+            )
 
     def set_patch_size(self, size: int) -> None:
         """Change the patch side; pairs made afterwards have the new size."""
@@ -437,7 +487,13 @@ class PairMaker:
     @property
     def ready(self) -> bool:
         """Whether the source holds enough projections for :meth:`pairs`."""
+        if self.target == "supervised" and len(self._line_integrals) < self._target_span:
+            return False
         return len(self.source) >= self.span
+
+    @property
+    def _target_span(self) -> int:
+        return self.target_windows * self.window
 
     def windows(self, *, end: int | None = None) -> list[np.ndarray]:
         """Global projection indices of the window(s) of the newest pair, oldest first.
@@ -499,6 +555,9 @@ class PairMaker:
         reach = self.neighbourhood_rows
         lo, hi = max(0, row - reach), min(self.rows - 1, row + reach)
         target_rows = rng.integers(lo, hi + 1, size=count)
+        if self.target == "supervised":
+            u, v = self._supervised(centers, target_rows, size)
+            return u[:, None], v[:, None]
         windows = self.windows()
         mid = self.frames // 2
         # the target: the middle row / window, (K, count, p, p); one split j per pair
@@ -555,12 +614,55 @@ class PairMaker:
             Global indices of the projections of the denoised frame (a T
             stack denoises its middle window).
         """
+        if self.target == "supervised":  # one input: the window's FBP
+            if refresh is not None:
+                return refresh.full[None].astype(np.float32), refresh.indices
+            window = self.windows(end=end)[0]
+            row = self._row if row is None else row
+            return np.asarray(self.subset_slices([window], row), np.float32), window
         if refresh is not None and self.splits == 2 and self.stack is None:
             splits, window = np.stack([refresh.even, refresh.odd]), refresh.indices
         else:
             windows = self.windows(end=end)
             splits, window = self._slice_splits(windows, row), windows[len(windows) // 2]
         return noise2inverse.inputs(splits, self.n2i_strategy), window
+
+    # -- supervised pairs -----------------------------------------------------------------
+    def _supervised(
+        self, centers: np.ndarray, rows: np.ndarray, size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Input (the window's FBP) and target (SIRT) patches, (count, p, p) each."""
+        window = self.windows()[0]
+        out = np.empty((2, len(rows), size, size), dtype=np.float32)
+        for row in np.unique(rows):
+            sel = np.nonzero(rows == row)[0]
+            images = self._supervised_slices(window, int(row))
+            n = images.shape[-1]
+            offset = (n - size) / 2  # pixel of the slice's centre, less half a patch
+            x0 = np.rint((centers[sel, 0] - self.center_xy[0]) / self.pixel_size + offset)
+            y0 = np.rint((centers[sel, 1] - self.center_xy[1]) / self.pixel_size + offset)
+            corners = np.clip(np.stack([y0, x0], axis=1).astype(int), 0, n - size)
+            for k, (i, j) in zip(sel, corners, strict=True):
+                out[:, k] = images[:, i : i + size, j : j + size]
+        return out[0], out[1]
+
+    def _supervised_slices(self, window: np.ndarray, row: int) -> np.ndarray:
+        """(2, n, n): the window's FBP and the SIRT target at ``row``; kept for the window."""
+        key = (int(window[-1]), row)
+        if key not in self._targets:
+            if any(end != key[0] for end, _ in self._targets):
+                self._targets.clear()  # a new window: new targets
+            held = np.asarray(self._line_integrals.last(len(self._line_integrals)))
+            indices = held[held <= key[0]][-self._target_span :]
+            if indices.size < self._target_span:
+                raise ScanDataError(
+                    f"The supervised target needs {self._target_span} projections "
+                    f"(target_windows={self.target_windows}); {indices.size} are kept."
+                )
+            fbp = self.subset_slices([window], row)[0]
+            sirt = self.reference.sirt_slice(indices, row, iterations=self.target_iterations)
+            self._targets[key] = np.stack([fbp, sirt]).astype(np.float32)
+        return self._targets[key]
 
     # -- internals ---------------------------------------------------------------------------
     def _slice_size(self) -> int | None:

@@ -10,6 +10,7 @@ worker thread; :class:`RunSummary` is what it reports.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -165,6 +166,8 @@ class RunPipeline:
         self.arrivals = arrivals if beside_scan else None
         self.beside_scan = beside_scan
         self._guard: Any = None
+        self._targets: Any = None  # supervised: the thread that makes pairs (SIRT), and
+        self._making: Any = None  # its pairs in the making
         self._holds: set[str] = set()
         self._holds_lock = threading.Lock()
         self.quality = quality
@@ -205,6 +208,14 @@ class RunPipeline:
                 ConfigError(
                     f"Cannot create the derived runs' directory {self.directory}: "
                     f"{error.strerror or error}. Pass a writable directory= (--data-dir)."
+                )
+            )
+            geometry = None
+        if geometry is not None and self.supervised and geometry.beam != "parallel":
+            self.problem(  # before anything is allocated: the stop says what to change
+                ConfigError(
+                    f'target="supervised" computes its SIRT target for parallel beam; this '
+                    f'scan is {geometry.beam} beam. Use target="noise2inverse" for it.'
                 )
             )
             geometry = None
@@ -302,6 +313,11 @@ class RunPipeline:
             num_threads=self.budget.infer_threads,
         )
 
+    @property
+    def supervised(self) -> bool:
+        """Whether the network learns the SIRT target (``pairs.target="supervised"``)."""
+        return self.config.pairs.target == "supervised"
+
     def _capacity(self, geometry: ScanGeometry) -> int:
         """Filtered projections kept: two rotations, more for T stacks (they look back)."""
         cfg, window = self.config, geometry.num_angles
@@ -379,11 +395,18 @@ class RunPipeline:
             "model": {"name": t.model, "config": resolve_config(t.model, t.model_config)},
             "backend": {"reconstruction": cfg.reconstruction.backend, "device": device},
             "buffer_capacity": t.buffer_capacity,
-            "noise2inverse": {
+            "noise2inverse": None
+            if self.supervised
+            else {
                 "splits": cfg.pairs.splits,
                 "strategy": cfg.pairs.n2i_strategy,
                 "stack": cfg.pairs.stack,
                 "frames": cfg.frames,
+            },
+            "target": {
+                "kind": cfg.pairs.target,
+                "windows": cfg.pairs.target_windows if self.supervised else None,
+                "iterations": cfg.pairs.target_iterations if self.supervised else None,
             },
             "precision": {
                 "train": resolve_precision(t.train_precision, device),
@@ -502,6 +525,7 @@ class RunPipeline:
             return
         try:
             self._stop_yielding()
+            self._stop_making_pairs()
             if self.recon is not None and self.recon.ready and self._unrefreshed:
                 self.refresh()  # the last slice shows the last projections, however far behind
             elif self.recon is not None and not summary.slices and len(self.recon.buffer):
@@ -535,9 +559,10 @@ class RunPipeline:
         self._apply_moves()
         slices = self._last_slices = recon.reconstruct()
         self._unrefreshed = 0
-        if run.train and pairs.ready:  # T stacks wait for their earlier windows
-            trainer.buffer.push(*pairs.pairs(pairs.pairs_per_refresh))
-            trainer.add_holdout(*pairs.pairs(pairs.holdout_per_refresh))
+        if run.train and pairs.ready and self.supervised:
+            self._make_pairs_beside()
+        elif run.train and pairs.ready:  # T stacks wait for their earlier windows
+            self._feed_trainer()
         if run.train and not trainer.running and len(trainer.buffer) >= trainer.batch_size:
             trainer.start()
             if run.pace_guard and self.arrivals is not None and self._guard is None:
@@ -571,6 +596,36 @@ class RunPipeline:
         if pairs.ready and self._network_useful():
             self._denoise(slices)
 
+    def _feed_trainer(self) -> None:
+        pairs, trainer = self.pairs, self.trainer
+        trainer.buffer.push(*pairs.pairs(pairs.pairs_per_refresh))
+        trainer.add_holdout(*pairs.pairs(pairs.holdout_per_refresh))
+
+    def _make_pairs_beside(self) -> None:
+        """Supervised pairs (their SIRT takes seconds) on a thread of their own, one batch
+        at a time, so the worker keeps up with the scan; a refresh while one is in the
+        making makes none."""
+        if (self._making is not None and not self._making.done()) or self._targets is False:
+            return  # still busy, or the run ends
+        self._check_made()
+        if self._targets is None:
+            self._targets = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="bluesky-jit-target"
+            )
+        self._making = self._targets.submit(self._feed_trainer)
+
+    def _stop_making_pairs(self) -> None:
+        """Wait for the pairs in the making; make no more (the run ends)."""
+        if self._targets:
+            self._targets.shutdown(wait=True)
+            self._check_made()
+        self._targets = False
+
+    def _check_made(self) -> None:
+        if self._making is not None and self._making.exception() is not None:
+            self.problem(_in_context("the supervised target", self._making.exception()))
+        self._making = None
+
     def _refresh_short(self) -> None:
         """At the stop, less than a rotation arrived (a frame rejected, say): reconstruct
         what came if its angles still cover the range (the gap rule of
@@ -598,7 +653,8 @@ class RunPipeline:
     def _denoise(self, slices: Any) -> None:
         """The Noise2Inverse estimate (the mean of the network over its K inputs) and its
         uncertainty (:func:`~bluesky_jit.noise2inverse.uncertainty`: where from their
-        spread, how much from the outputs against the splits their inputs left out)."""
+        spread, how much from the outputs against the splits their inputs left out).
+        Supervised: the network on the window's FBP, one output, so no uncertainty."""
         from .noise2inverse import uncertainty
 
         inputs, window = self.pairs.inference_inputs(refresh=slices)
@@ -663,6 +719,8 @@ class RunPipeline:
     def _apply_moves(self) -> None:
         with self._moves_lock:
             moves, self._moves = self._moves, {}
+        if "row" in moves and self._making is not None:  # its SIRT reads the rows kept now
+            concurrent.futures.wait([self._making])
         for key, value in moves.items():
             try:
                 if key == "row":
@@ -751,6 +809,8 @@ class RunPipeline:
         details = self.trainer.latest_quality
         if "mse_input" not in details:
             return {}
+        if self.supervised:  # the noise estimates need independent split noise: alpha only
+            details = {"alpha": details["alpha"]}
         n2i = {"splits": self.pairs.splits, "strategy": self.pairs.n2i_strategy}
         if self.quality is not None:
             try:

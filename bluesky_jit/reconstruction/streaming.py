@@ -198,6 +198,8 @@ class StreamingReconstructor:
         self._checked_windows: OrderedDict[bytes, None] = OrderedDict()
         self._sums: OrderedDict[Slice, _Sums] = OrderedDict()
         self._lock = threading.RLock()
+        self._threads = threads
+        self._kept: tuple[int, ProjectionBuffer] | None = None  # unfiltered rows (SIRT)
 
     # -- frames in -------------------------------------------------------------
     def set_flatfield(self, darks: np.ndarray, flats: np.ndarray) -> None:
@@ -214,6 +216,11 @@ class StreamingReconstructor:
         """
         corrected = correct(self.flatfield, frame, angle_deg, index)
         line_integrals = torch.from_numpy(corrected).to(self.device)
+        kept = self._kept
+        if kept is not None:
+            first, buffer = kept
+            rows = slice(first, first + buffer.shape[0])
+            buffer.append(line_integrals[rows], angle=math.radians(angle_deg), index=index)
         self.buffer.append(
             self.prefilter(line_integrals), angle=math.radians(angle_deg), index=index
         )
@@ -577,6 +584,47 @@ class StreamingReconstructor:
                 data, self._geometry(subset), origins, like, row_offset=r0
             )
         return out
+
+    # -- supervised targets: SIRT from unfiltered projections ---------------------------
+    def keep_line_integrals(self, first: int, last: int, capacity: int) -> ProjectionBuffer:
+        """Keep the unfiltered projections (line integrals) of detector rows first..last too.
+
+        For :meth:`sirt_slice`. A new range starts empty; the same range keeps
+        what it holds. Returns the buffer (global indices as :attr:`buffer`).
+        """
+        first, last = max(0, int(first)), min(self.geometry.rows - 1, int(last))
+        kept = self._kept
+        if kept is None or kept[0] != first or kept[1].shape[0] != last - first + 1:
+            shape = (last - first + 1, self.geometry.cols)
+            kept = self._kept = (first, ProjectionBuffer(int(capacity), shape, device=self.device))
+        return kept[1]
+
+    def sirt_slice(self, indices: np.ndarray, row: int, *, iterations: int) -> np.ndarray:
+        """SIRT (from zero, ``iterations`` updates) of the axial slice at a detector row.
+
+        From the kept line integrals (:meth:`keep_line_integrals`) of the
+        projections ``indices``, on the grid of :meth:`reconstruct` (n x n
+        around ``center_xy``); parallel beam only
+        (:class:`~bluesky_jit.reconstruction.sirt.ShearOperator`).
+
+        Raises
+        ------
+        ScanDataError
+            If the row or a projection is not kept.
+        """
+        from .sirt import ShearOperator, sirt
+
+        first, buffer = self._kept if self._kept is not None else (0, None)
+        if buffer is None or not 0 <= row - first < buffer.shape[0]:
+            raise ScanDataError(
+                f"Line integrals of detector row {row} are not kept; call "
+                "keep_line_integrals() with a range holding it before the frames arrive."
+            )
+        data, _ = buffer.select(indices, rows=row - first)
+        slice_ = self.geometry.axial_slice(row, shape=self.n, center_xy=self.center_xy)
+        geometry = self.geometry.projection_geometry(buffer.angles_of(indices))
+        operator = ShearOperator(geometry, slice_, threads=self._threads)
+        return sirt(operator, data.cpu().numpy(), iterations=iterations)
 
     # -- internals ---------------------------------------------------------------
     def _geometry(self, indices: np.ndarray) -> ProjectionGeometry:
