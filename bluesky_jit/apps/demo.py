@@ -199,13 +199,7 @@ def _scene(options: DemoOptions) -> tuple[Any, Any, Callable[[Any], Any], int]:
     if options.recording is not None:
         recording = DXchangeRecording.open(options.recording, lazy=True)
         source = RecordingSource(recording, center_of_rotation=options.center_of_rotation)
-        total = int(recording.data.shape[0])
-        return (
-            None,
-            source,
-            lambda b: recorded_scan(*b.plan_devices),
-            total,
-        )
+        return None, source, lambda b: recorded_scan(*b.plan_devices), int(recording.data.shape[0])
     phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)
     source = PhantomSource(phantom, photons=options.photons)
 
@@ -235,8 +229,7 @@ class _Progress:
         self.events = 0
         self._primary: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._draw, name="bluesky-jit-progress")
-        self._thread.daemon = True
+        self._thread = threading.Thread(target=self._draw, name="bluesky-jit-progress", daemon=True)
         self._thread.start()
 
     def count(self, name: str, doc: dict) -> None:

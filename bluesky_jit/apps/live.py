@@ -190,8 +190,7 @@ def show(catalog: str | Container, uid: str | None = None, *, api_key: str | Non
     run = catalog if uid is None else open_derived(catalog, uid, api_key=api_key)
     data = read_derived(run)
     figure = _new_figure()
-    panels = _Panels(figure)
-    panels.draw(
+    _Panels(figure).draw(
         [data.reconstruction[-1] if len(data.reconstruction) else None],
         data.denoised[-1] if len(data.denoised) else None,
         _metric_rows(data.metrics),
@@ -232,15 +231,13 @@ class LiveView:
 
     def update(self) -> bool:
         """Redraw from the callback's newest state; True if anything changed."""
-        summary = self._current()
+        summary = newest_summary(self.jit)
         if summary is None:
             return False
         key = (summary.raw_uid, summary.slices, summary.denoised, len(summary.metrics))
         if key == self._shown:
             return False
-        if self.figure is None:
-            self.figure = _new_figure(len(self.planes))
-            self._panels = _Panels(self.figure, self.planes)
+        self._make_figure()
         self._shown = key
         images = summary.images
         self._panels.draw(
@@ -256,9 +253,7 @@ class LiveView:
         """Show the figure and refresh it on a GUI timer (needs an interactive backend)."""
         import matplotlib.pyplot as plt
 
-        if self.figure is None:
-            self.figure = _new_figure(len(self.planes))
-            self._panels = _Panels(self.figure, self.planes)
+        self._make_figure()
         if not _interactive():
             logger.warning(NO_DISPLAY.format(backend=_backend()))
         if self._timer is None:
@@ -302,8 +297,10 @@ class LiveView:
         self.figure.savefig(path, dpi=110)
         return path
 
-    def _current(self) -> Any:
-        return newest_summary(self.jit)
+    def _make_figure(self) -> None:
+        if self.figure is None:
+            self.figure = _new_figure(len(self.planes))
+            self._panels = _Panels(self.figure, self.planes)
 
 
 def newest_summary(jit: JitProcess | JitCallback) -> Any:

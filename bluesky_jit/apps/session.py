@@ -57,16 +57,7 @@ __all__ = [
     "simulated_beamline",
 ]
 
-SECTIONS: Final = (
-    "jit",
-    "catalog",
-    "beamline",
-    "demo",
-    "replay",
-    "listen",
-    "serve",
-    "export",
-)
+SECTIONS: Final = ("jit", "catalog", "beamline", "demo", "replay", "listen", "serve", "export")
 """Sections a settings file may have; ``[jit]`` takes any :class:`JitConfig` setting, flat
 or in tables by section (``[jit.training]``)."""
 CONNECTION_FILE: Final = "connection.json"
@@ -105,37 +96,12 @@ def _no_alias_loader() -> Any:
 
 
 def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
-    """Read a settings file (``.toml``, ``.yaml`` or ``.yml``).
+    """Read a settings file (``.toml``, ``.yaml`` or ``.yml``; None: no settings).
 
-    Parameters
-    ----------
-    path : path or None
-        None returns empty settings.
-
-    Returns
-    -------
-    dict
-        Section name -> {key: value}; every section of :data:`SECTIONS` present
-        (empty when the file has none).
-
-    Raises
-    ------
-    ConfigError
-        The file is missing, cannot be parsed, or has an unknown section.
-
-    Examples
-    --------
-    A file ``bluesky-jit.toml``::
-
-        [jit]
-        model = "unet"
-        refresh_every = 10
-        [catalog]
-        uri = "http://tiled.example.org:8000"
-        [listen]
-        kafka = "broker1:9092"
-        topic = "bl.bluesky.runengine.documents"
-        group = "bluesky-jit"
+    Returns section name -> {key: value}, every section of :data:`SECTIONS`
+    present (empty when the file has none); ``bluesky-jit --help`` shows an
+    example file. A file that is missing, cannot be parsed or has an unknown
+    section is a :class:`ConfigError`.
     """
     settings: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is None:
