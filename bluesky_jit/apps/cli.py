@@ -13,18 +13,8 @@ The flags are click options; the JitConfig flags are made from the model's
 fields (name, type, choices, description, default), and a settings file
 becomes click's ``default_map``, so the precedence is click's own.
 
-Exit codes (for scripts):
-
-==  ===========================================================================
-0   success
-1   the work ran but a run failed (a derived run's exit_status is not success)
-2   bad usage or input: flags, settings file, wrong uid, not a tomography run,
-    frames missing
-3   the catalog or the broker (0MQ proxy, Kafka) cannot be reached or used, or
-    the catalog answered a request with an error
-4   an unexpected error inside bluesky-jit (a bug: the traceback is printed)
-130 interrupted (Ctrl-C or SIGTERM), after a clean stop
-==  ===========================================================================
+Exit codes (for scripts) are :data:`EXIT_CODES`, shown by every ``--help``;
+the README's table says what each means.
 
 Ctrl-C (SIGINT) and SIGTERM stop every subcommand cleanly with exit code 130:
 ``demo`` aborts the scan's run (stop document ``exit_status: abort``) and
@@ -184,7 +174,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
     for p in ctx.command.params:
         if p.name in SECTION_OF or p.name == "variant" or not isinstance(p, click.Option):
             continue  # JitConfig settings: Invocation.jit_config
-        section, key = (command, p.name)
+        section, key = command, p.name
         if p.name in CATALOG_KEYS:
             section, key = "catalog", CATALOG_KEYS[p.name]
         if key not in settings.get(section, {}):
@@ -238,6 +228,9 @@ def _scalar(annotation: Any) -> Any:
     return None
 
 
+VERBOSE = click.option("-v", "--verbose", count=True, show_default=False, help="more log output")
+
+
 def _command(name: str, summary: str, *options: Callable) -> Callable:
     """A subcommand with its options, ``--config`` and ``-v``; it returns an Invocation."""
 
@@ -250,9 +243,7 @@ def _command(name: str, summary: str, *options: Callable) -> Callable:
 
         for option in reversed(options):
             callback = option(callback)
-        callback = click.option(
-            "-v", "--verbose", count=True, show_default=False, help="more log output"
-        )(callback)
+        callback = VERBOSE(callback)
         callback = click.option(
             "--config",
             type=click.Path(path_type=Path, dir_okay=False),
@@ -276,7 +267,7 @@ def _command(name: str, summary: str, *options: Callable) -> Callable:
     epilog=EXIT_CODES,
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
-@click.option("-v", "--verbose", count=True, show_default=False, help="more log output")
+@VERBOSE
 @click.version_option(
     __version__, "--version", prog_name="bluesky-jit", message="%(prog)s %(version)s"
 )
@@ -335,7 +326,7 @@ def key_options(help_text: str) -> tuple:
 PathType = click.Path(path_type=Path)
 
 
-def flag(name: str, help_text: str) -> Callable:
+def on_switch(name: str, help_text: str) -> Callable:
     """An on/off flag, off by default."""
     return opt(name, is_flag=True, show_default=False, help=help_text)
 
@@ -360,7 +351,7 @@ CATALOG = (
 )  # fmt: skip
 PROGRESS = off_switch("--no-progress", "progress", "no progress bar")
 LIVE = (
-    flag("--live", "show a live figure"),
+    on_switch("--live", "show a live figure"),
     opt("--planes", type=click.Choice(["xy", "xz", "yz", "all"]), default="xy",
         help="slices in the live figure: axial xy, vertical xz or yz, or all three"),
 )  # fmt: skip
@@ -493,12 +484,12 @@ LISTEN = (
     opt("--topic", multiple=True, help="Kafka topic (repeatable)"),
     opt("--group", default="bluesky-jit", help="Kafka consumer group id"),
     *CATALOG,
-    flag("--write-raw", "also store the raw runs (container 'raw')"),
+    on_switch("--write-raw", "also store the raw runs (container 'raw')"),
     opt("--run-timeout", default=600.0, help="close a run silent this long (s) as aborted"),
     opt("--connect-timeout", default=5.0, help="seconds to wait for the broker at start-up"),
     opt("--max-runs", type=int, help="exit after this many derived runs"),
-    flag("--skip-done", "skip runs that already have a successful derived run with these "
-         "settings (always on with --kafka)"),
+    on_switch("--skip-done", "skip runs that already have a successful derived run with "
+              "these settings (always on with --kafka)"),
     _jit_options,
     *LIVE,
     *WEB,

@@ -130,7 +130,6 @@ class Listener:
         Called with each :class:`~bluesky_jit.pipeline.RunSummary`.
     geometry_overrides, root_map : mapping, optional
         Passed to the callback.
-
     keep_summaries : int
         How many recent summaries :attr:`summaries` keeps (it runs for hours).
 

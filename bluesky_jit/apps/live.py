@@ -349,16 +349,12 @@ def _metric_rows(metrics: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
     steps = metrics.get("train_step", metrics.get("step"))
     if steps is None:
         return []
-    rows = []
-    for i, step in enumerate(steps):
-        rows.append(
-            {
-                "step": float(step),
-                "loss": float(metrics["loss"][i]) if "loss" in metrics else math.nan,
-                "alpha": float(metrics["alpha"][i]) if "alpha" in metrics else math.nan,
-            }
-        )
-    return rows
+    missing = np.full(len(steps), math.nan)
+    loss, alpha = metrics.get("loss", missing), metrics.get("alpha", missing)
+    return [
+        {"step": float(step), "loss": float(loss[i]), "alpha": float(alpha[i])}
+        for i, step in enumerate(steps)
+    ]
 
 
 class _Panels:
@@ -369,11 +365,9 @@ class _Panels:
         *self.ax_recs, self.ax_den, self.ax_loss = figure.subplots(1, len(planes) + 2)
         self.ax_alpha = self.ax_loss.twinx()
         self.images: dict[Any, Any] = {}
-        titles = (
-            [f"reconstructed {p}" for p in planes]
-            if tuple(planes) != ("xy",)
-            else ["reconstructed"]
-        )
+        titles = [f"reconstructed {p}" for p in planes]
+        if tuple(planes) == ("xy",):
+            titles = ["reconstructed"]
         for ax, name in zip([*self.ax_recs, self.ax_den], [*titles, "denoised"], strict=True):
             ax.set_title(name)
             ax.axis("off")

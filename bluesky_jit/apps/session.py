@@ -376,9 +376,7 @@ class LazyCatalog:
         """As :meth:`CatalogSession.runs` (opens the catalog)."""
         return self.open().runs(name)
 
-    def spool_dir(self, name: str) -> Path:
-        """As :meth:`CatalogSession.spool_dir`."""
-        return self.data_dir / "spool" / name
+    spool_dir = CatalogSession.spool_dir  # needs only data_dir: opens nothing
 
     @property
     def description(self) -> str:
@@ -447,10 +445,6 @@ def find_derived(
         "refresh_every": 10}`` (``start.config.<section>.<key>``).
     exit_status : str, optional
         ``"success"``, ``"fail"`` or ``"abort"`` (``stop.exit_status``).
-
-    Returns
-    -------
-    list of BlueskyRun
 
     Examples
     --------
@@ -664,24 +658,10 @@ def install_profile(directory: str | Path, *, force: bool = False) -> Path:
     """Write the profile into an IPython profile directory (also a queue server's startup).
 
     Writes :mod:`bluesky_jit.apps.profile_startup` as ``startup/00-bluesky_jit.py``
-    and the queue server's ``startup/user_group_permissions.yaml``.
-
-    Parameters
-    ----------
-    directory : path
-        The profile directory, e.g. ``~/.ipython/profile_jit``; created if missing.
-    force : bool
-        Replace files of those names that differ (edited by hand).
-
-    Returns
-    -------
-    Path
-        ``directory/startup/00-bluesky_jit.py``.
-
-    Raises
-    ------
-    ConfigError
-        A file exists, differs, and ``force`` is False; or it cannot be written.
+    (returned) and the queue server's ``startup/user_group_permissions.yaml``,
+    creating ``directory`` (e.g. ``~/.ipython/profile_jit``) if missing. A file of
+    those names that differs (edited by hand) is a :class:`ConfigError` unless
+    ``force``; so is one that cannot be written.
     """
     from importlib.resources import files
 
