@@ -13,18 +13,8 @@ The flags are click options; the JitConfig flags are made from the model's
 fields (name, type, choices, description, default), and a settings file
 becomes click's ``default_map``, so the precedence is click's own.
 
-Exit codes (for scripts):
-
-==  ===========================================================================
-0   success
-1   the work ran but a run failed (a derived run's exit_status is not success)
-2   bad usage or input: flags, settings file, wrong uid, not a tomography run,
-    frames missing
-3   the catalog or the broker (0MQ proxy, Kafka) cannot be reached or used, or
-    the catalog answered a request with an error
-4   an unexpected error inside bluesky-jit (a bug: the traceback is printed)
-130 interrupted (Ctrl-C or SIGTERM), after a clean stop
-==  ===========================================================================
+Exit codes (for scripts) are :data:`EXIT_CODES`, shown by every ``--help``;
+the README's table says what each means.
 
 Ctrl-C (SIGINT) and SIGTERM stop every subcommand cleanly with exit code 130:
 ``demo`` aborts the scan's run (stop document ``exit_status: abort``) and
@@ -37,6 +27,7 @@ directly: the command stops it on the way out.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -51,6 +42,7 @@ from typing import Any
 
 import click
 
+from .. import __version__
 from ..config import SECTION_OF, SECTIONS
 from ..errors import BlueskyJitError, CatalogError, ConfigError
 
@@ -139,12 +131,6 @@ EXTRA_KEYS = {"listen": {"consumer_config"}}
 """File keys of a subcommand's section that are no flag (Kafka consumer settings)."""
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 # ------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Invocation:
@@ -188,14 +174,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
     for p in ctx.command.params:
         if p.name in SECTION_OF or p.name == "variant" or not isinstance(p, click.Option):
             continue  # JitConfig settings: Invocation.jit_config
-        section, key = (
-            ("catalog", CATALOG_KEYS[p.name])
-            if p.name in CATALOG_KEYS
-            else (
-                command,
-                p.name,
-            )
-        )
+        section, key = command, p.name
+        if p.name in CATALOG_KEYS:
+            section, key = "catalog", CATALOG_KEYS[p.name]
         if key not in settings.get(section, {}):
             continue
         value = settings[section][key]
@@ -247,6 +228,9 @@ def _scalar(annotation: Any) -> Any:
     return None
 
 
+VERBOSE = click.option("-v", "--verbose", count=True, show_default=False, help="more log output")
+
+
 def _command(name: str, summary: str, *options: Callable) -> Callable:
     """A subcommand with its options, ``--config`` and ``-v``; it returns an Invocation."""
 
@@ -259,9 +243,7 @@ def _command(name: str, summary: str, *options: Callable) -> Callable:
 
         for option in reversed(options):
             callback = option(callback)
-        callback = click.option(
-            "-v", "--verbose", count=True, show_default=False, help="more log output"
-        )(callback)
+        callback = VERBOSE(callback)
         callback = click.option(
             "--config",
             type=click.Path(path_type=Path, dir_okay=False),
@@ -285,9 +267,9 @@ def _command(name: str, summary: str, *options: Callable) -> Callable:
     epilog=EXIT_CODES,
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
-@click.option("-v", "--verbose", count=True, show_default=False, help="more log output")
+@VERBOSE
 @click.version_option(
-    _version(), "--version", prog_name="bluesky-jit", message="%(prog)s %(version)s"
+    __version__, "--version", prog_name="bluesky-jit", message="%(prog)s %(version)s"
 )
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
@@ -342,43 +324,43 @@ def key_options(help_text: str) -> tuple:
 
 
 PathType = click.Path(path_type=Path)
+
+
+def on_switch(name: str, help_text: str) -> Callable:
+    """An on/off flag, off by default."""
+    return opt(name, is_flag=True, show_default=False, help=help_text)
+
+
+def off_switch(name: str, value_name: str, help_text: str) -> Callable:
+    """``--no-thing``: sets ``value_name`` (True by default) to False."""
+    return opt(name, value_name, is_flag=True, flag_value=False, default=True,
+               show_default=False, help=help_text)  # fmt: skip
+
+
+def data_dir_option(help_text: str) -> Callable:
+    """``--data-dir DIR``, ``bluesky_jit_data`` by default."""
+    return opt("--data-dir", type=PathType, default=Path("bluesky_jit_data"), help=help_text)
+
+
 CATALOG = (
-    opt(
-        "--catalog",
-        "catalog_uri",
-        metavar="URI",
-        help="write to this Tiled server (http://host:port[/path]) instead of the embedded catalog",
-    ),
+    opt("--catalog", "catalog_uri", metavar="URI",
+        help="write to this Tiled server (http://host:port[/path]) instead of the embedded "
+        "catalog"),
     *key_options("file holding the API key of --catalog (or TILED_API_KEY)"),
-    opt(
-        "--data-dir",
-        type=PathType,
-        default=Path("bluesky_jit_data"),
-        help="embedded catalog, detector and derived files",
-    ),
-)
-PROGRESS = opt("--no-progress", "progress", is_flag=True, flag_value=False, default=True,
-               show_default=False, help="no progress bar")  # fmt: skip
+    data_dir_option("embedded catalog, detector and derived files"),
+)  # fmt: skip
+PROGRESS = off_switch("--no-progress", "progress", "no progress bar")
 LIVE = (
-    opt("--live", is_flag=True, show_default=False, help="show a live figure"),
-    opt(
-        "--planes",
-        type=click.Choice(["xy", "xz", "yz", "all"]),
-        default="xy",
-        help="slices in the live figure: axial xy, vertical xz or yz, or all three",
-    ),
-)
+    on_switch("--live", "show a live figure"),
+    opt("--planes", type=click.Choice(["xy", "xz", "yz", "all"]), default="xy",
+        help="slices in the live figure: axial xy, vertical xz or yz, or all three"),
+)  # fmt: skip
 WEB = (
-    opt(
-        "--web",
-        "web_port",
-        type=int,
-        metavar="PORT",
+    opt("--web", "web_port", type=int, metavar="PORT",
         help="serve the live web view on PORT (0: a free one); the page asks for the "
-        "catalog's API key",
-    ),
+        "catalog's API key"),
     opt("--web-host", default="127.0.0.1", help="web view interface (0.0.0.0: other machines)"),
-)
+)  # fmt: skip
 
 
 HANDLERS: dict[str, Callable[[Invocation], int]] = {}
@@ -418,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_http(invocation.verbose)
         return HANDLERS[invocation.command](invocation)
     except (CatalogError, BrokerError) as error:
-        _error(error)
+        _log(f"error: {error}")
         return EXIT_UNREACHABLE
     except BlueskyJitError as error:
-        _error(error)
+        _log(f"error: {error}")
         return EXIT_USAGE
     except (KeyboardInterrupt, click.Abort) as interrupt:
         detail = f": {interrupt}" if str(interrupt) else ""
@@ -431,15 +413,15 @@ def main(argv: list[str] | None = None) -> int:
         import httpx
 
         if isinstance(error, httpx.HTTPError):
-            _error(
-                f"the catalog answered with an error: {error}. See the Tiled server's log "
-                "(for the embedded catalog: DATA_DIR/catalog/tiled_server.log)."
+            _log(
+                f"error: the catalog answered with an error: {error}. See the Tiled server's "
+                "log (for the embedded catalog: DATA_DIR/catalog/tiled_server.log)."
             )
             return EXIT_UNREACHABLE
         import traceback
 
         traceback.print_exc()
-        _error(f"unexpected {type(error).__name__} (a bug in bluesky-jit): {error}")
+        _log(f"error: unexpected {type(error).__name__} (a bug in bluesky-jit): {error}")
         return EXIT_BUG
     finally:
         restore()
@@ -451,148 +433,85 @@ DEMO = (
     *CATALOG,
     opt("--size", default=128, help="detector width = slice size (px)"),
     opt("--rows", default=16, help="detector rows"),
-    opt(
-        "--angles",
-        default=90,
-        type=click.IntRange(min=2),
-        help="projections per rotation (180 degrees)",
-    ),
+    opt("--angles", default=90, type=click.IntRange(min=2),
+        help="projections per rotation (180 degrees)"),
     opt("--rotations", default=3, help="rotations"),
     opt("--photons", default=1000.0, help="flat-field counts per pixel"),
     opt("--frame-rate", default=15.0, help="virtual frames per second"),
-    opt(
-        "--no-pace",
-        "pace",
-        is_flag=True,
-        flag_value=False,
-        default=True,
-        show_default=False,
-        help="acquire as fast as possible instead of at --frame-rate",
-    ),  # fmt: skip
-    opt(
-        "--recording",
-        type=PathType,
-        metavar="FILE.h5",
+    off_switch("--no-pace", "pace", "acquire as fast as possible instead of at --frame-rate"),
+    opt("--recording", type=PathType, metavar="FILE.h5",
         help="replay this DXchange scan (/exchange/data, data_white, data_dark, theta) in "
-        "acquisition order instead of the simulated one (--size ... --photons unused)",
-    ),  # fmt: skip
-    opt(
-        "--center-of-rotation",
-        type=float,
-        help="with --recording: axis column (px; default middle)",
-    ),
+        "acquisition order instead of the simulated one (--size ... --photons unused)"),
+    opt("--center-of-rotation", type=float,
+        help="with --recording: axis column (px; default middle)"),
     _jit_options,
     opt("--summary", type=PathType, help="write the summary as JSON"),
     opt("--figures", type=PathType, help="write PNG figures here"),
     PROGRESS,
     *LIVE,
     *WEB,
-)
+)  # fmt: skip
 REPLAY = (
     click.argument("catalog"),
     click.argument("uids", nargs=-1, required=True, metavar="UID..."),
     *key_options("file holding the API key of CATALOG (or TILED_API_KEY)"),
     opt("--raw", default="raw", metavar="NAME", help="container of the raw runs in CATALOG"),
-    opt(
-        "--to",
-        metavar="CATALOG",
-        help="write derived runs to this catalog (URI or data dir; default: CATALOG)",
-    ),  # fmt: skip
+    opt("--to", metavar="CATALOG",
+        help="write derived runs to this catalog (URI or data dir; default: CATALOG)"),
     opt("--derived", default="derived", metavar="NAME", help="container of the derived runs"),
-    opt(
-        "--derived-dir",
-        type=PathType,
-        help="derived HDF5 files (readable by the target server; default DATA_DIR/derived)",
-    ),  # fmt: skip
-    opt(
-        "--data-dir",
-        type=PathType,
-        default=Path("bluesky_jit_data"),
-        help="for a URI catalog: where derived files go (DATA_DIR/derived)",
-    ),  # fmt: skip
+    opt("--derived-dir", type=PathType,
+        help="derived HDF5 files (readable by the target server; default DATA_DIR/derived)"),
+    data_dir_option("for a URI catalog: where derived files go (DATA_DIR/derived)"),
     opt("--pace", type=click.Choice(["fast", "realtime"]), default="fast", help="fast or realtime"),
     opt("--speed", default=1.0, help="realtime only: speed-up factor"),
-    opt(
-        "--root-map",
-        multiple=True,
-        metavar="OLD=NEW",
-        help="read detector files from NEW where they were under OLD (repeatable)",
-    ),  # fmt: skip
+    opt("--root-map", multiple=True, metavar="OLD=NEW",
+        help="read detector files from NEW where they were under OLD (repeatable)"),
     _jit_options,
     opt("--summary", type=PathType, help="write the summaries as JSON"),
     PROGRESS,
     *LIVE,
-)
+)  # fmt: skip
 LISTEN = (
     opt("--zmq", metavar="HOST:PORT", help="out-address of a bluesky 0MQ proxy"),
-    opt(
-        "--zmq-format",
-        type=click.Choice(["msgpack", "pickle"]),
-        default="msgpack",
+    opt("--zmq-format", type=click.Choice(["msgpack", "pickle"]), default="msgpack",
         help="how the RunEngine side encodes 0MQ messages: msgpack (Publisher(..., "
         "serializer=bluesky_jit.apps.listen.zmq_serializer())); pickle runs code from "
-        "whoever can reach the proxy: only on a closed bus",
-    ),  # fmt: skip
-    opt(
-        "--curve-secret-key",
-        type=PathType,
-        help="CURVE: this listener's certificate file with its secret key (zmq.auth)",
-    ),
+        "whoever can reach the proxy: only on a closed bus"),
+    opt("--curve-secret-key", type=PathType,
+        help="CURVE: this listener's certificate file with its secret key (zmq.auth)"),
     opt("--curve-server-key", type=PathType, help="CURVE: the 0MQ proxy's public certificate"),
     opt("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers"),
     opt("--topic", multiple=True, help="Kafka topic (repeatable)"),
     opt("--group", default="bluesky-jit", help="Kafka consumer group id"),
     *CATALOG,
-    opt(
-        "--write-raw",
-        is_flag=True,
-        show_default=False,
-        help="also store the raw runs (container 'raw')",
-    ),  # fmt: skip
+    on_switch("--write-raw", "also store the raw runs (container 'raw')"),
     opt("--run-timeout", default=600.0, help="close a run silent this long (s) as aborted"),
     opt("--connect-timeout", default=5.0, help="seconds to wait for the broker at start-up"),
     opt("--max-runs", type=int, help="exit after this many derived runs"),
-    opt(
-        "--skip-done",
-        is_flag=True,
-        show_default=False,
-        help="skip runs that already have a successful derived run with these settings "
-        "(always on with --kafka)",
-    ),  # fmt: skip
+    on_switch("--skip-done", "skip runs that already have a successful derived run with "
+              "these settings (always on with --kafka)"),
     _jit_options,
     *LIVE,
     *WEB,
-)
+)  # fmt: skip
 SERVE = (
-    opt(
-        "--data-dir",
-        type=PathType,
-        default=Path("bluesky_jit_data"),
-        help="catalog in DATA_DIR/catalog; files below DATA_DIR readable",
-    ),  # fmt: skip
+    data_dir_option("catalog in DATA_DIR/catalog; files below DATA_DIR readable"),
     opt("--host", default="127.0.0.1", help="interface to bind"),
     opt("--port", type=int, help="TCP port (default: a free one)"),
     *key_options("file holding the API key clients must send (default: a random one)"),
-    opt(
-        "--readable",
-        multiple=True,
-        type=PathType,
-        help="more directories the server may read (detector files; repeatable)",
-    ),  # fmt: skip
-)
+    opt("--readable", multiple=True, type=PathType,
+        help="more directories the server may read (detector files; repeatable)"),
+)  # fmt: skip
 EXPORT = (
     click.argument("catalog"),
     click.argument("uid"),
     opt("--out", type=PathType, default=Path("slices.gif"), help="output file"),
-    opt(
-        "--format",
-        type=click.Choice(["nxtomo", "dxchange", "tiff", "hdf5", "png", "gif"]),
+    opt("--format", type=click.Choice(["nxtomo", "dxchange", "tiff", "hdf5", "png", "gif"]),
         help="raw run: nxtomo, dxchange; derived run: tiff, hdf5 (NXdata), png, gif "
-        "(default: from the suffix of --out: .nxs .tif .png .gif)",
-    ),  # fmt: skip
+        "(default: from the suffix of --out: .nxs .tif .png .gif)"),
     *key_options("file holding the API key of CATALOG (or TILED_API_KEY)"),
     opt("--fps", default=4.0, help="GIF frames per second"),
-)
+)  # fmt: skip
 SPOOL = (
     *CATALOG,
     opt("--timeout", default=120.0, help="seconds to wait for the catalog to take every run"),
@@ -636,10 +555,6 @@ def _terminate_as_interrupt() -> Callable[[], None]:
                 signal.signal(signum, handler)
 
     return restore
-
-
-def _error(error: Exception) -> None:
-    print(f"bluesky-jit: error: {error}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -763,48 +678,30 @@ def _replay(call: Invocation) -> int:
 
     v, config = call.values, call.jit_config()
     root_map = _root_map(v["root_map"])
-    is_uri = str(v["catalog"]).startswith(("http://", "https://"))
-    data_dir = Path(v["data_dir"]) if is_uri else Path(v["catalog"])
-    with open_catalog(v["catalog"], api_key=v["api_key"], data_dir=data_dir, create=False) as src:
-        target = src
-        if v["to"] is not None:
-            target = open_catalog(v["to"], api_key=v["api_key"], data_dir=v["data_dir"])
+    catalog = functools.partial(open_catalog, api_key=v["api_key"], data_dir=v["data_dir"])
+    with catalog(v["catalog"], create=False) as src:
+        target = src if v["to"] is None else catalog(v["to"])
         try:
             directory = Path(v["derived_dir"] or target.data_dir / "derived")
             derived = target.runs(v["derived"])
-            raw = src.client[v["raw"]] if v["raw"] in src.client else None
-            if raw is None:
+            if v["raw"] not in src.client:
                 raise CatalogError(
                     f"{src.uri} has no container {v['raw']!r} of raw runs; it has "
                     f"{list(src.client)[:10]}. Pass --raw NAME."
                 )
+            raw = src.client[v["raw"]]
             _log(f"replaying {len(v['uids'])} run(s) from {raw.uri}")
             jit_box: list[Any] = []
-
-            def work() -> list[Any]:
-                return replay(
-                    raw,
-                    list(v["uids"]),
-                    derived_runs=derived,
-                    directory=directory,
-                    config=config,
-                    pace=v["pace"],
-                    speed=v["speed"],
-                    root_map=root_map,
-                    progress=v["progress"],
-                    on_callback=jit_box.append,
-                )
-
+            work = functools.partial(
+                replay, raw, list(v["uids"]), derived_runs=derived, directory=directory,
+                config=config, pace=v["pace"], speed=v["speed"], root_map=root_map,
+                progress=v["progress"], on_callback=jit_box.append,
+            )  # fmt: skip
             live = v["live"]
             summaries = _with_live_view(work, jit_box, planes=v["planes"]) if live else work()
             for s in summaries:
-                _log(
-                    f"run {s.raw_uid} -> derived run {s.derived_uid} ({s.exit_status}"
-                    + (f": {s.reason}" if s.reason else "")
-                    + f"; {s.slices} slices, {s.train_steps} training steps) in "
-                    f"{derived.uri}, files in {directory}",
-                    stdout=True,
-                )
+                line = _run_line(s, counts=True)
+                _log(f"{line} in {derived.uri}, files in {directory}", stdout=True)
             if v["summary"] is not None:
                 _write_json(v["summary"], [s.to_dict() for s in summaries])
         finally:
@@ -896,22 +793,14 @@ def _listen(call: Invocation) -> int:
         check_kafka(v["kafka"], list(v["topic"]), consumer_config=consumer_config, timeout=timeout)
     stop = threading.Event()
     signals = _on_signals(stop)
-    target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
     web_key = _web_key(v)
     key = v["api_key"] or web_key
-    with open_catalog(target, api_key=key, data_dir=v["data_dir"]) as session:
+    with open_catalog(v["catalog_uri"], api_key=key, data_dir=v["data_dir"]) as session:
         derived_uri = session.runs("derived").uri
 
         def report(summary: Any) -> None:
-            if summary.derived_uid is None:
-                return
-            _log(
-                f"run {summary.raw_uid} -> derived run {summary.derived_uid} "
-                f"({summary.exit_status}"
-                + (f": {summary.reason}" if summary.reason else "")
-                + f") in {derived_uri}",
-                stdout=True,
-            )
+            if summary.derived_uid is not None:
+                _log(f"{_run_line(summary)} in {derived_uri}", stdout=True)
 
         listener = Listener(
             derived_runs=session.runs("derived"),
@@ -928,35 +817,20 @@ def _listen(call: Invocation) -> int:
         try:
             if v["zmq"] is not None:
                 source = f"0MQ proxy {v['zmq']}"
-
-                def work() -> None:
-                    listen_zmq(
-                        v["zmq"],
-                        listener,
-                        stop=stop,
-                        on_ready=lambda: _log(f"listening to {source}; {where}", stdout=True),
-                        check=False,
-                        zmq_format=v["zmq_format"],
-                        curve_secret_key=v["curve_secret_key"],
-                        curve_server_key=v["curve_server_key"],
-                    )
-
+                work = functools.partial(
+                    listen_zmq, v["zmq"], listener, stop=stop, check=False,
+                    zmq_format=v["zmq_format"], curve_secret_key=v["curve_secret_key"],
+                    curve_server_key=v["curve_server_key"],
+                )  # fmt: skip
             else:
-                kafka = KafkaSource(
-                    listener,
-                    bootstrap_servers=v["kafka"],
-                    topics=list(v["topic"]),
-                    group_id=v["group"],
-                    consumer_config=consumer_config,
-                )
                 source = f"Kafka {v['kafka']} topics {v['topic']} group {v['group']!r}"
-
-                def work() -> None:
-                    kafka.run(
-                        stop,
-                        on_ready=lambda: _log(f"listening to {source}; {where}", stdout=True),
-                    )
-
+                kafka = KafkaSource(
+                    listener, bootstrap_servers=v["kafka"], topics=list(v["topic"]),
+                    group_id=v["group"], consumer_config=consumer_config,
+                )  # fmt: skip
+                work = functools.partial(kafka.run, stop)
+            ready = functools.partial(_log, f"listening to {source}; {where}", stdout=True)
+            work = functools.partial(work, on_ready=ready)
             if web_key is not None:
                 view = _serve_web(v, web_key, listener.jit)
             if v["live"]:
@@ -1009,12 +883,9 @@ def _serve(call: Invocation) -> int:
     stop = threading.Event()
     signals = _on_signals(stop, "stopping the catalog server (clients lose their connection)")
     local = LocalCatalog(
-        data_dir / "catalog",
-        host=v["host"],
-        port=v["port"],
-        api_key=v["api_key"],
+        data_dir / "catalog", host=v["host"], port=v["port"], api_key=v["api_key"],
         readable_storage=readable,
-    )
+    )  # fmt: skip
     connection = local.directory / CONNECTION_FILE
     if v["host"] not in ("127.0.0.1", "localhost", "::1"):
         _log(
@@ -1023,14 +894,14 @@ def _serve(call: Invocation) -> int:
         )
     try:
         write_connection_file(local)
-        print(f"bluesky-jit: serving the catalog in {data_dir} at {local.uri}", flush=True)
+        _log(f"serving the catalog in {data_dir} at {local.uri}", stdout=True)
         # The key itself is never printed (terminals and logs are read by others): it is in
         # the connection file, readable by this user only, which other commands find.
-        print(f"bluesky-jit: API key in {connection} (mode 0600)", flush=True)
-        print(
-            f"bluesky-jit: python: tiled.client.from_uri({local.uri!r}, api_key=...)  "
+        _log(f"API key in {connection} (mode 0600)", stdout=True)
+        _log(
+            f"python: tiled.client.from_uri({local.uri!r}, api_key=...)  "
             f"| bluesky-jit replay {data_dir} UID",
-            flush=True,
+            stdout=True,
         )
         while not stop.wait(1.0):
             if not local.running:
@@ -1062,8 +933,7 @@ def _spool(call: Invocation) -> int:
     from .session import open_catalog
 
     v = call.values
-    target = v["catalog_uri"] if v["catalog_uri"] is not None else v["data_dir"]
-    with open_catalog(target, api_key=v["api_key"], data_dir=v["data_dir"]) as session:
+    with open_catalog(v["catalog_uri"], api_key=v["api_key"], data_dir=v["data_dir"]) as session:
         total = 0
         for name in ("raw", "derived"):
             spool = session.spool_dir(name)
@@ -1114,6 +984,16 @@ HANDLERS["profile install"] = _install
 def _log(message: str, *, stdout: bool = False) -> None:
     """A line for the user: stdout for results, stderr for progress."""
     print(f"bluesky-jit: {message}", file=sys.stdout if stdout else sys.stderr, flush=True)
+
+
+def _run_line(summary: Any, *, counts: bool = False) -> str:
+    """``run RAW -> derived run DERIVED (status: reason; N slices, M training steps)``."""
+    why = f": {summary.reason}" if summary.reason else ""
+    if counts:
+        why += f"; {summary.slices} slices, {summary.train_steps} training steps"
+    return (
+        f"run {summary.raw_uid} -> derived run {summary.derived_uid} ({summary.exit_status}{why})"
+    )
 
 
 def _write_json(path: Path, data: Any) -> None:

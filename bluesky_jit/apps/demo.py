@@ -199,13 +199,7 @@ def _scene(options: DemoOptions) -> tuple[Any, Any, Callable[[Any], Any], int]:
     if options.recording is not None:
         recording = DXchangeRecording.open(options.recording, lazy=True)
         source = RecordingSource(recording, center_of_rotation=options.center_of_rotation)
-        total = int(recording.data.shape[0])
-        return (
-            None,
-            source,
-            lambda b: recorded_scan(*b.plan_devices),
-            total,
-        )
+        return None, source, lambda b: recorded_scan(*b.plan_devices), int(recording.data.shape[0])
     phantom = BubbleColumn(detector_shape=(options.rows, options.size), seed=options.seed)
     source = PhantomSource(phantom, photons=options.photons)
 
@@ -235,8 +229,7 @@ class _Progress:
         self.events = 0
         self._primary: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._draw, name="bluesky-jit-progress")
-        self._thread.daemon = True
+        self._thread = threading.Thread(target=self._draw, name="bluesky-jit-progress", daemon=True)
         self._thread.start()
 
     def count(self, name: str, doc: dict) -> None:
@@ -346,18 +339,12 @@ def with_abort_reason(plan: Any, reason: list[str]) -> Any:
 def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[str, Any], Any]:
     from ..evaluation import disc_mask, psnr
 
+    scene = ("size", "rows", "num_angles", "rotations", "photons", "frame_rate", "paced", "seed")
     result: dict[str, Any] = {
         **run.to_dict(),
         "scan_seconds": scan_s,
         "settings": {
-            "size": options.size,
-            "rows": options.rows,
-            "num_angles": options.num_angles,
-            "rotations": options.rotations,
-            "photons": options.photons,
-            "frame_rate": options.frame_rate,
-            "paced": options.paced,
-            "seed": options.seed,
+            **{name: getattr(options, name) for name in scene},
             "recording": None if options.recording is None else str(options.recording),
             "config": options.config.to_dict(),
         },
@@ -375,18 +362,11 @@ def _evaluate(run, phantom, options: DemoOptions, scan_s: float) -> tuple[dict[s
         result["psnr_fbp"] = psnr(run.last_slice, truth, mask)
         if run.last_denoised is not None:
             result["psnr_denoised"] = psnr(run.last_denoised, truth, mask)
-        if run.last_uncertainty is not None:
-            result.update(_calibration(run.last_denoised, run.last_uncertainty, truth, mask))
+        if run.last_uncertainty is not None:  # and how well it says where the errors are
+            sigma, error = run.last_uncertainty[mask], np.abs(run.last_denoised - truth)[mask]
+            result["mean_uncertainty"] = float(sigma.mean())
+            result["within_2_sigma"] = float(np.mean(error <= 2 * sigma))
     return result, truth
-
-
-def _calibration(denoised, sigma, truth, mask) -> dict[str, float]:
-    """Mean uncertainty and the fraction of pixels within 2 sigma of the truth (in ``mask``)."""
-    error = np.abs(denoised - truth)[mask]
-    return {
-        "mean_uncertainty": float(sigma[mask].mean()),
-        "within_2_sigma": float(np.mean(error <= 2 * sigma[mask])),
-    }
 
 
 def _figures(run, truth, result: dict[str, Any], directory: Path) -> list[str]:

@@ -507,11 +507,6 @@ def _animation(data: DerivedData, path: Path, *, fps: float, max_frames: int) ->
         den = _to_uint8(data.denoised[k], window) if k is not None else np.zeros_like(rec)
         gap = np.full((rec.shape[0], 4), 255, np.uint8)
         frames.append(Image.fromarray(np.hstack([rec, gap, den])).convert("P"))
-    frames[0].save(
-        path,
-        save_all=True,
-        append_images=frames[1:],
-        duration=int(1000 / fps),
-        loop=0,
-    )
+    duration = int(1000 / fps)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration, loop=0)
     return path

@@ -1,7 +1,7 @@
 """Pictures: slices side by side and learning curves, as PNG files.
 
-matplotlib is imported inside the functions with the non-interactive Agg
-backend, so nothing here needs a screen.
+matplotlib is imported inside the functions, and figures are drawn off-screen
+(no pyplot), so nothing here needs a screen or changes the backend.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ def save_slices(
     of their own, from 0 to the 99th percentile of the first of them, with a
     colour bar.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     items = [(k, np.asarray(v)) for k, v in images.items() if v is not None]
     slices = [image for name, image in items if name not in maps]
@@ -42,7 +39,8 @@ def save_slices(
         window = (float(lo), float(hi))
     coloured = [image for name, image in items if name in maps]
     top = float(np.percentile(coloured[0], 99)) if coloured else 1.0
-    fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(items), 3.4))
+    axes = fig.subplots(1, len(items), squeeze=False)
     for ax, (name, image) in zip(axes[0], items, strict=True):
         if name in maps:
             shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=top or 1.0)
@@ -62,15 +60,13 @@ def save_learning_curve(
     alpha is drawn with the reference levels of seed 000 (eq. 3): 1 means no
     denoising, about 0.5 an ideal Noise2Noise denoiser.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [m["step"] for m in metrics]
     loss = [m.get("loss", math.nan) for m in metrics]
     alpha = [m.get("alpha", math.nan) for m in metrics]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig = Figure(figsize=(8, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, loss, marker=".")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("training loss (normalised)")
@@ -85,14 +81,11 @@ def save_learning_curve(
 
 
 def _save(fig: Any, path: str | Path, title: str) -> Path:
-    """Title, lay out, write (creating the folder) and close a figure."""
-    import matplotlib.pyplot as plt
-
+    """Title, lay out and write a figure (creating the folder)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ..callbacks import is_tomography
+from ..callbacks import REQUIRED_FIELDS, is_tomography
 from ..config import JitConfig
 from ..errors import BrokerError, ConfigError, ScanDataError
 
@@ -63,20 +63,8 @@ __all__ = [
     "zmq_curve",
 ]
 
-DOCUMENT_NAMES: Final = frozenset(
-    {
-        "start",
-        "descriptor",
-        "event",
-        "event_page",
-        "resource",
-        "datum",
-        "datum_page",
-        "stream_resource",
-        "stream_datum",
-        "stop",
-    }
-)
+DOCUMENT_NAMES: Final = frozenset(REQUIRED_FIELDS)
+"""The names of event-model documents."""
 
 
 # ------------------------------------------------------------------------- run index
@@ -142,7 +130,6 @@ class Listener:
         Called with each :class:`~bluesky_jit.pipeline.RunSummary`.
     geometry_overrides, root_map : mapping, optional
         Passed to the callback.
-
     keep_summaries : int
         How many recent summaries :attr:`summaries` keeps (it runs for hours).
 
@@ -301,7 +288,7 @@ class Listener:
         except Exception:  # noqa: BLE001 - then process it again
             logger.exception("Could not look up earlier derived runs of %s", run)
             return False
-        mine = _jsonable(self.jit.config.to_dict())
+        mine = json.loads(json.dumps(self.jit.config.to_dict()))  # as stored in the start
         for derived in done:
             if derived.metadata["start"].get("config") == mine:
                 logger.info(
@@ -394,10 +381,6 @@ def _bounded_add(items: set[str], item: str, limit: int = 10_000) -> None:
     if len(items) >= limit:
         items.clear()
     items.add(item)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 # ------------------------------------------------------------------------------ 0MQ
@@ -777,39 +760,42 @@ def check_kafka(
     timeout: float = 5.0,
 ) -> None:
     """Check that a Kafka broker answers and has the topics (:class:`BrokerError`, ConfigError)."""
-    from confluent_kafka import Consumer
-
-    consumer = Consumer(
-        {
-            **(consumer_config or {}),
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": "bluesky-jit-check",
-            "enable.auto.commit": False,
-            "log_level": 0,
-        }
-    )
-    try:
-        _check_topics(consumer, bootstrap_servers, topics, timeout)
-    finally:
-        consumer.close()
-
-
-def _check_topics(consumer: Any, bootstrap: str, topics: Sequence[str], timeout: float) -> None:
+    consumer = _consumer(bootstrap_servers, "bluesky-jit-check", consumer_config, log_level=0)
     try:
         metadata = consumer.list_topics(timeout=timeout)
     except Exception as err:  # confluent_kafka.KafkaException
         raise BrokerError(
-            f"Cannot reach the Kafka broker(s) {bootstrap}: {err}. Expected a broker answering "
-            f"there within {timeout:g} s; check the address, the network and the security "
-            "settings (consumer_config in the [listen] section of the settings file)."
+            f"Cannot reach the Kafka broker(s) {bootstrap_servers}: {err}. Expected a broker "
+            f"answering there within {timeout:g} s; check the address, the network and the "
+            "security settings (consumer_config in the [listen] section of the settings file)."
         ) from err
+    finally:
+        consumer.close()
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
         raise ConfigError(
-            f"Topic(s) {missing} do not exist on {bootstrap}; it has "
+            f"Topic(s) {missing} do not exist on {bootstrap_servers}; it has "
             f"{sorted(metadata.topics)[:20]}. Use the RunEngine's topic, e.g. "
             "'<beamline>.bluesky.runengine.documents'."
         )
+
+
+def _consumer(
+    bootstrap_servers: str, group_id: str, consumer_config: Mapping[str, Any] | None, **fixed: Any
+) -> Any:
+    """A ``confluent_kafka.Consumer`` of the group, auto commit off, new groups start earliest."""
+    from confluent_kafka import Consumer
+
+    return Consumer(
+        {
+            "auto.offset.reset": "earliest",
+            **(consumer_config or {}),
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            **fixed,
+        }
+    )
 
 
 class KafkaSource:
@@ -858,30 +844,15 @@ class KafkaSource:
         self.listener = listener
         self.topics = list(topics)
         self.group_id = group_id
-        self.bootstrap_servers = bootstrap_servers
         self.poll_s = poll_s
         self.max_backlog = max_backlog
         self._paused = False
         self.tracker = OffsetTracker()
         self._deserialize = kafka_deserializer()
-        self._run_of_start: dict[str, tuple[str, int]] = {}
         listener.settled_hooks.append(self.tracker.settled)
         if consumer is None:
-            from confluent_kafka import Consumer
-
-            config = {
-                "auto.offset.reset": "earliest",
-                **(consumer_config or {}),
-                "bootstrap.servers": bootstrap_servers,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-            }
-            consumer = Consumer(config)
+            consumer = _consumer(bootstrap_servers, group_id, consumer_config)
         self.consumer = consumer
-
-    def check(self, timeout: float = 5.0) -> None:
-        """Raise :class:`BrokerError` if no broker answers, ConfigError if a topic is missing."""
-        _check_topics(self.consumer, self.bootstrap_servers, self.topics, timeout)
 
     def run(
         self, stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None

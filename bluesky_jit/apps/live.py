@@ -190,8 +190,7 @@ def show(catalog: str | Container, uid: str | None = None, *, api_key: str | Non
     run = catalog if uid is None else open_derived(catalog, uid, api_key=api_key)
     data = read_derived(run)
     figure = _new_figure()
-    panels = _Panels(figure)
-    panels.draw(
+    _Panels(figure).draw(
         [data.reconstruction[-1] if len(data.reconstruction) else None],
         data.denoised[-1] if len(data.denoised) else None,
         _metric_rows(data.metrics),
@@ -232,15 +231,13 @@ class LiveView:
 
     def update(self) -> bool:
         """Redraw from the callback's newest state; True if anything changed."""
-        summary = self._current()
+        summary = newest_summary(self.jit)
         if summary is None:
             return False
         key = (summary.raw_uid, summary.slices, summary.denoised, len(summary.metrics))
         if key == self._shown:
             return False
-        if self.figure is None:
-            self.figure = _new_figure(len(self.planes))
-            self._panels = _Panels(self.figure, self.planes)
+        self._make_figure()
         self._shown = key
         images = summary.images
         self._panels.draw(
@@ -256,9 +253,7 @@ class LiveView:
         """Show the figure and refresh it on a GUI timer (needs an interactive backend)."""
         import matplotlib.pyplot as plt
 
-        if self.figure is None:
-            self.figure = _new_figure(len(self.planes))
-            self._panels = _Panels(self.figure, self.planes)
+        self._make_figure()
         if not _interactive():
             logger.warning(NO_DISPLAY.format(backend=_backend()))
         if self._timer is None:
@@ -302,8 +297,10 @@ class LiveView:
         self.figure.savefig(path, dpi=110)
         return path
 
-    def _current(self) -> Any:
-        return newest_summary(self.jit)
+    def _make_figure(self) -> None:
+        if self.figure is None:
+            self.figure = _new_figure(len(self.planes))
+            self._panels = _Panels(self.figure, self.planes)
 
 
 def newest_summary(jit: JitProcess | JitCallback) -> Any:
@@ -352,16 +349,12 @@ def _metric_rows(metrics: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
     steps = metrics.get("train_step", metrics.get("step"))
     if steps is None:
         return []
-    rows = []
-    for i, step in enumerate(steps):
-        rows.append(
-            {
-                "step": float(step),
-                "loss": float(metrics["loss"][i]) if "loss" in metrics else math.nan,
-                "alpha": float(metrics["alpha"][i]) if "alpha" in metrics else math.nan,
-            }
-        )
-    return rows
+    missing = np.full(len(steps), math.nan)
+    loss, alpha = metrics.get("loss", missing), metrics.get("alpha", missing)
+    return [
+        {"step": float(step), "loss": float(loss[i]), "alpha": float(alpha[i])}
+        for i, step in enumerate(steps)
+    ]
 
 
 class _Panels:
@@ -372,11 +365,9 @@ class _Panels:
         *self.ax_recs, self.ax_den, self.ax_loss = figure.subplots(1, len(planes) + 2)
         self.ax_alpha = self.ax_loss.twinx()
         self.images: dict[Any, Any] = {}
-        titles = (
-            [f"reconstructed {p}" for p in planes]
-            if tuple(planes) != ("xy",)
-            else ["reconstructed"]
-        )
+        titles = [f"reconstructed {p}" for p in planes]
+        if tuple(planes) == ("xy",):
+            titles = ["reconstructed"]
         for ax, name in zip([*self.ax_recs, self.ax_den], [*titles, "denoised"], strict=True):
             ax.set_title(name)
             ax.axis("off")

@@ -38,8 +38,7 @@ catalog = LazyCatalog(
     data_dir=settings["catalog"].get("data_dir"),
 )
 beamline = simulated_beamline(catalog.data_dir / "raw", settings["beamline"])
-det, rot_stage = beamline.det, beamline.rot_stage  # a real profile creates its devices here
-shutter, sample_stage = beamline.shutter, beamline.sample_stage
+det, rot_stage, shutter, sample_stage = beamline.plan_devices  # a real profile makes its own
 jit = attach(RE, catalog, config=jit_config(settings["jit"]), lazy=True)
 live = LiveView(jit)  # live.start() shows the live figure (%matplotlib first), live.stop()
 at_exit(jit.close, catalog.close)

@@ -35,12 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..callbacks import is_tomography
 from ..config import JitConfig
-from ..errors import (
-    ConfigError,
-    NotTomographyError,
-    RunNotFoundError,
-    ScanDataError,
-)
+from ..errors import ConfigError, NotTomographyError, RunNotFoundError, ScanDataError
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
@@ -200,8 +195,7 @@ def replay(
     if writer is None and derived_runs is not None:
         from ..catalog import tiled_writer
 
-        spool = Path(directory).parent / "spool" / "derived"  # beside the derived files
-        writer = tiled_writer(derived_runs, spool_dir=spool)
+        writer = tiled_writer(derived_runs, spool_dir=directory.parent / "spool" / "derived")
     marker = _ReplayMarker(writer, {"source": source, "pace": pace}) if writer else None
     finished: dict[str, RunSummary] = {}
     jit = JitCallback(
@@ -218,8 +212,7 @@ def replay(
     try:
         for run, calibration in plan:
             start = run.metadata["start"]
-            docs = list(_documents(run))
-            docs = localize_frames(run, docs, root_map=root_map, cache_dir=cache)
+            docs = localize_frames(run, list(_documents(run)), root_map=root_map, cache_dir=cache)
             if pace == "realtime":
                 docs = list(live_order(docs))
             label = f"{'dark/flat' if calibration else 'replay'} {start['uid'][:8]}"

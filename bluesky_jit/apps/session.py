@@ -57,16 +57,7 @@ __all__ = [
     "simulated_beamline",
 ]
 
-SECTIONS: Final = (
-    "jit",
-    "catalog",
-    "beamline",
-    "demo",
-    "replay",
-    "listen",
-    "serve",
-    "export",
-)
+SECTIONS: Final = ("jit", "catalog", "beamline", "demo", "replay", "listen", "serve", "export")
 """Sections a settings file may have; ``[jit]`` takes any :class:`JitConfig` setting, flat
 or in tables by section (``[jit.training]``)."""
 CONNECTION_FILE: Final = "connection.json"
@@ -105,37 +96,12 @@ def _no_alias_loader() -> Any:
 
 
 def load_settings(path: str | Path | None) -> dict[str, dict[str, Any]]:
-    """Read a settings file (``.toml``, ``.yaml`` or ``.yml``).
+    """Read a settings file (``.toml``, ``.yaml`` or ``.yml``; None: no settings).
 
-    Parameters
-    ----------
-    path : path or None
-        None returns empty settings.
-
-    Returns
-    -------
-    dict
-        Section name -> {key: value}; every section of :data:`SECTIONS` present
-        (empty when the file has none).
-
-    Raises
-    ------
-    ConfigError
-        The file is missing, cannot be parsed, or has an unknown section.
-
-    Examples
-    --------
-    A file ``bluesky-jit.toml``::
-
-        [jit]
-        model = "unet"
-        refresh_every = 10
-        [catalog]
-        uri = "http://tiled.example.org:8000"
-        [listen]
-        kafka = "broker1:9092"
-        topic = "bl.bluesky.runengine.documents"
-        group = "bluesky-jit"
+    Returns section name -> {key: value}, every section of :data:`SECTIONS`
+    present (empty when the file has none); ``bluesky-jit --help`` shows an
+    example file. A file that is missing, cannot be parsed or has an unknown
+    section is a :class:`ConfigError`.
     """
     settings: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is None:
@@ -410,9 +376,7 @@ class LazyCatalog:
         """As :meth:`CatalogSession.runs` (opens the catalog)."""
         return self.open().runs(name)
 
-    def spool_dir(self, name: str) -> Path:
-        """As :meth:`CatalogSession.spool_dir`."""
-        return self.data_dir / "spool" / name
+    spool_dir = CatalogSession.spool_dir  # needs only data_dir: opens nothing
 
     @property
     def description(self) -> str:
@@ -481,10 +445,6 @@ def find_derived(
         "refresh_every": 10}`` (``start.config.<section>.<key>``).
     exit_status : str, optional
         ``"success"``, ``"fail"`` or ``"abort"`` (``stop.exit_status``).
-
-    Returns
-    -------
-    list of BlueskyRun
 
     Examples
     --------
@@ -698,24 +658,10 @@ def install_profile(directory: str | Path, *, force: bool = False) -> Path:
     """Write the profile into an IPython profile directory (also a queue server's startup).
 
     Writes :mod:`bluesky_jit.apps.profile_startup` as ``startup/00-bluesky_jit.py``
-    and the queue server's ``startup/user_group_permissions.yaml``.
-
-    Parameters
-    ----------
-    directory : path
-        The profile directory, e.g. ``~/.ipython/profile_jit``; created if missing.
-    force : bool
-        Replace files of those names that differ (edited by hand).
-
-    Returns
-    -------
-    Path
-        ``directory/startup/00-bluesky_jit.py``.
-
-    Raises
-    ------
-    ConfigError
-        A file exists, differs, and ``force`` is False; or it cannot be written.
+    (returned) and the queue server's ``startup/user_group_permissions.yaml``,
+    creating ``directory`` (e.g. ``~/.ipython/profile_jit``) if missing. A file of
+    those names that differs (edited by hand) is a :class:`ConfigError` unless
+    ``force``; so is one that cannot be written.
     """
     from importlib.resources import files
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .live import _to_uint8, _window, newest_summary
+from .live import PLANES, _to_uint8, _window, newest_summary
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PLANES", "WebView"]
 
-PLANES = {"xy": "reconstruction", "xz": "reconstruction_xz", "yz": "reconstruction_yz"}
-"""A plane's name on the page -> its derived image stream."""
 _PAGE = Path(__file__).with_name("web_page.html")
 
 
