@@ -45,7 +45,7 @@ import event_model
 import h5py
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import CatalogError, ConfigError, ScanDataError
 
 __all__ = ["DerivedRun", "IMAGE_STREAMS", "STREAMS"]

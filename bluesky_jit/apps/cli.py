@@ -140,7 +140,7 @@ EXTRA_KEYS = {"listen": {"consumer_config"}}
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -198,7 +198,7 @@ def replay(
 
     writer = emit
     if writer is None and derived_runs is not None:
-        from ..catalog import tiled_writer
+        from ..worker_process import tiled_writer
 
         spool = Path(directory).parent / "spool" / "derived"  # beside the derived files
         writer = tiled_writer(derived_runs, spool_dir=spool)
