@@ -38,6 +38,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -518,23 +519,16 @@ class DerivedRun:
             file.close()
 
 
+@dataclass(kw_only=True)
 class _Stream:
     """Per-stream state: declared scalar schema, descriptor and stream-resource bundles."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        image_key: str | None,
-        schema: dict[str, str],
-        descriptor: event_model.ComposeDescriptorBundle,
-    ) -> None:
-        self.name = name
-        self.image_key = image_key
-        self.schema = schema
-        self.descriptor = descriptor
-        self.resource: event_model.ComposeStreamResourceBundle | None = None
-        self.count = 0
+    name: str
+    image_key: str | None
+    schema: dict[str, str]
+    descriptor: event_model.ComposeDescriptorBundle
+    resource: event_model.ComposeStreamResourceBundle | None = None
+    count: int = 0
 
     def check_keys(self, scalars: Mapping[str, Any]) -> None:
         if set(scalars) != set(self.schema):

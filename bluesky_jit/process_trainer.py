@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import queue
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,10 +112,6 @@ class ProcessTrainer(TrainerMixin):
         work; nothing there runs operators side by side, so 1); ``None``
         keeps torch's default (one per core).
     seed : int
-    publish_every_s : float
-        Least time between two weight publications (0: after every step).
-    start_method : str
-        ``"spawn"`` (default; safe with threads in the parent) or ``"forkserver"``.
     **trainer_kwargs
         batch_size, learning_rate, holdout_size, train_precision ("auto":
         for the CPU), metrics_every_s, checkpoint_dir, checkpoint_every_s,
@@ -145,8 +140,6 @@ class ProcessTrainer(TrainerMixin):
         num_threads: int = 1,
         interop_threads: int | None = 1,
         seed: int = 0,
-        publish_every_s: float = 0.0,
-        start_method: str = "spawn",
         **trainer_kwargs: Any,
     ) -> None:
         check_online_strategy(online_strategy, has_checkpoint=warm_start is not None)
@@ -193,10 +186,9 @@ class ProcessTrainer(TrainerMixin):
             "num_threads": int(num_threads),
             "interop_threads": None if interop_threads is None else int(interop_threads),
             "seed": int(seed),
-            "publish_every_s": float(publish_every_s),
             "trainer": dict(trainer_kwargs),
         }
-        self._ctx = torch.multiprocessing.get_context(start_method)
+        self._ctx = torch.multiprocessing.get_context("spawn")  # safe with the parent's threads
         state = template.state_dict()
         self._slots = [
             {k: t.detach().to("cpu", copy=True).share_memory_() for k, t in state.items()}
@@ -410,13 +402,11 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
         return
 
     published = -1
-    last_publish = 0.0
 
-    def publish(force: bool = False) -> None:
-        nonlocal published, last_publish
+    def publish() -> None:
+        nonlocal published
         version, state, normalizer = trainer.snapshot()
-        now = time.monotonic()
-        if version == published or (not force and now - last_publish < spec["publish_every_s"]):
+        if version == published:
             return
         if normalizer is not None:
             shared["normalizer"][0] = normalizer.offset
@@ -427,7 +417,7 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
             tensor.copy_(state[key])
         shared["slot_version"][s] = version
         shared["current"].value = s
-        published, last_publish = version, now
+        published = version
 
     started = False
     try:
@@ -467,7 +457,7 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
         outbox.put(("error", traceback.format_exc()))
     finally:
         trainer.stop()
-        publish(force=True)
+        publish()
         shared["steps"].value = trainer.steps
         shared["paused_s"].value = trainer.paused_s
         for row in trainer.pop_metrics():

@@ -513,7 +513,8 @@ class Trainer(TrainerMixin):
             u = norm(u.to(self.device, non_blocking=True))
             v = norm(v.to(self.device, non_blocking=True))
             if self.augment:
-                u, v = _dihedral(u, v, int(self._rng.integers(8)))
+                k = int(self._rng.integers(8))
+                u, v = _turn(u, k), _turn(v, k)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(
@@ -972,10 +973,15 @@ def middle_frame(u: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _dihedral(u: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetry ``k`` (0..7) of the square on the last two axes of both tensors."""
+def _turn(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Symmetry k (0..7) of the square on the last two axes: k // 4 flips, k % 4 quarter turns."""
     if k >= 4:
-        u, v = u.flip(-1), v.flip(-1)
+        t = t.flip(-1)
+    return torch.rot90(t, k % 4, dims=(-2, -1)) if k % 4 else t
+
+
+def _undo(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`_turn`."""
     if k % 4:
-        u, v = torch.rot90(u, k % 4, dims=(-2, -1)), torch.rot90(v, k % 4, dims=(-2, -1))
-    return u, v
+        t = torch.rot90(t, -(k % 4), dims=(-2, -1))
+    return t.flip(-1) if k >= 4 else t

@@ -421,24 +421,15 @@ def tiled_writer(
     """A document callback that writes runs into ``container`` off the caller's thread.
 
     It returns in about a microsecond (the document is queued); a writer
-    thread of its own batches the documents into Tiled (``batch_size`` events
-    or frames per request) and spools them to disk first, so a catalog outage
-    loses nothing: see :class:`bluesky_jit.writer.CatalogWriter`. Call
+    thread of its own batches the documents into Tiled and spools them to
+    disk first, so a catalog outage loses nothing. Call
     ``writer.flush(timeout)`` before reading a run back, ``writer.close()`` at
     the end.
 
     Parameters
     ----------
-    container : CatalogOfBlueskyRuns
-        From :func:`bluesky_jit.catalog.runs_container`; each run becomes a
-        child keyed by its uid.
-    spool_dir : path, optional
-        Where documents are spooled; default
-        ``bluesky_jit_data/spool/<container name>``.
-    batch_size : int
-        Events (and stream-datum frames) per request to Tiled.
-    max_spool_bytes : int
-        Upper bound of the spool's size on disk.
+    container, spool_dir, batch_size, max_spool_bytes
+        As for :class:`bluesky_jit.writer.CatalogWriter`.
     process : bool
         Write from a child process (:class:`WriterProcess`): the caller's
         process then only queues and packs documents, so the writer's work

@@ -129,8 +129,6 @@ class CatalogWriter:
         Upper bound of the spool directory's size.
     retry_max_s : float
         Longest wait between two checks of an unreachable catalog.
-    recover : bool
-        Write back runs an earlier process left in ``spool_dir``.
 
     Examples
     --------
@@ -149,7 +147,6 @@ class CatalogWriter:
         batch_size: int = 50,
         max_spool_bytes: int = 2 * 1024**3,
         retry_max_s: float = 10.0,
-        recover: bool = True,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise CatalogError(
@@ -189,8 +186,7 @@ class CatalogWriter:
         self._retry_at = 0.0
         self._retry_wait = 0.5
         self._closed = False
-        if recover:
-            self._adopt_leftovers()
+        self._adopt_leftovers()  # runs an earlier process left in spool_dir
         self._spooler = threading.Thread(target=self._spool_loop, name="bluesky-jit-spool")
         self._sender = threading.Thread(target=self._send_loop, name="bluesky-jit-writer")
         self._spooler.daemon = self._sender.daemon = True
