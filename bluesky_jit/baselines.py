@@ -145,10 +145,6 @@ def tune(
         Positive parameters, increasing (a geometric grid works best).
     mask : ndarray of bool, optional
         Pixels that count.
-
-    Returns
-    -------
-    Tuning
     """
     images, references = list(images), list(references)
     if not images or len(images) != len(references):

@@ -208,7 +208,7 @@ class ReplayBuffer:
         ConfigError
             If ``batch_size`` is not a positive integer.
         """
-        _check_batch_size(batch_size)
+        check_int("sample()", "batch_size", batch_size)
         gen = rng if rng is not None else self._rng
         with self._lock:
             if self._u is None or self._v is None or self._size == 0:
@@ -291,7 +291,7 @@ class SequentialBuffer(ReplayBuffer):
         EmptyBufferError
             If fewer than ``batch_size`` pairs are waiting.
         """
-        _check_batch_size(batch_size)
+        check_int("sample()", "batch_size", batch_size)
         with self._lock:
             if self._u is None or self._v is None or self._size < batch_size:
                 raise EmptyBufferError(
@@ -301,10 +301,6 @@ class SequentialBuffer(ReplayBuffer):
             index = self._oldest(batch_size)
             self._size -= batch_size
             return self._u.index_select(0, index), self._v.index_select(0, index)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    check_int("sample()", "batch_size", batch_size)
 
 
 def check_online_strategy(online_strategy: str, *, has_checkpoint: bool = True) -> None:

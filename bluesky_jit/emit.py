@@ -62,18 +62,7 @@ HDF5_MIMETYPE: Final = "application/x-hdf5"
 EXIT_STATUSES: Final = ("success", "fail", "abort")
 
 _RESERVED_START_KEYS: Final = frozenset(
-    {
-        "uid",
-        "time",
-        "plan_name",
-        "plan_type",
-        "scan_id",
-        "hints",
-        "raw_uid",
-        "raw_scan_id",
-        "provenance",
-        "sample",
-    }
+    "uid time plan_name plan_type scan_id hints raw_uid raw_scan_id provenance sample".split()
 )
 HINTS: Final[dict[str, tuple[str, ...]]] = {"metrics": ("loss", "alpha")}
 """The fields a viewer should plot, per stream (a descriptor's ``hints``); image streams
@@ -310,16 +299,8 @@ class DerivedRun:
         self._add_image("reconstruction", image, scalars)
 
     def add_denoised(self, image: np.ndarray, **scalars: Any) -> None:
-        """Write one denoised slice and emit its documents.
-
-        Parameters
-        ----------
-        image : ndarray, shape (H, W)
-            Real-valued slice; stored as float32.
-        **scalars : bool, int, float or str
-            Recorded in the event, e.g. ``projection_index``, ``train_step``,
-            ``weights_version``.
-        """
+        """As :meth:`add_reconstruction`, for a denoised slice (scalars e.g. ``train_step``,
+        ``weights_version``)."""
         self._add_image("denoised", image, scalars)
 
     def add_image(self, stream: str, image: np.ndarray, **scalars: Any) -> None:
@@ -607,14 +588,9 @@ def _builtin(value: Any) -> Any:
 
 def _json_dtype(stream: str, key: str, value: Any) -> str:
     value = _builtin(value)
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
+    for name, (_, kind) in _DTYPES.items():  # boolean before integer: a bool is an int
+        if isinstance(value, kind):
+            return name
     raise ScanDataError(
         f"Scalar {key!r} of stream {stream!r} must be a bool, int, float or str; "
         f"got {type(value).__name__} {value!r}. Pass images as the first argument of "
