@@ -383,19 +383,8 @@ def runs_container(client: Container, name: str) -> Container:
 
 
 def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:
-    """Return the derived runs made from the raw run ``raw_uid``, oldest first.
-
-    Parameters
-    ----------
-    container : CatalogOfBlueskyRuns
-        The derived runs' container.
-    raw_uid : str
-        Uid of the raw run (``start.raw_uid`` of the derived runs).
-
-    Returns
-    -------
-    list of BlueskyRun
-    """
+    """The runs in the derived runs' ``container`` made from the raw run ``raw_uid`` (their
+    ``start.raw_uid``), oldest first."""
     from tiled.queries import Key
 
     runs = list(container.search(Key("start.raw_uid") == raw_uid).values())
@@ -403,21 +392,11 @@ def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:
 
 
 def documents(run: Container) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Replay a stored run as ``(name, doc)`` pairs, from start to stop.
+    """Replay a stored run (a BlueskyRun of a runs container) as ``(name, doc)`` pairs.
 
-    The server rebuilds the documents: within a stream, all events come
-    before its ``stream_resource`` and ``stream_datum``, and one stream datum
-    covers all frames of a data key.
-
-    Parameters
-    ----------
-    run : BlueskyRun
-        A run from a runs container.
-
-    Yields
-    ------
-    name : str
-    doc : dict
+    From start to stop; the server rebuilds the documents: within a stream,
+    all events come before its ``stream_resource`` and ``stream_datum``, and
+    one stream datum covers all frames of a data key.
     """
     try:
         yield from run.documents()

@@ -339,10 +339,7 @@ class DerivedRun:
         self._emit_event(stream, data)
 
     def close(
-        self,
-        *,
-        exit_status: Literal["success", "fail", "abort"] = "success",
-        reason: str = "",
+        self, *, exit_status: Literal["success", "fail", "abort"] = "success", reason: str = ""
     ) -> dict[str, Any] | None:
         """Close the HDF5 file and emit the stop document.
 

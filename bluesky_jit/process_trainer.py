@@ -30,13 +30,7 @@ import torch
 from .buffers import check_online_strategy
 from .errors import ConfigError, TrainerProcessError
 from .models import build_model, resolve_config
-from .training import (
-    Normalizer,
-    TrainerMixin,
-    WeightsSnapshot,
-    make_trainer,
-    resolve_precision,
-)
+from .training import Normalizer, TrainerMixin, WeightsSnapshot, make_trainer, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +55,23 @@ class _RemoteBuffer:
         self._reported = reported
         self.capacity = capacity
         self.item_ndim = item_ndim
-        self._pushed = 0
+        self.pushed = 0
+        """Pairs pushed from this side."""
 
     def push(self, u: Any, v: Any) -> None:
         u = np.ascontiguousarray(u, dtype=np.float32)
         v = np.ascontiguousarray(v, dtype=np.float32)
         self._send(("train", u, v))
-        self._pushed += u.shape[0] if u.ndim == self.item_ndim + 1 else 1
+        self.pushed += u.shape[0] if u.ndim == self.item_ndim + 1 else 1
 
     def clear(self) -> None:
         self._send(("clear",))
-        self._pushed = 0
-
-    @property
-    def pushed(self) -> int:
-        """Pairs pushed from this side."""
-        return self._pushed
+        self.pushed = 0
 
     def __len__(self) -> int:
         child = self._reported.value
         if child < 0:  # the child is not reporting yet
-            return min(self._pushed, self.capacity)
+            return min(self.pushed, self.capacity)
         return int(child)
 
 

@@ -66,9 +66,7 @@ class WeightsSnapshot(NamedTuple):
 
 
 def alpha(
-    denoised: np.ndarray | torch.Tensor,
-    u: np.ndarray | torch.Tensor,
-    v: np.ndarray | torch.Tensor,
+    denoised: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tensor, v: np.ndarray | torch.Tensor
 ) -> float:
     """Empirical accuracy ``R^alpha`` of Graas et al. (2023) (eq. 3, 4).
 
@@ -580,9 +578,7 @@ class Trainer(TrainerMixin):
             return self._snapshot
 
     def _publish(self) -> None:
-        source = self._average_state if self._average_state is not None else None
-        if source is None:
-            source = self.model.state_dict()
+        source = self._average_state if self._average_state is not None else self.model.state_dict()
         state = {k: t.detach().clone() for k, t in source.items()}
         snapshot = WeightsSnapshot(self._steps, state, self.normalizer)
         with self._weights_lock:
@@ -749,17 +745,13 @@ class Trainer(TrainerMixin):
         row = self._row(elapsed_s, loss, steps_per_second, details["alpha"])
         with self._metrics_lock:
             self._metrics.append(row)
-            self.latest_quality = {"step": self._steps, "time": row["time"], **details}
+            self._latest_quality = {"step": self._steps, "time": row["time"], **details}
 
     @property
     def latest_quality(self) -> dict[str, float]:
         """Hold-out quality at the newest metric row: ``step``, ``time`` and
         :meth:`evaluate_details` (``alpha``, ``mse_input``, ``mse_output``); empty before."""
         return dict(self._latest_quality)
-
-    @latest_quality.setter
-    def latest_quality(self, value: dict[str, float]) -> None:
-        self._latest_quality = dict(value)
 
     # -- metrics --------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
@@ -819,10 +811,7 @@ class Trainer(TrainerMixin):
 
         device = kwargs.get("device", "cpu")
         model, extra = load_checkpoint(
-            path,
-            expected_name=expected_name,
-            expected_config=expected_config,
-            map_location=device,
+            path, expected_name=expected_name, expected_config=expected_config, map_location=device
         )
         normalizer = None
         if extra.get("normalizer") is not None:

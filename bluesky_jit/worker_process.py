@@ -187,7 +187,7 @@ class _ChildProcess:
         self._ready.set()
 
     def _handle(self, message: list) -> None:
-        raise NotImplementedError
+        """What the child reports besides ready, refused and flushed (nothing by default)."""
 
     def _flushed_reply(self, reply: list) -> None:
         token, ok = reply[:2]
@@ -401,9 +401,6 @@ class WriterProcess(_ChildProcess):
         }
         super().__init__(settings, nice=nice, start_timeout=start_timeout)
 
-    def _handle(self, message: list) -> None:
-        pass  # the writer child reports only at flushes
-
     def _flushed_reply(self, reply: list) -> None:
         if len(reply) > 2:
             self.stats = WriterStats(**reply[2])
@@ -442,10 +439,7 @@ def tiled_writer(
     """
     if process:
         return WriterProcess(
-            container,
-            spool_dir=spool_dir,
-            batch_size=batch_size,
-            max_spool_bytes=max_spool_bytes,
+            container, spool_dir=spool_dir, batch_size=batch_size, max_spool_bytes=max_spool_bytes
         )
     return CatalogWriter(
         container, spool_dir=spool_dir, batch_size=batch_size, max_spool_bytes=max_spool_bytes
@@ -469,12 +463,7 @@ def _read(pipe: BinaryIO) -> Any:
     return unpackb(data)
 
 
-_ARRAY_FIELDS = (
-    "last_indices",
-    "last_denoised_indices",
-    "images",
-    "positions",
-)
+_ARRAY_FIELDS = ("last_indices", "last_denoised_indices", "images", "positions")
 
 
 def _summary_message(summary: RunSummary, metrics_from: int = 0) -> dict[str, Any]:

@@ -221,14 +221,7 @@ class CatalogWriter:
             True when everything is written; False at ``timeout`` (runs may be
             waiting in the spool for the catalog: see :attr:`pending_runs`).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while not self._done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(0.1 if left is None else min(left, 0.1))
-        return True
+        return self._wait(self._done, timeout, 0.1)
 
     def when_written(self, uid: str, callback: Any) -> None:
         """Call ``callback()`` once run ``uid``'s stop document is in the catalog.
@@ -250,14 +243,7 @@ class CatalogWriter:
         """Wait until every document received so far is on disk in the spool (durable);
         False at ``timeout``. Cheaper than :meth:`flush`: the catalog may be away."""
         target = self.stats.received
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self.stats.spooled + self.stats.lost < target:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        return self._wait(lambda: self.stats.spooled + self.stats.lost >= target, timeout, 0.05)
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Flush (up to ``timeout``), then stop the threads. Safe to call twice.
@@ -290,6 +276,17 @@ class CatalogWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _wait(self, done: Any, timeout: float | None, poll: float) -> bool:
+        """Wait until ``done()`` (checked at least every ``poll`` s); False at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while not done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(poll if left is None else min(left, poll))
+        return True
 
     def _done(self) -> bool:
         busy = self._settled < self.stats.received

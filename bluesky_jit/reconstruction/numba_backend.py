@@ -109,13 +109,7 @@ class NumbaBackend(Backend):
         return out[0] * weight
 
     def backproject_grids(
-        self,
-        filtered: Any,
-        geometry: Any,
-        origins: np.ndarray,
-        like: Slice,
-        *,
-        row_offset: int = 0,
+        self, filtered: Any, geometry: Any, origins: np.ndarray, like: Slice, *, row_offset: int = 0
     ) -> np.ndarray:
         """FBP on many small grids (patches) shaped and oriented like ``like``.
 

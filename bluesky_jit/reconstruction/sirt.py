@@ -215,15 +215,10 @@ class StreamingSIRT:
         data, _ = self.buffer.select(indices, rows=0)
         geom = self.geometry.projection_geometry(self.buffer.angles_of(indices))
         op = self._operators.get(
-            (geom, self.slice),
-            lambda: ShearOperator(geom, self.slice, threads=self.threads),
+            (geom, self.slice), lambda: ShearOperator(geom, self.slice, threads=self.threads)
         )
         self.image = sirt(
-            op,
-            data.numpy(),
-            self.image,
-            iterations=self.iterations,
-            nonnegative=self.nonnegative,
+            op, data.numpy(), self.image, iterations=self.iterations, nonnegative=self.nonnegative
         )
         self.updates += 1
         return self.image.copy()

@@ -513,12 +513,7 @@ class StreamingReconstructor:
         return self.reconstruct_subsets(slice_, subsets)
 
     def subset_patches(
-        self,
-        subsets: Sequence[np.ndarray],
-        centers: np.ndarray,
-        rows: np.ndarray,
-        *,
-        size: int,
+        self, subsets: Sequence[np.ndarray], centers: np.ndarray, rows: np.ndarray, *, size: int
     ) -> np.ndarray:
         """Axial patches reconstructed from each of several subsets of buffered projections.
 
