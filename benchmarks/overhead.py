@@ -355,7 +355,7 @@ def make_writer(container: Any, spool: Path, process: bool = False) -> Any:
     Each case gets a spool directory of its own, so that no case (and no
     other process using the default one) finds another's runs there.
     """
-    from bluesky_jit.catalog import tiled_writer
+    from bluesky_jit.worker_process import tiled_writer
 
     if not process:
         return tiled_writer(container, spool_dir=spool)

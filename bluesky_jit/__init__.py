@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._version import __version__ as __version__
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms)
 if TYPE_CHECKING:
     from typing import Any
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
     from .config import JitConfig
     from .worker_process import JitProcess
 
-__version__ = "0.1.0"
 
 _HOMES = {
     "JitCallback": ".callbacks",

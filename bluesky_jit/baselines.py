@@ -145,10 +145,6 @@ def tune(
         Positive parameters, increasing (a geometric grid works best).
     mask : ndarray of bool, optional
         Pixels that count.
-
-    Returns
-    -------
-    Tuning
     """
     images, references = list(images), list(references)
     if not images or len(images) != len(references):
@@ -219,13 +215,7 @@ def tune_bm3d(
     """Tune BM3D's noise level as ``factor * sigma`` (FBP noise is not white)."""
     if not (np.isfinite(sigma) and sigma > 0):
         raise ConfigError(f"tune_bm3d() needs a noise estimate sigma > 0; got {sigma!r}.")
-    return tune(
-        bm3d_denoise,
-        images,
-        references,
-        values=[f * sigma for f in factors],
-        mask=mask,
-    )
+    return tune(bm3d_denoise, images, references, values=[f * sigma for f in factors], mask=mask)
 
 
 def _image(image: np.ndarray) -> np.ndarray:

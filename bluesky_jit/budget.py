@@ -126,10 +126,6 @@ class CpuBudget:
         cores : int, optional
             Cores available; by default those of the process's CPU affinity.
 
-        Returns
-        -------
-        CpuBudget
-
         Raises
         ------
         ConfigError
@@ -189,7 +185,6 @@ class CpuBudget:
             worker_threads=worker,
             infer_threads=infer,
             train_threads=train,
-            interop_threads=1,
             reasons=tuple(reasons),
         )
 

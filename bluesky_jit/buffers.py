@@ -154,25 +154,21 @@ class ReplayBuffer:
         if n > self.capacity:  # only the newest `capacity` pairs would survive anyway
             ut, vt = ut[-self.capacity :], vt[-self.capacity :]
         with self._lock:
-            if self._u is None or self._v is None:
-                self._u = torch.empty((self.capacity, *ut.shape[1:]), device=self.device)
-                self._v = torch.empty((self.capacity, *vt.shape[1:]), device=self.device)
-            elif (
-                ut.shape[1:] != self._u.shape[1:] or vt.shape[1:] != self._v.shape[1:]
-            ) and self.on_shape_change == "clear":
+            held = self.item_shapes
+            if held is not None and held != (tuple(ut.shape[1:]), tuple(vt.shape[1:])):
+                if self.on_shape_change != "clear":
+                    raise ScanDataError(
+                        f"push() got pairs of shapes u {tuple(ut.shape[1:])}, v "
+                        f"{tuple(vt.shape[1:])}; the buffer holds u {held[0]}, v {held[1]}. "
+                        "Expected every pair to have the same patch size; call clear() first "
+                        "when changing it, or make the buffer with on_shape_change='clear'."
+                    )
+                held = None
+            if held is None:  # the first push, or pairs of a new shape: start over
                 self._u = torch.empty((self.capacity, *ut.shape[1:]), device=self.device)
                 self._v = torch.empty((self.capacity, *vt.shape[1:]), device=self.device)
                 self._size = self._next = 0
-            elif ut.shape[1:] != self._u.shape[1:] or vt.shape[1:] != self._v.shape[1:]:
-                raise ScanDataError(
-                    f"push() got pairs of shapes u {tuple(ut.shape[1:])}, v "
-                    f"{tuple(vt.shape[1:])}; the buffer holds u {tuple(self._u.shape[1:])}, "
-                    f"v {tuple(self._v.shape[1:])}. Expected every pair to have the same patch "
-                    "size; call clear() first when changing it, or make the buffer with "
-                    "on_shape_change='clear'."
-                )
-            index = (self._next + torch.arange(ut.shape[0])) % self.capacity
-            index = index.to(self.device)
+            index = ((self._next + torch.arange(ut.shape[0])) % self.capacity).to(self.device)
             self._u[index] = ut.to(self.device)
             self._v[index] = vt.to(self.device)
             self._next = int((self._next + ut.shape[0]) % self.capacity)
@@ -208,7 +204,7 @@ class ReplayBuffer:
         ConfigError
             If ``batch_size`` is not a positive integer.
         """
-        _check_batch_size(batch_size)
+        check_int("sample()", "batch_size", batch_size)
         gen = rng if rng is not None else self._rng
         with self._lock:
             if self._u is None or self._v is None or self._size == 0:
@@ -291,7 +287,7 @@ class SequentialBuffer(ReplayBuffer):
         EmptyBufferError
             If fewer than ``batch_size`` pairs are waiting.
         """
-        _check_batch_size(batch_size)
+        check_int("sample()", "batch_size", batch_size)
         with self._lock:
             if self._u is None or self._v is None or self._size < batch_size:
                 raise EmptyBufferError(
@@ -301,10 +297,6 @@ class SequentialBuffer(ReplayBuffer):
             index = self._oldest(batch_size)
             self._size -= batch_size
             return self._u.index_select(0, index), self._v.index_select(0, index)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    check_int("sample()", "batch_size", batch_size)
 
 
 def check_online_strategy(online_strategy: str, *, has_checkpoint: bool = True) -> None:

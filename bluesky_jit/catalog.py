@@ -1,12 +1,13 @@
-"""Tiled: start the embedded catalog, connect, write runs, read and replay them.
+"""Tiled: start the embedded catalog, connect, read and replay runs.
 
 :class:`LocalCatalog` runs ``tiled serve config`` in a subprocess on a
 directory of its own (catalog and event tables in SQLite, or in PostgreSQL
 with ``database="postgresql"``; array data in files), persistent across
-restarts. Documents reach it through :func:`tiled_writer`, a
-:class:`~bluesky_jit.writer.CatalogWriter` that works off the caller's
-thread and spools through outages. It is a full Tiled server (unlike
-``tiled.server.SimpleTiledServer``), configured with the
+restarts. Documents reach it through
+:func:`bluesky_jit.worker_process.tiled_writer`: a
+:class:`~bluesky_jit.writer.CatalogWriter` that works off the caller's thread
+(or one in a child process) and spools through outages. It is a full Tiled
+server (unlike ``tiled.server.SimpleTiledServer``), configured with the
 ``bluesky_tiled_plugins`` JSON-seq exporter so stored runs can be replayed as
 documents (``run.documents()``).
 
@@ -42,9 +43,6 @@ from .errors import CatalogError
 if TYPE_CHECKING:
     from tiled.client.container import Container
 
-    from .worker_process import WriterProcess
-    from .writer import CatalogWriter
-
 __all__ = [
     "LocalCatalog",
     "RUNS_SPEC",
@@ -52,7 +50,6 @@ __all__ = [
     "derived_runs_for",
     "documents",
     "runs_container",
-    "tiled_writer",
 ]
 
 RUNS_SPEC: Final = ("CatalogOfBlueskyRuns", "3.0")
@@ -385,74 +382,9 @@ def runs_container(client: Container, name: str) -> Container:
     return container
 
 
-def tiled_writer(
-    container: Container,
-    *,
-    spool_dir: str | Path | None = None,
-    batch_size: int = 50,
-    max_spool_bytes: int = 2 * 1024**3,
-    process: bool = False,
-) -> CatalogWriter | WriterProcess:
-    """A document callback that writes runs into ``container`` off the caller's thread.
-
-    It returns in about a microsecond (the document is queued); a writer
-    thread of its own batches the documents into Tiled (``batch_size`` events
-    or frames per request) and spools them to disk first, so a catalog outage
-    loses nothing: see :class:`bluesky_jit.writer.CatalogWriter`. Call
-    ``writer.flush(timeout)`` before reading a run back, ``writer.close()`` at
-    the end.
-
-    Parameters
-    ----------
-    container : CatalogOfBlueskyRuns
-        From :func:`runs_container`; each run becomes a child keyed by its uid.
-    spool_dir : path, optional
-        Where documents are spooled; default
-        ``bluesky_jit_data/spool/<container name>``.
-    batch_size : int
-        Events (and stream-datum frames) per request to Tiled.
-    max_spool_bytes : int
-        Upper bound of the spool's size on disk.
-    process : bool
-        Write from a child process (:class:`~bluesky_jit.worker_process.WriterProcess`):
-        the caller's process then only queues and packs documents, so the
-        writer's work takes no turns with a RunEngine's thread under the GIL.
-
-    Returns
-    -------
-    CatalogWriter or WriterProcess
-        A callback ``writer(name, doc)`` with ``flush``, ``close`` and ``stats``.
-    """
-    if process:
-        from .worker_process import WriterProcess
-
-        return WriterProcess(
-            container,
-            spool_dir=spool_dir,
-            batch_size=batch_size,
-            max_spool_bytes=max_spool_bytes,
-        )
-    from .writer import CatalogWriter
-
-    return CatalogWriter(
-        container, spool_dir=spool_dir, batch_size=batch_size, max_spool_bytes=max_spool_bytes
-    )
-
-
 def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:
-    """Return the derived runs made from the raw run ``raw_uid``, oldest first.
-
-    Parameters
-    ----------
-    container : CatalogOfBlueskyRuns
-        The derived runs' container.
-    raw_uid : str
-        Uid of the raw run (``start.raw_uid`` of the derived runs).
-
-    Returns
-    -------
-    list of BlueskyRun
-    """
+    """The runs in the derived runs' ``container`` made from the raw run ``raw_uid`` (their
+    ``start.raw_uid``), oldest first."""
     from tiled.queries import Key
 
     runs = list(container.search(Key("start.raw_uid") == raw_uid).values())
@@ -460,21 +392,11 @@ def derived_runs_for(container: Container, raw_uid: str) -> list[Container]:
 
 
 def documents(run: Container) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Replay a stored run as ``(name, doc)`` pairs, from start to stop.
+    """Replay a stored run (a BlueskyRun of a runs container) as ``(name, doc)`` pairs.
 
-    The server rebuilds the documents: within a stream, all events come
-    before its ``stream_resource`` and ``stream_datum``, and one stream datum
-    covers all frames of a data key.
-
-    Parameters
-    ----------
-    run : BlueskyRun
-        A run from a runs container.
-
-    Yields
-    ------
-    name : str
-    doc : dict
+    From start to stop; the server rebuilds the documents: within a stream,
+    all events come before its ``stream_resource`` and ``stream_datum``, and
+    one stream datum covers all frames of a data key.
     """
     try:
         yield from run.documents()

@@ -425,11 +425,8 @@ class JitConfig(BaseModel):
 
     def replace(self, **changes: Any) -> JitConfig:
         """A copy with ``changes`` (flat keys or sections, merged into this one's)."""
-        return type(self)(**_merge(nest(self.to_dict()), nest(changes)))
-
-
-def _merge(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]) -> dict:
-    return {name: base[name] | changes[name] for name in SECTIONS}
+        base, changes = nest(self.to_dict()), nest(changes)
+        return type(self)(**{name: base[name] | changes[name] for name in SECTIONS})
 
 
 def _config_error(error: ValidationError) -> ConfigError:

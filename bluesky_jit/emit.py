@@ -38,6 +38,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -45,7 +46,7 @@ import event_model
 import h5py
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import CatalogError, ConfigError, ScanDataError
 
 __all__ = ["DerivedRun", "IMAGE_STREAMS", "STREAMS"]
@@ -61,18 +62,7 @@ HDF5_MIMETYPE: Final = "application/x-hdf5"
 EXIT_STATUSES: Final = ("success", "fail", "abort")
 
 _RESERVED_START_KEYS: Final = frozenset(
-    {
-        "uid",
-        "time",
-        "plan_name",
-        "plan_type",
-        "scan_id",
-        "hints",
-        "raw_uid",
-        "raw_scan_id",
-        "provenance",
-        "sample",
-    }
+    "uid time plan_name plan_type scan_id hints raw_uid raw_scan_id provenance sample".split()
 )
 HINTS: Final[dict[str, tuple[str, ...]]] = {"metrics": ("loss", "alpha")}
 """The fields a viewer should plot, per stream (a descriptor's ``hints``); image streams
@@ -309,16 +299,8 @@ class DerivedRun:
         self._add_image("reconstruction", image, scalars)
 
     def add_denoised(self, image: np.ndarray, **scalars: Any) -> None:
-        """Write one denoised slice and emit its documents.
-
-        Parameters
-        ----------
-        image : ndarray, shape (H, W)
-            Real-valued slice; stored as float32.
-        **scalars : bool, int, float or str
-            Recorded in the event, e.g. ``projection_index``, ``train_step``,
-            ``weights_version``.
-        """
+        """As :meth:`add_reconstruction`, for a denoised slice (scalars e.g. ``train_step``,
+        ``weights_version``)."""
         self._add_image("denoised", image, scalars)
 
     def add_image(self, stream: str, image: np.ndarray, **scalars: Any) -> None:
@@ -357,10 +339,7 @@ class DerivedRun:
         self._emit_event(stream, data)
 
     def close(
-        self,
-        *,
-        exit_status: Literal["success", "fail", "abort"] = "success",
-        reason: str = "",
+        self, *, exit_status: Literal["success", "fail", "abort"] = "success", reason: str = ""
     ) -> dict[str, Any] | None:
         """Close the HDF5 file and emit the stop document.
 
@@ -518,23 +497,16 @@ class DerivedRun:
             file.close()
 
 
+@dataclass(kw_only=True)
 class _Stream:
     """Per-stream state: declared scalar schema, descriptor and stream-resource bundles."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        image_key: str | None,
-        schema: dict[str, str],
-        descriptor: event_model.ComposeDescriptorBundle,
-    ) -> None:
-        self.name = name
-        self.image_key = image_key
-        self.schema = schema
-        self.descriptor = descriptor
-        self.resource: event_model.ComposeStreamResourceBundle | None = None
-        self.count = 0
+    name: str
+    image_key: str | None
+    schema: dict[str, str]
+    descriptor: event_model.ComposeDescriptorBundle
+    resource: event_model.ComposeStreamResourceBundle | None = None
+    count: int = 0
 
     def check_keys(self, scalars: Mapping[str, Any]) -> None:
         if set(scalars) != set(self.schema):
@@ -613,14 +585,9 @@ def _builtin(value: Any) -> Any:
 
 def _json_dtype(stream: str, key: str, value: Any) -> str:
     value = _builtin(value)
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
+    for name, (_, kind) in _DTYPES.items():  # boolean before integer: a bool is an int
+        if isinstance(value, kind):
+            return name
     raise ScanDataError(
         f"Scalar {key!r} of stream {stream!r} must be a bool, int, float or str; "
         f"got {type(value).__name__} {value!r}. Pass images as the first argument of "

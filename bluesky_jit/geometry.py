@@ -122,6 +122,32 @@ def _finite(value: Any, what: str) -> float:
     return number
 
 
+def _centre(cor: Any, crow: Any, rows: int, cols: int) -> tuple[float, float]:
+    """``center_of_rotation`` and ``center_row`` checked; by default the middle column and row."""
+    cor = _finite((cols - 1) / 2 if cor is None else cor, "center_of_rotation")
+    if not 0 <= cor <= cols - 1:
+        raise GeometryError(
+            f"center_of_rotation {cor!r} lies outside the detector (columns 0..{cols - 1}). "
+            f"Give it in detector pixels, e.g. {(cols - 1) / 2} for the middle column."
+        )
+    return cor, _finite((rows - 1) / 2 if crow is None else crow, "center_row")
+
+
+def _cone_distances(so: Any, od: Any, needs: str, fix: str = "") -> tuple[float, float]:
+    """``source_origin`` (> 0) and ``origin_detector`` (>= 0) of a cone beam, in mm."""
+    if so is None or od is None:
+        raise GeometryError(
+            f"{needs} source_origin and origin_detector (mm); got source_origin={so!r}, "
+            f"origin_detector={od!r}.{fix}"
+        )
+    od = _finite(od, "origin_detector (axis-to-detector distance, mm)")
+    if od < 0:
+        raise GeometryError(
+            f"origin_detector must be >= 0 (axis-to-detector distance, mm); got {od!r}."
+        )
+    return _positive(so, "source_origin (source-to-axis distance, mm)"), od
+
+
 def _angles(value: Any, beam: str) -> tuple[float, ...]:
     """Angles in radians; an int n means n angles evenly over 180 (parallel) or 360 degrees."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -334,19 +360,12 @@ class ScanGeometry(_Beam):
                 "Set tomo['beam'] in the start document or pass beam=... as an override."
             )
         if self.beam == "cone":
-            if self.source_origin is None or self.origin_detector is None:
-                raise GeometryError(
-                    "A cone-beam geometry needs source_origin and origin_detector (mm); got "
-                    f"source_origin={self.source_origin!r}, "
-                    f"origin_detector={self.origin_detector!r}. Add both to tomo[...] or pass "
-                    "them as overrides."
-                )
-            so = _positive(self.source_origin, "source_origin (source-to-axis distance, mm)")
-            od = _finite(self.origin_detector, "origin_detector (axis-to-detector distance, mm)")
-            if od < 0:
-                raise GeometryError(
-                    f"origin_detector must be >= 0 (axis-to-detector distance, mm); got {od!r}."
-                )
+            so, od = _cone_distances(
+                self.source_origin,
+                self.origin_detector,
+                "A cone-beam geometry needs",
+                " Add both to tomo[...] or pass them as overrides.",
+            )
             object.__setattr__(self, "source_origin", so)
             object.__setattr__(self, "origin_detector", od)
         object.__setattr__(
@@ -354,18 +373,9 @@ class ScanGeometry(_Beam):
             "pixel_size",
             _positive(self.pixel_size, "pixel_size", " Give the detector pixel size in mm."),
         )
-        if self.center_of_rotation is None:
-            object.__setattr__(self, "center_of_rotation", (cols - 1) / 2)
-        cor = _finite(self.center_of_rotation, "center_of_rotation")
-        if not 0 <= cor <= cols - 1:
-            raise GeometryError(
-                f"center_of_rotation {self.center_of_rotation!r} lies outside the detector "
-                f"(columns 0..{cols - 1}). Give it in detector pixels, e.g. {(cols - 1) / 2}."
-            )
+        cor, crow = _centre(self.center_of_rotation, self.center_row, rows, cols)
         object.__setattr__(self, "center_of_rotation", cor)
-        if self.center_row is None:
-            object.__setattr__(self, "center_row", (rows - 1) / 2)
-        object.__setattr__(self, "center_row", _finite(self.center_row, "center_row"))
+        object.__setattr__(self, "center_row", crow)
         object.__setattr__(self, "detector_tilt", _finite(self.detector_tilt, "detector_tilt"))
         start, stop = self.angular_range
         if not stop > start:
@@ -556,23 +566,12 @@ class _Projections:
 
     beam: str
     shape: tuple[int, int]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def _items(self) -> tuple:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def to_vec(self) -> VectorGeometry:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _vector_array(self) -> np.ndarray:  # pragma: no cover - overridden
-        raise NotImplementedError
+    vector_array: np.ndarray
+    """(n, 12): ray or source, detector centre, u, v of every projection."""
 
     @cached_property
     def _matrices(self) -> np.ndarray:
-        mats = vectors_to_matrices(self.beam, self._vector_array(), self.shape)
+        mats = vectors_to_matrices(self.beam, self.vector_array, self.shape)
         mats.setflags(write=False)
         return mats
 
@@ -642,30 +641,13 @@ class ProjectionGeometry(_Projections, _Beam):
         rows, cols = _shape2(self.shape, "shape")
         object.__setattr__(self, "shape", (rows, cols))
         object.__setattr__(self, "pixel_size", _positive(self.pixel_size, "pixel_size"))
-        cor = (cols - 1) / 2 if self.center_of_rotation is None else self.center_of_rotation
-        cor = _finite(cor, "center_of_rotation")
-        if not 0 <= cor <= cols - 1:
-            raise GeometryError(
-                f"center_of_rotation {cor!r} lies outside the detector (columns 0..{cols - 1}). "
-                f"Give it in detector pixels, e.g. {(cols - 1) / 2} for the middle column."
-            )
+        cor, crow = _centre(self.center_of_rotation, self.center_row, rows, cols)
         object.__setattr__(self, "center_of_rotation", cor)
-        crow = (rows - 1) / 2 if self.center_row is None else self.center_row
-        object.__setattr__(self, "center_row", _finite(crow, "center_row"))
+        object.__setattr__(self, "center_row", crow)
         object.__setattr__(self, "tilt", _finite(self.tilt, "tilt"))
         if self.beam == "cone":
-            if self.source_origin is None or self.origin_detector is None:
-                raise GeometryError(
-                    "cone(...) needs source_origin and origin_detector (mm); got "
-                    f"source_origin={self.source_origin!r}, "
-                    f"origin_detector={self.origin_detector!r}."
-                )
-            object.__setattr__(
-                self, "source_origin", _positive(self.source_origin, "source_origin")
-            )
-            od = _finite(self.origin_detector, "origin_detector")
-            if od < 0:
-                raise GeometryError(f"origin_detector must be >= 0 (mm); got {od!r}.")
+            so, od = _cone_distances(self.source_origin, self.origin_detector, "cone(...) needs")
+            object.__setattr__(self, "source_origin", so)
             object.__setattr__(self, "origin_detector", od)
         elif self.source_origin is not None or self.origin_detector is not None:
             raise GeometryError(
@@ -674,24 +656,20 @@ class ProjectionGeometry(_Projections, _Beam):
                 "Use cone(...) or leave them out."
             )
 
-    @property
-    def _items(self) -> tuple:
-        return self.angles
+    def __len__(self) -> int:
+        return len(self.angles)
 
     def __getitem__(self, key: Any) -> ProjectionGeometry:
         return replace(self, angles=_select(self.angles, key, "geometry"))
 
-    @property
-    def angle_array(self) -> np.ndarray:
-        return np.asarray(self.angles)
-
     def to_vec(self) -> VectorGeometry:
         """The same scan as per-projection vectors (see :func:`vectors_to_matrices`)."""
-        return VectorGeometry(beam=self.beam, vectors=self._vector_array(), shape=self.shape)
+        return VectorGeometry(beam=self.beam, vectors=self.vector_array, shape=self.shape)
 
-    def _vector_array(self) -> np.ndarray:
+    @property
+    def vector_array(self) -> np.ndarray:
         rows, cols = self.shape
-        a = self.angle_array
+        a = np.asarray(self.angles)
         e_u = np.stack([np.cos(a), np.sin(a), np.zeros_like(a)], 1)
         e_b = np.stack([-np.sin(a), np.cos(a), np.zeros_like(a)], 1)
         u = e_u * self.pixel_size
@@ -807,9 +785,8 @@ class VectorGeometry(_Projections):
         object.__setattr__(self, "vectors", tuple(tuple(float(x) for x in row) for row in array))
         object.__setattr__(self, "shape", _shape2(self.shape, "shape"))
 
-    @property
-    def _items(self) -> tuple:
-        return self.vectors
+    def __len__(self) -> int:
+        return len(self.vectors)
 
     @property
     def vector_array(self) -> np.ndarray:
@@ -820,9 +797,6 @@ class VectorGeometry(_Projections):
 
     def to_vec(self) -> VectorGeometry:
         return self
-
-    def _vector_array(self) -> np.ndarray:
-        return self.vector_array
 
 
 def parallel_vec(*, vectors: Any, shape: Sequence[int]) -> VectorGeometry:

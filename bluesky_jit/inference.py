@@ -23,7 +23,14 @@ from torch import nn
 from ._checks import check_int
 from .errors import CheckpointError, ConfigError, ScanDataError
 from .models.checkpoint import load_checkpoint
-from .training import Normalizer, WeightsSnapshot, memory_format_for, resolve_precision
+from .training import (
+    Normalizer,
+    WeightsSnapshot,
+    _turn,
+    _undo,
+    memory_format_for,
+    resolve_precision,
+)
 
 
 class WeightSource(Protocol):
@@ -260,20 +267,6 @@ class Denoiser:
             self.model.load_state_dict(state)
             self.weights_version = version
         self.normalizer = normalizer
-
-
-def _turn(t: torch.Tensor, k: int) -> torch.Tensor:
-    """Symmetry k (0..7) of the square on the last two axes: k // 4 flips, k % 4 quarter turns."""
-    if k >= 4:
-        t = t.flip(-1)
-    return torch.rot90(t, k % 4, dims=(-2, -1)) if k % 4 else t
-
-
-def _undo(t: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of :func:`_turn`."""
-    if k % 4:
-        t = torch.rot90(t, -(k % 4), dims=(-2, -1))
-    return t.flip(-1) if k >= 4 else t
 
 
 def _pad(t: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

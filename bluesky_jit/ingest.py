@@ -167,9 +167,7 @@ class TomoIngest(event_model.DocumentRouter):
         self.overrides = dict(geometry_overrides or {})
         self.root_map = dict(root_map or {})
         self._filler = event_model.Filler(
-            {**DEFAULT_HANDLERS, **(handler_registry or {})},
-            inplace=False,
-            root_map=self.root_map,
+            {**DEFAULT_HANDLERS, **(handler_registry or {})}, inplace=False, root_map=self.root_map
         )
         self.start_doc: dict[str, Any] = {}
         self.geometry: ScanGeometry | None = None

@@ -409,8 +409,7 @@ class PairMaker:
         if sampling_radius is not None:
             voxel = geometry.voxel_size
             region = SamplingRegion.disc(
-                sampling_radius * reconstructor.n * voxel / 2,
-                center=tuple(reconstructor.center_xy),
+                sampling_radius * reconstructor.n * voxel / 2, center=tuple(reconstructor.center_xy)
             )
             region.check_fits(settings.get("patch_size", 20), voxel)
             settings["region"] = region

@@ -482,10 +482,7 @@ class RunPipeline:
             return
         with self._holds_lock:
             (self._holds.add if on else self._holds.discard)(reason)
-            if self._holds:
-                pause.set()
-            else:
-                pause.clear()
+            (pause.set if self._holds else pause.clear)()
 
     def _stop_yielding(self) -> None:
         if self._guard is not None:

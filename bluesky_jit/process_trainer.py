@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import queue
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,13 +30,7 @@ import torch
 from .buffers import check_online_strategy
 from .errors import ConfigError, TrainerProcessError
 from .models import build_model, resolve_config
-from .training import (
-    Normalizer,
-    TrainerMixin,
-    WeightsSnapshot,
-    make_trainer,
-    resolve_precision,
-)
+from .training import Normalizer, TrainerMixin, WeightsSnapshot, make_trainer, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +55,23 @@ class _RemoteBuffer:
         self._reported = reported
         self.capacity = capacity
         self.item_ndim = item_ndim
-        self._pushed = 0
+        self.pushed = 0
+        """Pairs pushed from this side."""
 
     def push(self, u: Any, v: Any) -> None:
         u = np.ascontiguousarray(u, dtype=np.float32)
         v = np.ascontiguousarray(v, dtype=np.float32)
         self._send(("train", u, v))
-        self._pushed += u.shape[0] if u.ndim == self.item_ndim + 1 else 1
+        self.pushed += u.shape[0] if u.ndim == self.item_ndim + 1 else 1
 
     def clear(self) -> None:
         self._send(("clear",))
-        self._pushed = 0
-
-    @property
-    def pushed(self) -> int:
-        """Pairs pushed from this side."""
-        return self._pushed
+        self.pushed = 0
 
     def __len__(self) -> int:
         child = self._reported.value
         if child < 0:  # the child is not reporting yet
-            return min(self._pushed, self.capacity)
+            return min(self.pushed, self.capacity)
         return int(child)
 
 
@@ -113,10 +102,6 @@ class ProcessTrainer(TrainerMixin):
         work; nothing there runs operators side by side, so 1); ``None``
         keeps torch's default (one per core).
     seed : int
-    publish_every_s : float
-        Least time between two weight publications (0: after every step).
-    start_method : str
-        ``"spawn"`` (default; safe with threads in the parent) or ``"forkserver"``.
     **trainer_kwargs
         batch_size, learning_rate, holdout_size, train_precision ("auto":
         for the CPU), metrics_every_s, checkpoint_dir, checkpoint_every_s,
@@ -145,8 +130,6 @@ class ProcessTrainer(TrainerMixin):
         num_threads: int = 1,
         interop_threads: int | None = 1,
         seed: int = 0,
-        publish_every_s: float = 0.0,
-        start_method: str = "spawn",
         **trainer_kwargs: Any,
     ) -> None:
         check_online_strategy(online_strategy, has_checkpoint=warm_start is not None)
@@ -193,10 +176,9 @@ class ProcessTrainer(TrainerMixin):
             "num_threads": int(num_threads),
             "interop_threads": None if interop_threads is None else int(interop_threads),
             "seed": int(seed),
-            "publish_every_s": float(publish_every_s),
             "trainer": dict(trainer_kwargs),
         }
-        self._ctx = torch.multiprocessing.get_context(start_method)
+        self._ctx = torch.multiprocessing.get_context("spawn")  # safe with the parent's threads
         state = template.state_dict()
         self._slots = [
             {k: t.detach().to("cpu", copy=True).share_memory_() for k, t in state.items()}
@@ -410,13 +392,11 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
         return
 
     published = -1
-    last_publish = 0.0
 
-    def publish(force: bool = False) -> None:
-        nonlocal published, last_publish
+    def publish() -> None:
+        nonlocal published
         version, state, normalizer = trainer.snapshot()
-        now = time.monotonic()
-        if version == published or (not force and now - last_publish < spec["publish_every_s"]):
+        if version == published:
             return
         if normalizer is not None:
             shared["normalizer"][0] = normalizer.offset
@@ -427,7 +407,7 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
             tensor.copy_(state[key])
         shared["slot_version"][s] = version
         shared["current"].value = s
-        published, last_publish = version, now
+        published = version
 
     started = False
     try:
@@ -467,7 +447,7 @@ def _child_main(spec, slots, shared, inbox, outbox, pause) -> None:  # pragma: n
         outbox.put(("error", traceback.format_exc()))
     finally:
         trainer.stop()
-        publish(force=True)
+        publish()
         shared["steps"].value = trainer.steps
         shared["paused_s"].value = trainer.paused_s
         for row in trainer.pop_metrics():

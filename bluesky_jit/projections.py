@@ -62,11 +62,7 @@ class FlatField:
     min_transmission = 1e-6
 
     def __init__(
-        self,
-        darks: np.ndarray,
-        flats: np.ndarray,
-        *,
-        detector_shape: tuple[int, int] | None = None,
+        self, darks: np.ndarray, flats: np.ndarray, *, detector_shape: tuple[int, int] | None = None
     ) -> None:
         dark = _mean_frame(darks, "dark")
         flat = _mean_frame(flats, "flat")
@@ -265,10 +261,7 @@ class ProjectionFilter:
     def __init__(self, geometry: ScanGeometry, *, filter_name: str = "ram-lak", device="cpu"):
         self.geometry = geometry
         self.ramp = RampFilter(
-            geometry.cols,
-            pixel_size=geometry.voxel_size,
-            filter_name=filter_name,
-            device=device,
+            geometry.cols, pixel_size=geometry.voxel_size, filter_name=filter_name, device=device
         )
         self.weights = (
             torch.as_tensor(fdk_weights(geometry), device=device)

@@ -66,9 +66,7 @@ class WeightsSnapshot(NamedTuple):
 
 
 def alpha(
-    denoised: np.ndarray | torch.Tensor,
-    u: np.ndarray | torch.Tensor,
-    v: np.ndarray | torch.Tensor,
+    denoised: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tensor, v: np.ndarray | torch.Tensor
 ) -> float:
     """Empirical accuracy ``R^alpha`` of Graas et al. (2023) (eq. 3, 4).
 
@@ -513,7 +511,8 @@ class Trainer(TrainerMixin):
             u = norm(u.to(self.device, non_blocking=True))
             v = norm(v.to(self.device, non_blocking=True))
             if self.augment:
-                u, v = _dihedral(u, v, int(self._rng.integers(8)))
+                k = int(self._rng.integers(8))
+                u, v = _turn(u, k), _turn(v, k)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(
@@ -579,9 +578,7 @@ class Trainer(TrainerMixin):
             return self._snapshot
 
     def _publish(self) -> None:
-        source = self._average_state if self._average_state is not None else None
-        if source is None:
-            source = self.model.state_dict()
+        source = self._average_state if self._average_state is not None else self.model.state_dict()
         state = {k: t.detach().clone() for k, t in source.items()}
         snapshot = WeightsSnapshot(self._steps, state, self.normalizer)
         with self._weights_lock:
@@ -748,17 +745,13 @@ class Trainer(TrainerMixin):
         row = self._row(elapsed_s, loss, steps_per_second, details["alpha"])
         with self._metrics_lock:
             self._metrics.append(row)
-            self.latest_quality = {"step": self._steps, "time": row["time"], **details}
+            self._latest_quality = {"step": self._steps, "time": row["time"], **details}
 
     @property
     def latest_quality(self) -> dict[str, float]:
         """Hold-out quality at the newest metric row: ``step``, ``time`` and
         :meth:`evaluate_details` (``alpha``, ``mse_input``, ``mse_output``); empty before."""
         return dict(self._latest_quality)
-
-    @latest_quality.setter
-    def latest_quality(self, value: dict[str, float]) -> None:
-        self._latest_quality = dict(value)
 
     # -- metrics --------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
@@ -818,10 +811,7 @@ class Trainer(TrainerMixin):
 
         device = kwargs.get("device", "cpu")
         model, extra = load_checkpoint(
-            path,
-            expected_name=expected_name,
-            expected_config=expected_config,
-            map_location=device,
+            path, expected_name=expected_name, expected_config=expected_config, map_location=device
         )
         normalizer = None
         if extra.get("normalizer") is not None:
@@ -972,10 +962,15 @@ def middle_frame(u: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _dihedral(u: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetry ``k`` (0..7) of the square on the last two axes of both tensors."""
+def _turn(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Symmetry k (0..7) of the square on the last two axes: k // 4 flips, k % 4 quarter turns."""
     if k >= 4:
-        u, v = u.flip(-1), v.flip(-1)
+        t = t.flip(-1)
+    return torch.rot90(t, k % 4, dims=(-2, -1)) if k % 4 else t
+
+
+def _undo(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`_turn`."""
     if k % 4:
-        u, v = torch.rot90(u, k % 4, dims=(-2, -1)), torch.rot90(v, k % 4, dims=(-2, -1))
-    return u, v
+        t = torch.rot90(t, -(k % 4), dims=(-2, -1))
+    return t.flip(-1) if k >= 4 else t

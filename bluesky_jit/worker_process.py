@@ -47,11 +47,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .budget import leave_cores_to_the_scan
+from .catalog import connect
 from .codec import packb, unpackb
 from .config import JitConfig
 from .errors import BlueskyJitError, ConfigError
 from .geometry import ScanGeometry, Slice
 from .pipeline import RunSummary
+from .writer import CatalogWriter, WriterStats
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ class _ChildProcess:
         self._ready.set()
 
     def _handle(self, message: list) -> None:
-        raise NotImplementedError
+        """What the child reports besides ready, refused and flushed (nothing by default)."""
 
     def _flushed_reply(self, reply: list) -> None:
         token, ok = reply[:2]
@@ -389,8 +391,6 @@ class WriterProcess(_ChildProcess):
         nice: int = 0,
         start_timeout: float = 60.0,
     ) -> None:
-        from .writer import WriterStats
-
         self.stats = WriterStats()
         settings = {
             "uri": container.uri,
@@ -401,20 +401,49 @@ class WriterProcess(_ChildProcess):
         }
         super().__init__(settings, nice=nice, start_timeout=start_timeout)
 
-    def _handle(self, message: list) -> None:
-        pass  # the writer child reports only at flushes
-
     def _flushed_reply(self, reply: list) -> None:
-        from .writer import WriterStats
-
         if len(reply) > 2:
             self.stats = WriterStats(**reply[2])
         super()._flushed_reply(reply)
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every document received so far is in the catalog; False on timeout
-        (they are spooled) or if the child died."""
-        return self._flush_child(timeout)
+
+def tiled_writer(
+    container: Any,
+    *,
+    spool_dir: str | Path | None = None,
+    batch_size: int = 50,
+    max_spool_bytes: int = 2 * 1024**3,
+    process: bool = False,
+) -> CatalogWriter | WriterProcess:
+    """A document callback that writes runs into ``container`` off the caller's thread.
+
+    It returns in about a microsecond (the document is queued); a writer
+    thread of its own batches the documents into Tiled and spools them to
+    disk first, so a catalog outage loses nothing. Call
+    ``writer.flush(timeout)`` before reading a run back, ``writer.close()`` at
+    the end.
+
+    Parameters
+    ----------
+    container, spool_dir, batch_size, max_spool_bytes
+        As for :class:`bluesky_jit.writer.CatalogWriter`.
+    process : bool
+        Write from a child process (:class:`WriterProcess`): the caller's
+        process then only queues and packs documents, so the writer's work
+        takes no turns with a RunEngine's thread under the GIL.
+
+    Returns
+    -------
+    CatalogWriter or WriterProcess
+        A callback ``writer(name, doc)`` with ``flush``, ``close`` and ``stats``.
+    """
+    if process:
+        return WriterProcess(
+            container, spool_dir=spool_dir, batch_size=batch_size, max_spool_bytes=max_spool_bytes
+        )
+    return CatalogWriter(
+        container, spool_dir=spool_dir, batch_size=batch_size, max_spool_bytes=max_spool_bytes
+    )
 
 
 # ------------------------------------------------------------------------------ the pipe
@@ -434,12 +463,7 @@ def _read(pipe: BinaryIO) -> Any:
     return unpackb(data)
 
 
-_ARRAY_FIELDS = (
-    "last_indices",
-    "last_denoised_indices",
-    "images",
-    "positions",
-)
+_ARRAY_FIELDS = ("last_indices", "last_denoised_indices", "images", "positions")
 
 
 def _summary_message(summary: RunSummary, metrics_from: int = 0) -> dict[str, Any]:
@@ -573,9 +597,6 @@ def _jit_child(settings: dict[str, Any], results: _Results) -> tuple:  # pragma:
 
 
 def _writer_child(settings: dict[str, Any], results: _Results) -> tuple:  # pragma: no cover
-    from .catalog import connect
-    from .writer import CatalogWriter
-
     writer = CatalogWriter(
         connect(settings["uri"], api_key=settings["api_key"]),
         spool_dir=settings["spool_dir"],

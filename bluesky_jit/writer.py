@@ -129,8 +129,6 @@ class CatalogWriter:
         Upper bound of the spool directory's size.
     retry_max_s : float
         Longest wait between two checks of an unreachable catalog.
-    recover : bool
-        Write back runs an earlier process left in ``spool_dir``.
 
     Examples
     --------
@@ -149,7 +147,6 @@ class CatalogWriter:
         batch_size: int = 50,
         max_spool_bytes: int = 2 * 1024**3,
         retry_max_s: float = 10.0,
-        recover: bool = True,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise CatalogError(
@@ -189,8 +186,7 @@ class CatalogWriter:
         self._retry_at = 0.0
         self._retry_wait = 0.5
         self._closed = False
-        if recover:
-            self._adopt_leftovers()
+        self._adopt_leftovers()  # runs an earlier process left in spool_dir
         self._spooler = threading.Thread(target=self._spool_loop, name="bluesky-jit-spool")
         self._sender = threading.Thread(target=self._send_loop, name="bluesky-jit-writer")
         self._spooler.daemon = self._sender.daemon = True
@@ -225,14 +221,7 @@ class CatalogWriter:
             True when everything is written; False at ``timeout`` (runs may be
             waiting in the spool for the catalog: see :attr:`pending_runs`).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while not self._done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(0.1 if left is None else min(left, 0.1))
-        return True
+        return self._wait(self._done, timeout, 0.1)
 
     def when_written(self, uid: str, callback: Any) -> None:
         """Call ``callback()`` once run ``uid``'s stop document is in the catalog.
@@ -254,14 +243,7 @@ class CatalogWriter:
         """Wait until every document received so far is on disk in the spool (durable);
         False at ``timeout``. Cheaper than :meth:`flush`: the catalog may be away."""
         target = self.stats.received
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self.stats.spooled + self.stats.lost < target:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        return self._wait(lambda: self.stats.spooled + self.stats.lost >= target, timeout, 0.05)
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Flush (up to ``timeout``), then stop the threads. Safe to call twice.
@@ -294,6 +276,17 @@ class CatalogWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _wait(self, done: Any, timeout: float | None, poll: float) -> bool:
+        """Wait until ``done()`` (checked at least every ``poll`` s); False at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while not done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(poll if left is None else min(left, poll))
+        return True
 
     def _done(self) -> bool:
         busy = self._settled < self.stats.received

@@ -160,7 +160,8 @@ def count_run(jit_catalog):
     from bluesky.plans import count
     from ophyd.sim import det1
 
-    from bluesky_jit.catalog import runs_container, tiled_writer
+    from bluesky_jit.catalog import runs_container
+    from bluesky_jit.worker_process import tiled_writer
 
     raw = runs_container(jit_catalog.client(), "raw")
     writer = tiled_writer(raw, spool_dir=spool_dir_for(jit_catalog))
@@ -175,7 +176,8 @@ def count_run(jit_catalog):
 def bad_tomo_run(jit_catalog):
     """Uid of a tomography scan without darks and flats (its derived run fails), in raw."""
     from bluesky_jit.apps.session import simulated_beamline
-    from bluesky_jit.catalog import runs_container, tiled_writer
+    from bluesky_jit.catalog import runs_container
+    from bluesky_jit.worker_process import tiled_writer
     from simulated_devices.plans import tomo_scan
 
     raw = runs_container(jit_catalog.client(), "raw")
@@ -198,7 +200,8 @@ def bad_tomo_run(jit_catalog):
 @pytest.fixture(scope="session")
 def lost_files_run(jit_catalog, demo_run):
     """The demo's raw run stored again in container ``raw_lost``, its detector files gone."""
-    from bluesky_jit.catalog import documents, runs_container, tiled_writer
+    from bluesky_jit.catalog import documents, runs_container
+    from bluesky_jit.worker_process import tiled_writer
 
     client = jit_catalog.client()
     original = runs_container(client, "raw")[demo_run["raw_uid"]]

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from bluesky_jit.callbacks import JitCallback
-from bluesky_jit.catalog import derived_runs_for, runs_container, tiled_writer
+from bluesky_jit.catalog import derived_runs_for, runs_container
 from bluesky_jit.config import JitConfig
+from bluesky_jit.worker_process import tiled_writer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.phantoms import BubbleColumn
 from simulated_devices.plans import tomo_continuous, tomo_scan

@@ -24,10 +24,10 @@ from bluesky_jit.catalog import (
     derived_runs_for,
     documents,
     runs_container,
-    tiled_writer,
 )
 from bluesky_jit.emit import DerivedRun
 from bluesky_jit.errors import CatalogError
+from bluesky_jit.worker_process import tiled_writer
 
 SHAPE = (8, 6)
 

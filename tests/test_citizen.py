@@ -15,9 +15,10 @@ from bluesky.callbacks import LiveTable
 from bluesky.callbacks.best_effort import BestEffortCallback
 
 from bluesky_jit.callbacks import JitCallback
-from bluesky_jit.catalog import derived_runs_for, documents, runs_container, tiled_writer
+from bluesky_jit.catalog import derived_runs_for, documents, runs_container
 from bluesky_jit.emit import DerivedRun
 from bluesky_jit.errors import ConfigError
+from bluesky_jit.worker_process import tiled_writer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.plans import tomo_continuous
 

@@ -244,7 +244,7 @@ def test_centre_of_rotation_outside_the_detector_is_refused_by_the_factories_too
         parallel(angles=4, shape=(4, 16), center_of_rotation=20.0)
     with pytest.raises(GeometryError, match="center_of_rotation -3.0 lies outside"):
         cone(angles=4, shape=(4, 16), source_origin=100, origin_detector=50, center_of_rotation=-3)
-    with pytest.raises(GeometryError, match=r"center_of_rotation 40 lies outside.*e\.g\. 15\.5"):
+    with pytest.raises(GeometryError, match=r"center_of_rotation 40.0 lies outside.*e\.g\. 15\.5"):
         ScanGeometry(detector_shape=(4, 32), center_of_rotation=40)
 
 

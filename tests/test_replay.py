@@ -180,7 +180,7 @@ def test_live_order_puts_each_frame_after_its_event():
 def hex_layout_scan(jit_catalog):
     """Uid of a scan whose darks and flats are in a separate dark/flat run (NSLS-II HEX)."""
     from bluesky_jit.apps.session import simulated_beamline
-    from bluesky_jit.catalog import tiled_writer
+    from bluesky_jit.worker_process import tiled_writer
     from simulated_devices.plans import dark_flat_run, tomo_scan
 
     writer = tiled_writer(

@@ -299,12 +299,12 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path):
 
 
 def test_augmentation_keeps_pairs_aligned_and_covers_the_eight_symmetries():
-    from bluesky_jit.training import _dihedral
+    from bluesky_jit.training import _turn
 
     u = torch.arange(16.0).reshape(1, 1, 4, 4)
     seen = set()
     for k in range(8):
-        a, b = _dihedral(u, u + 100, k)
+        a, b = _turn(u, k), _turn(u + 100, k)
         assert torch.equal(b - a, torch.full_like(a, 100.0))
         seen.add(tuple(a.flatten().tolist()))
     assert len(seen) == 8

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from bluesky_jit.buffers import ReplayBuffer
-from bluesky_jit.catalog import derived_runs_for, runs_container, tiled_writer
+from bluesky_jit.catalog import derived_runs_for, runs_container
 from bluesky_jit.errors import ConfigError, ScanDataError
 from bluesky_jit.evaluation import disc_mask
 from bluesky_jit.models import build_model
 from bluesky_jit.noise2inverse import UNCERTAINTY_SCALE, error_rms, inputs, uncertainty
 from bluesky_jit.training import Trainer
-from bluesky_jit.worker_process import JitProcess
+from bluesky_jit.worker_process import JitProcess, tiled_writer
 from simulated_devices.beamline import hw as make_hw
 
 from .helpers import blobs

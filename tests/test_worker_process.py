@@ -17,9 +17,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from bluesky_jit.catalog import derived_runs_for, runs_container, tiled_writer
+from bluesky_jit.catalog import derived_runs_for, runs_container
 from bluesky_jit.codec import packb, unpackb
-from bluesky_jit.worker_process import JitProcess
+from bluesky_jit.worker_process import JitProcess, tiled_writer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.plans import tomo_continuous
 
@@ -155,7 +155,7 @@ def test_the_child_ends_with_its_parent(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, sys
-        from bluesky_jit.worker_process import JitProcess
+        from bluesky_jit.worker_process import JitProcess, tiled_writer
         jit = JitProcess(directory={str(tmp_path / "derived")!r})
         print(jit._process.pid, flush=True)
         os._exit(0)

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from bluesky_jit.callbacks import JitCallback
-from bluesky_jit.catalog import LocalCatalog, derived_runs_for, runs_container, tiled_writer
+from bluesky_jit.catalog import LocalCatalog, derived_runs_for, runs_container
 from bluesky_jit.config import JitConfig
+from bluesky_jit.worker_process import tiled_writer
 from bluesky_jit.writer import CatalogWriter, decode_line, encode_line
 
 CONFIG = JitConfig(
@@ -169,7 +170,8 @@ WRITING_PROCESS = textwrap.dedent(
     from bluesky import RunEngine
     from bluesky.plans import count
     from ophyd.sim import det1
-    from bluesky_jit.catalog import connect, runs_container, tiled_writer
+    from bluesky_jit.catalog import connect, runs_container
+    from bluesky_jit.worker_process import tiled_writer
 
     raw = runs_container(connect(os.environ["URI"], api_key=os.environ["KEY"]), "raw")
     writer = tiled_writer(raw, spool_dir=os.environ["SPOOL"])

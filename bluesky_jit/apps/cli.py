@@ -42,7 +42,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from ..config import SECTION_OF, SECTIONS
 from ..errors import BlueskyJitError, CatalogError, ConfigError
 

@@ -88,7 +88,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from simulated_devices import hw
 
     from .. import catalog as cat
-    from ..worker_process import JitProcess
+    from ..worker_process import JitProcess, tiled_writer
 
     phantom, source, plan_of, total = _scene(options)  # a bad recording fails here, first
     data_dir = Path(options.data_dir).resolve()
@@ -110,8 +110,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         raw_runs = cat.runs_container(client, "raw")
         derived_runs = cat.runs_container(client, "derived")
         spool = data_dir / "spool"
-        writers.append(cat.tiled_writer(derived_runs, spool_dir=spool / "derived"))
-        writers.append(cat.tiled_writer(raw_runs, spool_dir=spool / "raw", process=True))
+        writers.append(tiled_writer(derived_runs, spool_dir=spool / "derived"))
+        writers.append(tiled_writer(raw_runs, spool_dir=spool / "raw", process=True))
         # The work runs in a child process: the scan keeps its pace (README, "Never slow").
         jit = JitProcess(config=options.config, emit=writers[0], directory=derived_dir)
         if options.on_callback is not None:

@@ -160,7 +160,7 @@ class Listener:
         keep_summaries: int = 100,
     ) -> None:
         from ..callbacks import JitCallback
-        from ..catalog import tiled_writer
+        from ..worker_process import tiled_writer
 
         if skip_done and derived_runs is None:
             raise ConfigError("Listener(skip_done=True) needs derived_runs to look runs up in.")

@@ -193,7 +193,7 @@ def replay(
 
     writer = emit
     if writer is None and derived_runs is not None:
-        from ..catalog import tiled_writer
+        from ..worker_process import tiled_writer
 
         writer = tiled_writer(derived_runs, spool_dir=directory.parent / "spool" / "derived")
     marker = _ReplayMarker(writer, {"source": source, "pace": pace}) if writer else None

@@ -564,8 +564,7 @@ def _callbacks(
 ) -> tuple[Any, JitProcess | JitCallback]:
     """The raw-run writer (or None) and the just-in-time callback of :func:`attach`."""
     from ..callbacks import JitCallback
-    from ..catalog import tiled_writer
-    from ..worker_process import JitProcess
+    from ..worker_process import JitProcess, tiled_writer
 
     writer = None
     if write_raw:

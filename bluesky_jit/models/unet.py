@@ -134,14 +134,8 @@ class UNet(nn.Module):
         self.size_multiple = 2**levels
         """Height and width that make every down-scaling exact (inference pads to it)."""
 
-        conv, up_conv = (
-            (nn.Conv2d, nn.ConvTranspose2d)
-            if spatial_dims == 2
-            else (
-                nn.Conv3d,
-                nn.ConvTranspose3d,
-            )
-        )
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        up_conv = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
         down: int | tuple[int, int, int] = 2 if spatial_dims == 2 else (1, 2, 2)
         widths = [features * 2**level for level in range(levels + 1)]
         self.encoders = nn.ModuleList()

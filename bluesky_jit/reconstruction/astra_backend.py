@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..geometry import window_weight
-from .base import Backend, check_projections
+from .base import Backend, check_projections, offset_rows
 from .plans import axial_lines, interpolate_rows
 
 _FILTERS = {"ram-lak": "ram-lak", "shepp-logan": "shepp-logan", "cosine": "cosine", "hann": "hann"}
@@ -137,8 +137,7 @@ class AstraBackend(Backend):
         data = filtered.detach().cpu().numpy() if hasattr(filtered, "detach") else filtered
         data = np.ascontiguousarray(data, dtype=np.float32)
         check_projections(data.shape, geometry, row_offset=row_offset)
-        mats = np.array(geometry.matrices())
-        mats[:, 1] -= row_offset * mats[:, 2]
+        mats = offset_rows(geometry.matrices(), row_offset)
         lines = axial_lines(mats, slice_)
         if lines is None:
             reason = (

@@ -168,6 +168,15 @@ def check_projections(shape: tuple[int, ...], geometry: Any, *, row_offset: int 
         )
 
 
+def offset_rows(mats: Any, row_offset: int) -> Any:
+    """Projective matrices for data that start at detector row ``row_offset``."""
+    if not row_offset:
+        return mats
+    mats = np.array(mats)
+    mats[:, 1] -= row_offset * mats[:, 2]
+    return mats
+
+
 def check_split(
     shape: tuple[int, ...],
     geometry: Any,

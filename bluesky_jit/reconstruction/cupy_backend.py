@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..geometry import Slice, window_weight
-from .base import Backend, check_projections
+from .base import Backend, check_projections, offset_rows
 
 _SOURCE = r"""
 extern "C" __global__
@@ -106,8 +106,7 @@ class CupyBackend(Backend):
 
     def _run(self, filtered, geometry, points: np.ndarray, row_offset: int) -> np.ndarray:
         cp = self._cp
-        mats = np.array(geometry.matrices())
-        mats[:, 1] -= row_offset * mats[:, 2]
+        mats = np.asarray(offset_rows(geometry.matrices(), row_offset))
         with self.device:
             data = cp.ascontiguousarray(cp.asarray(filtered, dtype=cp.float32))
             check_projections(tuple(data.shape), geometry, row_offset=row_offset)

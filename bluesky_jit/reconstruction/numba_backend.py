@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import Slice, window_weight
-from .base import Backend, check_projections, check_split
+from .base import Backend, check_projections, check_split, offset_rows
 from .plans import PlanCache, ShearPlan, axial_lines, interpolate_rows, row_lines
 
 # numba's workqueue threading layer must not be entered from two threads at once
@@ -96,7 +96,7 @@ class NumbaBackend(Backend):
         """FBP/FDK of one slice; see :meth:`.base.Backend.backproject`."""
         data = _as_numpy(filtered)
         check_projections(data.shape, geometry, row_offset=row_offset)
-        mats = _offset_rows(geometry.matrices(), row_offset)
+        mats = offset_rows(geometry.matrices(), row_offset)
         weight = np.float32(window_weight(len(geometry)))
         if self.fast_path:
             plan = self.plans.get(
@@ -109,13 +109,7 @@ class NumbaBackend(Backend):
         return out[0] * weight
 
     def backproject_grids(
-        self,
-        filtered: Any,
-        geometry: Any,
-        origins: np.ndarray,
-        like: Slice,
-        *,
-        row_offset: int = 0,
+        self, filtered: Any, geometry: Any, origins: np.ndarray, like: Slice, *, row_offset: int = 0
     ) -> np.ndarray:
         """FBP on many small grids (patches) shaped and oriented like ``like``.
 
@@ -123,7 +117,7 @@ class NumbaBackend(Backend):
         """
         data = _as_numpy(filtered)
         check_projections(data.shape, geometry, row_offset=row_offset)
-        mats = _offset_rows(geometry.matrices(), row_offset)
+        mats = offset_rows(geometry.matrices(), row_offset)
         origins = np.ascontiguousarray(origins, dtype=np.float64).reshape(-1, 3)
         out = np.zeros((len(origins), *like.shape), dtype=np.float32)
         self._run_grids(data, mats, geometry.beam == "cone", origins, like, out)
@@ -204,23 +198,8 @@ class NumbaBackend(Backend):
         self, data: np.ndarray, plan: ShearPlan, slots: np.ndarray | None = None
     ) -> np.ndarray:
         q = interpolate_rows(data, plan.row, slots)
-        rows, cols = plan.shape
-        out = np.zeros((rows, cols), dtype=np.float32)
-        out_t = None
-        with launch(self._k, self._threads(rows * cols * len(plan.row))) as k:
-            for group in plan.groups:
-                tables = np.empty((len(group.index), plan.upsample, group.length), np.float32)
-                k.build_tables(
-                    q[group.index], group.p0, group.step, plan.upsample, group.length, tables
-                )
-                if group.transposed:
-                    out_t = np.zeros((cols, rows), dtype=np.float32)
-                    k.shear_accumulate(tables, group.k, group.r, group.w, out_t)
-                else:
-                    k.shear_accumulate(tables, group.k, group.r, group.w, out)
-        if out_t is not None:
-            out += out_t.T
-        return out
+        threads = self._threads(plan.shape[0] * plan.shape[1] * len(plan.row))
+        return shear_backproject(self._k, plan, q, threads)
 
     def _split_fast(self, data, geometry, slice_, slots, groups, k) -> np.ndarray | None:
         """Per subset, the axial fast path (unweighted sums, (k, rows, cols)), or None."""
@@ -289,6 +268,26 @@ class NumbaBackend(Backend):
             )
 
 
+def shear_backproject(kernels: Any, plan: ShearPlan, q: np.ndarray, threads: int | None) -> Any:
+    """The fast path's unweighted backprojection: rows ``q`` (n, cols) of the plan's
+    projections -> (rows, cols) float32."""
+    rows, cols = plan.shape
+    out = np.zeros((rows, cols), dtype=np.float32)
+    with launch(kernels, threads) as k:
+        for group in plan.groups:
+            tables = np.empty((len(group.index), plan.upsample, group.length), np.float32)
+            k.build_tables(
+                q[group.index], group.p0, group.step, plan.upsample, group.length, tables
+            )
+            if group.transposed:  # at most one group: image columns as the slow axis
+                out_t = np.zeros((cols, rows), dtype=np.float32)
+                k.shear_accumulate(tables, group.k, group.r, group.w, out_t)
+                out += out_t.T
+            else:
+                k.shear_accumulate(tables, group.k, group.r, group.w, out)
+    return out
+
+
 def _prefer_workqueue() -> None:
     """Use numba's non-spinning threading layer (see the module notes), if still possible."""
     import os
@@ -299,15 +298,6 @@ def _prefer_workqueue() -> None:
     if os.environ.get("NUMBA_THREADING_LAYER") or getattr(parallel, "_is_initialized", True):
         return
     numba.config.THREADING_LAYER = "workqueue"
-
-
-def _offset_rows(mats: np.ndarray, row_offset: int) -> np.ndarray:
-    """Matrices for data that start at detector row ``row_offset``."""
-    if not row_offset:
-        return mats
-    mats = np.array(mats)
-    mats[:, 1] -= row_offset * mats[:, 2]
-    return mats
 
 
 @contextmanager

@@ -157,7 +157,7 @@ class ShearPlan:
 
 
 class PlanCache:
-    """A small LRU cache of geometry-only plans, safe to share between threads."""
+    """A small LRU cache (geometry-only plans, geometries), safe to share between threads."""
 
     def __init__(self, maxsize: int = 16) -> None:
         self.maxsize = maxsize

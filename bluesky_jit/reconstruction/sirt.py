@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ConfigError, GeometryError, ScanDataError
 from ..geometry import ProjectionGeometry, ScanGeometry, Slice
 from ..projections import FlatField, ProjectionBuffer, correct
-from .numba_backend import _prefer_workqueue, launch
+from .numba_backend import _prefer_workqueue, launch, shear_backproject
 from .plans import PlanCache, ShearPlan, axial_lines
 
 
@@ -79,29 +79,8 @@ class ShearOperator:
 
     def back(self, sino: np.ndarray) -> np.ndarray:
         """``A^T y``: (n, cols) -> image."""
-        rows, cols = self.shape
         sino = np.ascontiguousarray(sino, dtype=np.float32)
-        out = np.zeros((rows, cols), dtype=np.float32)
-        with launch(self._k, self.threads) as k:
-            for group in self.plan.groups:
-                tables = np.empty(
-                    (len(group.index), self.plan.upsample, group.length), dtype=np.float32
-                )
-                k.build_tables(
-                    sino[group.index],
-                    group.p0,
-                    group.step,
-                    self.plan.upsample,
-                    group.length,
-                    tables,
-                )
-                if group.transposed:
-                    out_t = np.zeros((cols, rows), dtype=np.float32)
-                    k.shear_accumulate(tables, group.k, group.r, group.w, out_t)
-                    out += out_t.T
-                else:
-                    k.shear_accumulate(tables, group.k, group.r, group.w, out)
-        return out * self.scale
+        return shear_backproject(self._k, self.plan, sino, self.threads) * self.scale
 
     def forward(self, image: np.ndarray) -> np.ndarray:
         """``A x``: image -> (n, cols) line integrals."""
@@ -236,15 +215,10 @@ class StreamingSIRT:
         data, _ = self.buffer.select(indices, rows=0)
         geom = self.geometry.projection_geometry(self.buffer.angles_of(indices))
         op = self._operators.get(
-            (geom, self.slice),
-            lambda: ShearOperator(geom, self.slice, threads=self.threads),
+            (geom, self.slice), lambda: ShearOperator(geom, self.slice, threads=self.threads)
         )
         self.image = sirt(
-            op,
-            data.numpy(),
-            self.image,
-            iterations=self.iterations,
-            nonnegative=self.nonnegative,
+            op, data.numpy(), self.image, iterations=self.iterations, nonnegative=self.nonnegative
         )
         self.updates += 1
         return self.image.copy()

@@ -55,6 +55,7 @@ from ..projections import (
 )
 from .backends import make_backend
 from .base import Backend
+from .plans import PlanCache
 
 MODES = ("sliding", "alternating")
 
@@ -194,8 +195,8 @@ class StreamingReconstructor:
         self.incremental = incremental
         self._since_refresh = 0
         self._completed: np.ndarray | None = None  # alternating: the last whole rotation
-        self._geometries: OrderedDict[bytes, ProjectionGeometry] = OrderedDict()
-        self._checked_windows: OrderedDict[bytes, None] = OrderedDict()
+        self._geometries = PlanCache(maxsize=32)
+        self._checked_windows = PlanCache(maxsize=8)
         self._sums: OrderedDict[Slice, _Sums] = OrderedDict()
         self._lock = threading.RLock()
         self._threads = threads
@@ -285,7 +286,7 @@ class StreamingReconstructor:
         geometry = replace(self.geometry, center_of_rotation=center_of_rotation)
         with self._lock:
             self.geometry = geometry
-            self._geometries.clear()
+            self._geometries = PlanCache(maxsize=32)
             self._sums.clear()  # running sums of the old axis
         if geometry.beam == "cone":
             self.prefilter.weights = torch.as_tensor(fdk_weights(geometry), device=self.device)
@@ -300,15 +301,7 @@ class StreamingReconstructor:
         """FBP/FDK of the last rotation on the axial slice at a detector row (default slice_row)."""
         row = self.row if row is None else row
         slice_ = self.geometry.axial_slice(row, shape=self.n, center_xy=self.center_xy)
-        result = self.reconstruct_slice(slice_)
-        return SliceSet(
-            full=result.full,
-            even=result.even,
-            odd=result.odd,
-            indices=result.indices,
-            row=row,
-            slice=slice_,
-        )
+        return replace(self.reconstruct_slice(slice_), row=row, slice=slice_)
 
     def reconstruct_slices(self) -> tuple[SliceSet, ...]:
         """Every plane in :attr:`slices` (three orthogonal ones by default), in one pass."""
@@ -512,15 +505,9 @@ class StreamingReconstructor:
 
     def _check_window(self, indices: np.ndarray) -> None:
         """Once per full window: do its angles cover the geometry's angular range?"""
-        if len(indices) < self.window:
-            return
-        key = indices.tobytes()
-        if key in self._checked_windows:
-            return
-        self.geometry.check_angles(self.buffer.angles_of(indices))
-        self._checked_windows[key] = None
-        while len(self._checked_windows) > 8:
-            self._checked_windows.popitem(last=False)
+        if len(indices) >= self.window:  # a window that fails is not kept: it raises again
+            angles = self.buffer.angles_of(indices)
+            self._checked_windows.get(indices.tobytes(), lambda: self.geometry.check_angles(angles))
 
     # -- Noise2Inverse splits ----------------------------------------------------
     def subset_slices(self, subsets: Sequence[np.ndarray], row: int) -> np.ndarray:
@@ -533,12 +520,7 @@ class StreamingReconstructor:
         return self.reconstruct_subsets(slice_, subsets)
 
     def subset_patches(
-        self,
-        subsets: Sequence[np.ndarray],
-        centers: np.ndarray,
-        rows: np.ndarray,
-        *,
-        size: int,
+        self, subsets: Sequence[np.ndarray], centers: np.ndarray, rows: np.ndarray, *, size: int
     ) -> np.ndarray:
         """Axial patches reconstructed from each of several subsets of buffered projections.
 
@@ -630,13 +612,8 @@ class StreamingReconstructor:
     def _geometry(self, indices: np.ndarray) -> ProjectionGeometry:
         """The projection geometry of buffered projections (cached: plans key on it)."""
         key = np.asarray(indices, dtype=np.int64).tobytes()
-        geom = self._geometries.get(key)
-        if geom is None:
-            geom = self.geometry.projection_geometry(self.buffer.angles_of(indices))
-            self._geometries[key] = geom
-            while len(self._geometries) > 32:
-                self._geometries.popitem(last=False)
-        return geom
+        angles = self.buffer.angles_of
+        return self._geometries.get(key, lambda: self.geometry.projection_geometry(angles(indices)))
 
     def _rows(self, indices: np.ndarray, points: np.ndarray) -> tuple[int, int]:
         """Detector rows (first, last) that the points need, over the window's projections."""

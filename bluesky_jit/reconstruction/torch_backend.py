@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import window_weight
-from .base import Backend, check_projections
+from .base import Backend, check_projections, offset_rows
 
 
 class TorchBackprojector:
@@ -114,7 +114,7 @@ class TorchBackend(Backend):
 
         data = torch.as_tensor(filtered, dtype=torch.float32, device=self.device)
         check_projections(tuple(data.shape), geometry, row_offset=row_offset)
-        mats = _offset_rows(geometry.matrices(), row_offset)
+        mats = offset_rows(geometry.matrices(), row_offset)
         lines = axial_lines(mats, slice_)
         if lines is not None:
             out = self._lines(data, lines, slice_.shape)
@@ -129,7 +129,7 @@ class TorchBackend(Backend):
 
         data = torch.as_tensor(filtered, dtype=torch.float32, device=self.device)
         check_projections(tuple(data.shape), geometry, row_offset=row_offset)
-        mats = _offset_rows(geometry.matrices(), row_offset)
+        mats = offset_rows(geometry.matrices(), row_offset)
         local = like.points() - like.origin
         pts = np.asarray(origins, dtype=np.float64).reshape(-1, 1, 1, 3) + local[None]
         flat = torch.as_tensor(pts.reshape(-1, 3), device=self.device)
@@ -209,13 +209,3 @@ class TorchBackend(Backend):
                 value = value * (1.0 / (w * w)).to(torch.float32)
             out += torch.where(valid, value, torch.zeros_like(value)).sum(0)
         return out
-
-
-def _offset_rows(mats, row_offset: int):
-    import numpy as np
-
-    if not row_offset:
-        return mats
-    mats = np.array(mats)
-    mats[:, 1] -= row_offset * mats[:, 2]
-    return mats
