@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bluesky_jit.callbacks import JitCallback
-from bluesky_jit.catalog import derived_runs_for, runs_container, tiled_writer
+from bluesky_jit.catalog import derived_runs_for, runs_container
 from bluesky_jit.config import JitConfig
 from bluesky_jit.errors import ConfigError
 from bluesky_jit.evaluation import disc_mask, psnr
@@ -17,6 +17,7 @@ from bluesky_jit.geometry import ScanGeometry
 from bluesky_jit.pairs import PairMaker, SamplingRegion
 from bluesky_jit.pipeline import RunPipeline
 from bluesky_jit.reconstruction.streaming import StreamingReconstructor
+from bluesky_jit.worker_process import tiled_writer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.cone import Ball, ball_truth, parallel_projections
 
