@@ -21,7 +21,7 @@ weight tuned against truth on a held-out slice from earlier in the scan),
 ``psnr_tv_oracle`` (tuned on the test slice itself: the best any TV weight
 does), ``psnr_tv_n2i`` (tuned without truth on the halves), ``psnr_bm3d``
 (if installed), ``psnr_denoised``, SSIM, and ``alpha``. Then the slice moves
-from the bubbles to the bead bed (seed 000, Fig. 7a / 10: repositioning) and
+from the bubbles to the bead bed (Graas et al. 2023, Fig. 7a / 10: repositioning) and
 ``recovery_s`` is the time until hold-out alpha is back within 0.05 of its
 level before the move. The noise (and so FBP, TV and BM3D) is the same in
 every model's run: it is seeded per projection index.
@@ -94,12 +94,12 @@ class Spec:
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
-        Spec("unet", "unet"),  # seed 000's Standard U-Net
-        Spec("unet_nobuffer", "unet", online_strategy="sequential"),  # seed 000 Fig. 10 baseline
+        Spec("unet", "unet"),  # the Standard U-Net of Graas et al. 2023
+        Spec("unet_nobuffer", "unet", online_strategy="sequential"),  # Graas et al. 2023, Fig. 10
         # Dilated networks, dilations fitted to 20x20 patches. With the papers' dilations
         # (up to 10 or 16) most taps of a patch fall into the zero padding, and the network
         # fails on full slices (17.3 and 12.3 dB here, worse than TV, at a fine hold-out
-        # alpha); those configs are msdnet_l10 and smsnet_dlsia. 100 layers (seed 002)
+        # alpha); those configs are msdnet_l10 and smsnet_dlsia. 100 layers (Pelt and Sethian 2018)
         # train at ~7 steps/s on this CPU, hence depth 30.
         Spec("msdnet", "msdnet", {"depth": 30, "dilations": [1, 2, 3, 4]}),
         Spec("msdnet_l10", "msdnet", {"depth": 30}),
@@ -445,7 +445,7 @@ def run_stream(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         bubbles=args.bubbles,
     )
     inner = stream.phantom.inner_radius
-    region = SamplingRegion.disc(inner)  # patches inside the container (seed 000)
+    region = SamplingRegion.disc(inner)  # patches inside the container (Graas et al. 2023)
     maker = PairMaker(
         stream.buffer,
         stream.backprojector.backproject,

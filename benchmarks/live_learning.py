@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None, help="slices figure")
-    parser.add_argument("--variant", default=None, help='seed-000 network, e.g. "Z3", "C16"')
+    parser.add_argument(
+        "--variant", default=None, help='network of Graas et al. 2023, e.g. "Z3", "C16"'
+    )
     parser.add_argument("--set", action="append", default=[], help="JitConfig key=value")
     parser.add_argument("--seconds", type=float, default=60.0, help="stream before the test")
     parser.add_argument("--after-move", type=float, default=25.0)

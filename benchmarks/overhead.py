@@ -22,9 +22,9 @@ darks, 10 flats). A case is ``<scan>/<subscriptions>``:
 - scans: ``unpaced`` (32 x 128 frames, 180 projections per rotation, as fast
   as the simulated detector goes); ``paced15``, ``paced50``, ``paced100``
   (128 x 128 frames, 180 per rotation, held to 15, 50, 100 frames/s in
-  wall-clock time); ``seed000`` (seed 000's 647 x 768 detector at 83
-  frames/s, cone beam, 150 projections per 360-degree rotation, replayed from
-  a few pre-computed frames so that making a frame is one copy);
+  wall-clock time); ``graas2023`` (the 647 x 768 detector of Graas et al.
+  2023 at 83 frames/s, cone beam, 150 projections per 360-degree rotation,
+  replayed from a few pre-computed frames so that making a frame is one copy);
 - subscriptions: ``bare`` (nothing), ``raw`` (the raw writer), ``jit``
   (JitProcess, publishing its derived run) and ``both``.
 
@@ -101,13 +101,13 @@ from live_learning import parse_value  # noqa: E402
 SUBSCRIPTIONS = {"bare": (), "raw": ("raw",), "jit": ("jit",), "both": ("raw", "jit")}
 """Case suffix -> what is subscribed to the RunEngine."""
 
-SEED000 = {
+GRAAS2023 = {
     "detector_shape": (647, 768),
     "pixel_size": 0.1496,
     "source_origin": 400.0,
     "origin_detector": 400.0,
 }
-"""Seed 000's detector and distances, as ``benchmarks/reconstruction.py`` states them."""
+"""The detector and distances of Graas et al. 2023, as ``benchmarks/reconstruction.py`` has them."""
 
 DROPPED = re.compile(r"(\d+) frame documents were dropped")
 
@@ -123,7 +123,7 @@ class Scan:
     rotations: int = 2
     fps: float = 30.0
     paced: bool = True
-    source: str = "phantom"  # or "seed000"
+    source: str = "phantom"  # or "graas2023"
     darks: int = 10
     flats: int = 10
 
@@ -140,7 +140,9 @@ def scans(quick: bool, outage_fps: float, outage_scan_s: float) -> dict[str, Sca
         "paced15": Scan("paced15", 128, 128, 180, fps=15.0),
         "paced50": Scan("paced50", 128, 128, 180, fps=50.0),
         "paced100": Scan("paced100", 128, 128, 180, fps=100.0),
-        "seed000": Scan("seed000", *SEED000["detector_shape"], 150, fps=83.0, source="seed000"),
+        "graas2023": Scan(
+            "graas2023", *GRAAS2023["detector_shape"], 150, fps=83.0, source="graas2023"
+        ),
     }
     frames = outage_scan_s * outage_fps
     out["outage"] = Scan(
@@ -154,11 +156,11 @@ def scans(quick: bool, outage_fps: float, outage_scan_s: float) -> dict[str, Sca
 
 
 # ----------------------------------------------------------------------------- sources
-_SEED000_RECORDING: list[Any] = []
+_GRAAS2023_RECORDING: list[Any] = []
 
 
-def seed000_source(frames: int = 16, photons: float = 1000.0) -> Any:
-    """A ``RecordingSource`` of seed 000's detector: ``frames`` cone projections over 360 deg.
+def graas2023_source(frames: int = 16, photons: float = 1000.0) -> Any:
+    """A ``RecordingSource`` of Graas et al. 2023's detector: ``frames`` projections over 360 deg.
 
     The frames (Poisson counts of the ball phantom, ``benchmarks/reconstruction.py``'s
     scale) are made once and kept in memory; the source then only copies the
@@ -168,11 +170,11 @@ def seed000_source(frames: int = 16, photons: float = 1000.0) -> Any:
     from simulated_devices.recordings import DXchangeRecording
     from simulated_devices.sources import RecordingSource
 
-    if not _SEED000_RECORDING:
+    if not _GRAAS2023_RECORDING:
         rng = np.random.default_rng(0)
-        rows, cols = SEED000["detector_shape"]
+        rows, cols = GRAAS2023["detector_shape"]
         theta = 360.0 * np.arange(frames) / frames
-        geometry = {k: v for k, v in SEED000.items()}
+        geometry = {k: v for k, v in GRAAS2023.items()}
         data = np.stack(
             [
                 cone_projection(ball_phantom(scale=0.8), angle=math.radians(a), **geometry)
@@ -184,13 +186,13 @@ def seed000_source(frames: int = 16, photons: float = 1000.0) -> Any:
         flats = (rng.poisson(photons, size=(2, rows, cols)) + dark).astype(np.uint16)
         darks = np.full((2, rows, cols), dark, dtype=np.uint16)
         recording = DXchangeRecording(
-            data=data, flats=flats, darks=darks, theta=theta, sample_name="balls (seed 000)"
+            data=data, flats=flats, darks=darks, theta=theta, sample_name="balls (cone beam)"
         )
-        _SEED000_RECORDING.append(recording)
+        _GRAAS2023_RECORDING.append(recording)
     return RecordingSource(
-        _SEED000_RECORDING[0],
-        pixel_size=SEED000["pixel_size"],
-        center_of_rotation=(SEED000["detector_shape"][1] - 1) / 2,
+        _GRAAS2023_RECORDING[0],
+        pixel_size=GRAAS2023["pixel_size"],
+        center_of_rotation=(GRAAS2023["detector_shape"][1] - 1) / 2,
         replay="nearest_angle",
         mirror=False,
     )
@@ -198,12 +200,12 @@ def seed000_source(frames: int = 16, photons: float = 1000.0) -> Any:
 
 def source_and_geometry(scan: Scan) -> tuple[Any, dict[str, Any] | None, tuple[float, float]]:
     """The frame source, a geometry override for the plan, and the angular range."""
-    if scan.source == "seed000":
-        source = seed000_source()
+    if scan.source == "graas2023":
+        source = graas2023_source()
         geometry = source.metadata() | {
             "beam": "cone",
-            "source_origin": SEED000["source_origin"],
-            "origin_detector": SEED000["origin_detector"],
+            "source_origin": GRAAS2023["source_origin"],
+            "origin_detector": GRAAS2023["origin_detector"],
         }
         return source, geometry, (0.0, 360.0)
     from simulated_devices.phantoms import BubbleColumn
@@ -777,7 +779,7 @@ def select(names: list[str], patterns: list[str] | None) -> list[str]:
 def warm_up(kinds: set[str], ctx: Context, all_scans: dict[str, Scan]) -> None:
     """A short unrecorded scan with both subscriptions per detector kind."""
     for kind in sorted(kinds):
-        base = all_scans["seed000" if kind == "seed000" else "unpaced"]
+        base = all_scans["graas2023" if kind == "graas2023" else "unpaced"]
         scan = dataclasses.replace(
             base, name=f"warmup_{kind}", angles=24, darks=2, flats=2, paced=False
         )

@@ -10,9 +10,10 @@ Cases (medians of repeats, written to JSON with the machine's description):
   recorded documents of that scan as fast as it takes them, training running
   alongside as it does live; with and without the trainer;
 - ``training``: optimizer steps/s of the Standard U-Net on batches of 32
-  20x20 patches (seed 000: 141 it/s for the T3 network on an RTX 2080 Ti);
-- ``inference``: ms per denoised slice, 512x512 and 1024x1024 (seed 000:
-  45 ms for a 1000x1000 slab on an RTX 2080 Ti).
+  20x20 patches (Graas et al. 2023: 141 it/s for the T3 network on an RTX
+  2080 Ti);
+- ``inference``: ms per denoised slice, 512x512 and 1024x1024 (Graas et al.
+  2023: 45 ms for a 1000x1000 slab on an RTX 2080 Ti).
 """
 
 from __future__ import annotations

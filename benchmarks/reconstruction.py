@@ -14,7 +14,7 @@ reconstruction circle):
   sinogram: ASTRA's CPU FBP, scikit-image's ``iradon`` with the same (ramp)
   filter, a naive torch ``grid_sample`` FBP, and diffct when it imports.
 - ``patch``: one 20 x 20 patch anywhere in that slice from the 180
-  projections (seed 000: about 2 ms on a GPU), a Noise2Inverse pair from the
+  projections (Graas et al. 2023: about 2 ms on a GPU), a Noise2Inverse pair from the
   even/odd halves, and 64 training pairs from the streaming reconstructor as
   the pipeline makes them (``PairMaker.pairs(64)``).
   Peers: ASTRA's FBP on a 20 x 20 region of interest, torch ``grid_sample``
@@ -23,21 +23,21 @@ reconstruction circle):
   360 cone-beam projections (128 x 128 detector) of a 3D ball phantom. Peers:
   a naive torch ``grid_sample`` FDK; ASTRA's FDK needs CUDA (run only when
   ``astra.use_cuda()``).
-- ``patch_batch``: a batch of 32 60 x 60 patches (seed 000: 64 ms on a GPU)
-  from the 150 cone-beam projections of seed 000's 647 x 768 detector, on the
-  CPU (the GPU target is in ``cuda``).
-- ``cone_seed000``: the issue's CPU target: three orthogonal 512 x 512 slices
-  (full, even and odd halves) from the last 150 cone-beam projections of seed
-  000's 647 x 768 detector over 360 degrees (distances in :data:`SEED000`),
+- ``patch_batch``: a batch of 32 60 x 60 patches (Graas et al. 2023: 64 ms on
+  a GPU) from the 150 cone-beam projections of the 647 x 768 detector of Graas
+  et al. 2023, on the CPU (the GPU target is in ``cuda``).
+- ``cone_graas2023``: the CPU target: three orthogonal 512 x 512 slices (full,
+  even and odd halves) from the last 150 cone-beam projections of the 647 x 768
+  detector of Graas et al. 2023 over 360 degrees (distances in :data:`GRAAS2023`),
   streamed through ``StreamingReconstructor``: per-frame time (correction,
-  FDK weights, ramp filter), sliding refresh time every ``--seed000-every``
+  FDK weights, ramp filter), sliding refresh time every ``--graas2023-every``
   projections (incremental: the projections that entered and left the
   window), the from-scratch refresh (all 150 projections), refreshes/s and
   sustained rates with the per-frame work included, PSNR of each slice
   against the analytic phantom inside the cone's field of view.
-- ``sirt``: streaming SIRT (seed 001): refresh time and sustained
+- ``sirt``: streaming SIRT (Liu et al. 2019): refresh time and sustained
   projections/s for windows W in 16..256 and iterations I in 1, 5, 10 on a
-  256 x 256 slice, printed in seed 001's table layout.
+  256 x 256 slice, printed in the table layout of Liu et al. 2019.
 - ``cuda``: the GPU targets, a 1024 x 1024 slice from 400 projections (under
   5 ms; RECAST3D 31.5 ms) and a batch of 32 60 x 60 patches (under 2 ms), with
   the torch and cupy backends; recorded as "unavailable: no CUDA" without a GPU.
@@ -45,6 +45,12 @@ reconstruction circle):
 ``ratio_vs_astra`` is the project's time over ASTRA's, both medians from the
 same run. Timings on a shared machine are noisy: the load average before and
 after each case is recorded.
+
+References: A. Graas, S. B. Coban, K. J. Batenburg and F. Lucka, "Just-in-time
+deep learning for real-time X-ray computed tomography", Scientific Reports 13
+(2023); Z. Liu, T. Bicer, R. Kettimuthu and I. Foster, "Deep learning
+accelerated light source experiments", IEEE/ACM Workshop on Deep Learning on
+Supercomputers (DLS) (2019).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ from simulated_devices.cone import (
     parallel_projections,
 )
 
-CASES = ("slice", "patch", "patch_batch", "cone", "cone_seed000", "sirt", "cuda")
+CASES = ("slice", "patch", "patch_batch", "cone", "cone_graas2023", "sirt", "cuda")
 
 SLICE_BALLS = (
     Ball(80.0, -40.0, 0.0, 60.0, 0.02),
@@ -582,7 +588,7 @@ def sirt_case(n: int, windows, iterations, repeats: int) -> dict[str, Any] | Non
             )
     return {
         "case": "sirt",
-        "description": f"streaming SIRT (seed 001) on a {n}x{n} slice, {total} projections "
+        "description": f"streaming SIRT (Liu et al. 2019) on a {n}x{n} slice, {total} projections "
         f"at {180 / rotation:.1f} degree steps, warm start; refresh every W projections",
         "project": {"grid": rows, "backend": "numba"},
         "peers": {},
@@ -592,12 +598,13 @@ def sirt_case(n: int, windows, iterations, repeats: int) -> dict[str, Any] | Non
     }
 
 
-# -- seed 000's cone-beam set-up -------------------------------------------------------------
-# Seed 000 (FleX-ray laboratory, Dexela 1512NDT): a 647 x 768 detector, 150 projections per
-# full rotation. The seed gives no distances; these are typical of that laboratory and
-# stated here: detector pixel 0.1496 mm (the Dexela's 74.8 um binned 2 x 2), source-axis
-# 400 mm, axis-detector 400 mm (magnification 2, 0.0748 mm at the axis, 57 mm field of view).
-SEED000 = {
+# -- the cone-beam set-up of Graas et al. 2023 -----------------------------------------------
+# Graas et al. 2023 (FleX-ray laboratory, Dexela 1512NDT): a 647 x 768 detector, 150
+# projections per full rotation. The paper gives no distances; these are typical of that
+# laboratory and stated here: detector pixel 0.1496 mm (the Dexela's 74.8 um binned 2 x 2),
+# source-axis 400 mm, axis-detector 400 mm (magnification 2, 0.0748 mm at the axis, 57 mm
+# field of view).
+GRAAS2023 = {
     "detector_shape": (647, 768),
     "pixel_size": 0.1496,
     "source_origin": 400.0,
@@ -606,11 +613,11 @@ SEED000 = {
 }
 
 
-def seed000_scan() -> ScanGeometry:
-    return ScanGeometry(beam="cone", angular_range=(0, 360), **SEED000)
+def graas2023_scan() -> ScanGeometry:
+    return ScanGeometry(beam="cone", angular_range=(0, 360), **GRAAS2023)
 
 
-def seed000_phantom() -> tuple[Ball, ...]:
+def graas2023_phantom() -> tuple[Ball, ...]:
     """The 3D ball phantom scaled to fit the cone's field of view (radius 20.8 mm)."""
     return ball_phantom(scale=0.8)
 
@@ -618,12 +625,12 @@ def seed000_phantom() -> tuple[Ball, ...]:
 _FRAMES: dict[int, np.ndarray] = {}
 
 
-def seed000_frame(k: int) -> np.ndarray:
+def graas2023_frame(k: int) -> np.ndarray:
     """Line integrals (647, 768) of projection k of a rotation (k = 0 .. 149), cached."""
     if k not in _FRAMES:
-        scan = seed000_scan()
+        scan = graas2023_scan()
         _FRAMES[k] = cone_projections(
-            seed000_phantom(),
+            graas2023_phantom(),
             [2 * np.pi * k / scan.num_angles],
             detector_shape=scan.detector_shape,
             pixel_size=scan.pixel_size,
@@ -633,9 +640,9 @@ def seed000_frame(k: int) -> np.ndarray:
     return _FRAMES[k]
 
 
-def seed000_slices(size: int) -> tuple[Slice, Slice, Slice]:
+def graas2023_slices(size: int) -> tuple[Slice, Slice, Slice]:
     """Three orthogonal size x size slices through (0, 0, 2 mm) spanning the field of view."""
-    scan = seed000_scan()
+    scan = graas2023_scan()
     pixel = scan.cols * scan.voxel_size / size
     centre = (0.0, 0.0, 2.0)
     return (
@@ -669,14 +676,14 @@ def cone_mask(scan: ScanGeometry, slice_: Slice, margin: float = 0.95) -> np.nda
     return (r < margin * r_fov) & (np.abs(pts[..., 2]) < margin * z_max)
 
 
-def cone_seed000_case(size: int, every: int, refreshes: int, repeats: int) -> dict[str, Any]:
-    """Three orthogonal slices from the last 150 projections of seed 000's 647 x 768 detector."""
+def cone_graas2023_case(size: int, every: int, refreshes: int, repeats: int) -> dict[str, Any]:
+    """Three orthogonal slices from the last 150 projections of Graas et al. 2023's detector."""
     from bluesky_jit.reconstruction.streaming import StreamingReconstructor
 
-    scan = seed000_scan()
-    slices = seed000_slices(size)
+    scan = graas2023_scan()
+    slices = graas2023_slices(size)
     n_rot = scan.num_angles
-    balls = seed000_phantom()
+    balls = graas2023_phantom()
     shape = scan.detector_shape
     darks, flats = np.zeros((1, *shape)), np.full((1, *shape), 1000.0)
     incremental = StreamingReconstructor(scan, refresh_every=every, slices=slices)
@@ -695,7 +702,7 @@ def cone_seed000_case(size: int, every: int, refreshes: int, repeats: int) -> di
         # 1 % denser every rotation: a frame entering the window differs from the one
         # leaving it (a static object would make the sliding update trivially exact)
         growth = 1.0 + 0.01 * (i // n_rot)
-        frame = (1000.0 * np.exp(-growth * seed000_frame(i % n_rot))).astype(np.float32)
+        frame = (1000.0 * np.exp(-growth * graas2023_frame(i % n_rot))).astype(np.float32)
         angle = 360.0 * i / n_rot
         t0 = time.perf_counter()
         due = incremental.add_frame(frame, angle_deg=angle, index=i)
@@ -714,7 +721,7 @@ def cone_seed000_case(size: int, every: int, refreshes: int, repeats: int) -> di
             full_cpu.append(time.process_time() - c0)
     after = load()
     if results is None:
-        raise RuntimeError("no refresh happened; raise --seed000-refreshes")
+        raise RuntimeError("no refresh happened; raise --graas2023-refreshes")
     reference = full.reconstruct_slices()  # the same window as the last incremental refresh
     # the first refresh of the incremental reconstructor builds its sums from scratch
     steady = incremental_times[1:] or incremental_times
@@ -733,11 +740,11 @@ def cone_seed000_case(size: int, every: int, refreshes: int, repeats: int) -> di
     import astra
 
     return {
-        "case": "cone_seed000",
+        "case": "cone_graas2023",
         "description": f"three orthogonal {size}x{size} slices (axial, xz, yz; full, even and "
-        f"odd) from the last {n_rot} cone-beam projections of seed 000's "
-        f"{shape[0]}x{shape[1]} detector over 360 degrees; refresh every {every} projections",
-        "geometry": {**SEED000, "slice_pixel_mm": slices[0].pixel_size},
+        f"odd) from the last {n_rot} cone-beam projections of the {shape[0]}x{shape[1]} "
+        f"detector of Graas et al. 2023 over 360 degrees; refresh every {every} projections",
+        "geometry": {**GRAAS2023, "slice_pixel_mm": slices[0].pixel_size},
         "project": {
             "time_s": refresh_s,
             "refreshes_per_s": 1.0 / refresh_s,
@@ -780,14 +787,15 @@ def cone_seed000_case(size: int, every: int, refreshes: int, repeats: int) -> di
 
 
 def patch_batch_case(size: int, batch: int, repeats: int) -> dict[str, Any]:
-    """A batch of ``batch`` size x size axial patches from seed 000's 150 cone projections."""
+    """A batch of ``batch`` size x size axial patches from 150 cone projections (Graas et al.
+    2023)."""
     from bluesky_jit.projections import ProjectionFilter
     from bluesky_jit.reconstruction.numba_backend import NumbaBackend
 
-    scan = seed000_scan()
+    scan = graas2023_scan()
     prefilter = ProjectionFilter(scan)
     q = np.stack(
-        [prefilter(torch.from_numpy(seed000_frame(k))).numpy() for k in range(scan.num_angles)]
+        [prefilter(torch.from_numpy(graas2023_frame(k))).numpy() for k in range(scan.num_angles)]
     )
     geom = scan.projection_geometry()
     voxel = scan.voxel_size
@@ -810,7 +818,7 @@ def patch_batch_case(size: int, batch: int, repeats: int) -> dict[str, Any]:
         },
         repeats,
     )
-    balls = seed000_phantom()
+    balls = graas2023_phantom()
     values = []
     for g, patch in enumerate(images["project"]):
         s = Slice(
@@ -825,8 +833,8 @@ def patch_batch_case(size: int, batch: int, repeats: int) -> dict[str, Any]:
     return {
         "case": "patch_batch",
         "description": f"a batch of {batch} {size}x{size} axial patches from {scan.num_angles} "
-        f"cone-beam projections of seed 000's {scan.rows}x{scan.cols} detector (seed 000: "
-        "64 ms on a GPU)",
+        f"cone-beam projections of the {scan.rows}x{scan.cols} detector of Graas et al. 2023 "
+        "(theirs: 64 ms on a GPU)",
         "project": {
             "time_s": times["project"],
             "psnr_db": psnr(got, truth, np.ones(got.shape, dtype=bool), peak),
@@ -841,11 +849,11 @@ def patch_batch_case(size: int, batch: int, repeats: int) -> dict[str, Any]:
 
 def cuda_case(repeats: int, device: str = "cuda") -> dict[str, Any]:
     """GPU targets: a 1024 x 1024 slice from 400 projections (< 5 ms; RECAST3D 31.5 ms) and
-    a batch of 32 60 x 60 patches (< 2 ms; seed 000: 64 ms), torch and cupy backends."""
+    a batch of 32 60 x 60 patches (< 2 ms; Graas et al. 2023: 64 ms), torch and cupy backends."""
     description = (
         "CUDA: 1024x1024 parallel-beam slice from 400 projections (target < 5 ms, RECAST3D "
-        "31.5 ms); batch of 32 60x60 cone-beam patches from seed 000's detector (target < 2 "
-        "ms, seed 000: 64 ms)"
+        "31.5 ms); batch of 32 60x60 cone-beam patches from the detector of Graas et al. 2023 "
+        "(target < 2 ms, theirs: 64 ms)"
     )
     from bluesky_jit.projections import ProjectionFilter
     from bluesky_jit.reconstruction.numba_backend import NumbaBackend
@@ -903,10 +911,10 @@ def cuda_case(repeats: int, device: str = "cuda") -> dict[str, Any]:
         return statistics.median(ts)
 
     q_gpu = q_cpu.to(device)
-    scan = seed000_scan()
+    scan = graas2023_scan()
     prefilter = ProjectionFilter(scan)
     cone_q = torch.stack(
-        [prefilter(torch.from_numpy(seed000_frame(k))) for k in range(scan.num_angles)]
+        [prefilter(torch.from_numpy(graas2023_frame(k))) for k in range(scan.num_angles)]
     ).to(device)
     cone_geom = scan.projection_geometry()
     like = Slice.axial(shape=(60, 60), pixel_size=scan.voxel_size)
@@ -936,7 +944,7 @@ def cuda_case(repeats: int, device: str = "cuda") -> dict[str, Any]:
         "description": description,
         "project": entries,
         "cpu_reference": cpu_reference,
-        "peers": {"recast3d_slice_1024_ms": 31.5, "seed000_patch_batch_ms": 64.0},
+        "peers": {"recast3d_slice_1024_ms": 31.5, "graas2023_patch_batch_ms": 64.0},
         "ratio_vs_astra": None,
         "load_before": before,
         "load_after": load(),
@@ -945,7 +953,7 @@ def cuda_case(repeats: int, device: str = "cuda") -> dict[str, Any]:
 
 # -- output -----------------------------------------------------------------------------------
 def sirt_table(grid: list[dict[str, Any]]) -> list[str]:
-    """Seed 001's layout: one column per (I, W), rows refresh time and sustained rate."""
+    """Liu et al. 2019's layout: one column per (I, W), rows refresh time and sustained rate."""
     cols = sorted(grid, key=lambda r: (r["iterations"], r["window"]))
     head = f"{'':<26}" + "".join(f"{'I=' + str(r['iterations']):>8}" for r in cols)
     return [
@@ -1009,7 +1017,7 @@ def table(results: dict[str, Any]) -> str:
             if key in p:
                 label = "  " + key.removesuffix("_s").replace("_", " ")
                 lines.append(f"{label:<28} {p[key] * 1e3:>10.2f}")
-        if case["case"] == "cone_seed000":
+        if case["case"] == "cone_graas2023":
             lines.append(
                 f"  refreshes/s: {p['refreshes_per_s']:.1f} sliding (every "
                 f"{p['refresh_every']}), {p['full_refreshes_per_s']:.2f} from scratch; "
@@ -1039,14 +1047,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cone-size", type=int, default=128)
     parser.add_argument("--cone-angles", type=int, default=360)
     parser.add_argument("--sirt-size", type=int, default=256)
+    parser.add_argument("--graas2023-size", type=int, default=512, help="side of the three slices")
     parser.add_argument(
-        "--seed000-size", type=int, default=512, help="side of the three seed 000 slices"
+        "--graas2023-every", type=int, default=10, help="refresh every k projections"
     )
     parser.add_argument(
-        "--seed000-every", type=int, default=10, help="refresh every k projections (seed 000)"
-    )
-    parser.add_argument(
-        "--seed000-refreshes", type=int, default=8, help="sliding refreshes timed (seed 000)"
+        "--graas2023-refreshes", type=int, default=8, help="sliding refreshes timed"
     )
     parser.add_argument(
         "--cases",
@@ -1086,10 +1092,10 @@ def main(argv: list[str] | None = None) -> int:
         results["cases"].append(cone_case(args.cone_size, args.cone_angles, args.repeats))
     if "patch_batch" in wanted:
         results["cases"].append(patch_batch_case(60, 32, args.repeats))
-    if "cone_seed000" in wanted:
+    if "cone_graas2023" in wanted:
         results["cases"].append(
-            cone_seed000_case(
-                args.seed000_size, args.seed000_every, args.seed000_refreshes, args.repeats
+            cone_graas2023_case(
+                args.graas2023_size, args.graas2023_every, args.graas2023_refreshes, args.repeats
             )
         )
     if "sirt" in wanted:

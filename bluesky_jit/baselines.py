@@ -1,6 +1,6 @@
 """Classical denoisers to beat: total variation and BM3D, tuned on held-out data.
 
-Seed 000 (Results III): "For TV, the regularization parameter was set to
+Graas et al. 2023 (Results III): "For TV, the regularization parameter was set to
 lambda = 0.03 and the number of iterations to n_iter = 300, after tuning on
 3200 samples"; TV "was not able to outperform the data-driven denoisers".
 Here the weight is tuned per data set, either
@@ -11,7 +11,7 @@ Here the weight is tuned per data set, either
   minimises ``||TV(u) - v||^2`` for independent reconstructions ``u`` and
   ``v`` of the same object also minimises ``||TV(u) - x||^2`` in expectation,
   because the noise of ``v`` is independent of ``TV(u)`` (the Noise2Noise
-  argument of seed 000, eq. 4).
+  argument of Graas et al. 2023, eq. 4).
 
 BM3D needs the ``bm3d`` package (``pip install bm3d``); its noise level is
 tuned the same ways.
@@ -66,7 +66,7 @@ def tv_denoise(image: np.ndarray, weight: float, *, max_num_iter: int = 300) -> 
     weight : float
         Regularisation weight in the image's units (larger: smoother).
     max_num_iter : int
-        300 as in seed 000.
+        300 as in Graas et al. 2023.
     """
     from skimage.restoration import denoise_tv_chambolle
 

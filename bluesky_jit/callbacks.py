@@ -548,7 +548,7 @@ class JitCallback:
         """Move the slices of the runs in progress from their next refresh on.
 
         ``slice_row`` moves the axial (denoised) slice to another detector row
-        (seed 000, Fig. 7a: the network then meets new data and recovers);
+        (Graas et al. 2023, Fig. 7a: the network then meets new data and recovers);
         ``vertical`` maps 1 (xz) or 2 (yz) to a new
         :class:`~bluesky_jit.geometry.Slice` of the same shape, or to the y
         (xz) or x (yz) in mm to move it to. Later runs use
@@ -568,8 +568,8 @@ class JitCallback:
             pipeline.set_center(center_of_rotation)
 
     def set_sampling(self, *, patch_size: int | None = None, region: Any = _KEEP) -> None:
-        """Change the training patches of the runs in progress (seed 000: "the
-        patch-sampling region is adjustable during the experiment").
+        """Change the training patches of the runs in progress (Graas et al. 2023:
+        "the patch-sampling region is adjustable during the experiment").
 
         ``patch_size`` in pixels; ``region`` a
         :class:`~bluesky_jit.pairs.SamplingRegion` (e.g. a disc inside the

@@ -95,7 +95,7 @@ class Pairs(_Section):
     """:meth:`~bluesky_jit.pairs.PairMaker.from_reconstructor` settings."""
 
     patch_size: PositiveInt = 20
-    """Side of the training patches (pixels; 20 in seed 000)."""
+    """Side of the training patches (pixels; 20 in Graas et al. 2023)."""
     pairs_per_refresh: PositiveInt = 64
     """Training pairs made at each refresh."""
     holdout_per_refresh: PositiveInt = 8
@@ -105,7 +105,7 @@ class Pairs(_Section):
     neighbourhood_rows: Annotated[int, Field(ge=0, strict=True)] = 2
     """Pairs are also drawn from detector rows this far from the slice row."""
     splits: Annotated[int, Field(ge=2, strict=True)] = 2
-    """K, the disjoint projection subsets i mod K (2: even/odd, seed 000)."""
+    """K, the disjoint projection subsets i mod K (2: even/odd, Graas et al. 2023)."""
     n2i_strategy: Annotated[N2IStrategy, Field(title="Noise2Inverse strategy")] = "X:1"
     """X:1: the mean of K-1 splits in, the other split as target; 1:X the reverse
     (the two agree for K = 2)."""
@@ -132,14 +132,14 @@ class Training(_Section):
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Settings of the network (its defaults filled in by name)."""
     online_strategy: Annotated[OnlineStrategy, Field(title="online-learning strategy")] = "queue"
-    """queue: capacity queue of buffer_capacity pairs (seed 000); sequential: no
+    """queue: capacity queue of buffer_capacity pairs (Graas et al. 2023); sequential: no
     buffer, each pair trained on once; frozen: the warm_start network, never trained."""
     buffer_capacity: PositiveInt = 320
-    """N_buffer, the pairs kept for training (seed 000: 32 or 320)."""
+    """N_buffer, the pairs kept for training (Graas et al. 2023: 32 or 320)."""
     batch_size: PositiveInt = 32
     """Pairs per optimizer step."""
     learning_rate: PositiveFloat = 2e-3
-    """Adam's learning rate (seed 000: 1e-4 on a GPU)."""
+    """Adam's learning rate (Graas et al. 2023: 1e-4 on a GPU)."""
     train_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """float32, bfloat16 (autocast) or auto: bfloat16 on a CPU that has it
     (AVX512-BF16/AMX), else float32."""
@@ -265,15 +265,15 @@ def _names(section: str) -> list[str]:
 class JitConfig(BaseModel):
     """Settings of one just-in-time denoising pipeline, a section per stage.
 
-    Defaults follow seed 000 where they carry over to a CPU: 20x20 patches,
+    Defaults follow Graas et al. 2023 where they carry over to a CPU: 20x20 patches,
     Adam with batch size 32, a capacity queue of 320 pairs (the larger of the
-    two buffers in seed 000, Fig. 10), even/odd Noise2Inverse splits. Where
+    two buffers in Graas et al. 2023, Fig. 10), even/odd Noise2Inverse splits. Where
     the CPU trains ~50 steps/s instead of the paper's GPU, the defaults are the
     settings that met the quality targets in ``benchmarks/learning.py``
-    (FBP + 6 dB and TV + 1 dB after 60 s): learning rate 2e-3 (seed 000:
+    (FBP + 6 dB and TV + 1 dB after 60 s): learning rate 2e-3 (Graas et al. 2023:
     1e-4), random flips and turns of the pairs, an exponential average of the
-    weights for inference, bfloat16 where the CPU has it. Build a seed-000
-    Table 1 network (``"C16"``, ``"V30"``, ``"Z3"``, ``"T5"``, ...) with
+    weights for inference, bfloat16 where the CPU has it. Build a Table 1
+    network of Graas et al. 2023 (``"C16"``, ``"V30"``, ``"Z3"``, ``"T5"``, ...) with
     :meth:`for_variant`.
 
     Raises
@@ -386,7 +386,7 @@ class JitConfig(BaseModel):
 
     @classmethod
     def for_variant(cls, name: str, **settings: Any) -> JitConfig:
-        """Settings for a seed-000 Table 1 network by name ("C16", "V30", "Z3", "T5", ...).
+        """Settings for a Table 1 network of Graas et al. 2023 ("C16", "V30", "Z3", "T5", ...).
 
         Sets ``model``, ``model_config``, ``patch_size`` and ``stack``;
         ``settings`` are the other settings (flat or by section).

@@ -3,7 +3,7 @@
 A :class:`Denoiser` owns its own copy of the network. Before each image it
 asks its source (a :class:`~bluesky_jit.training.Trainer`) for the weight
 version and copies the weights in only when they are newer, so inference
-never waits for a training step (seed 000, Fig. 3: component (3) "loads theta
+never waits for a training step (Graas et al. 2023, Fig. 3: component (3) "loads theta
 from memory" while component (6) keeps updating it).
 """
 

@@ -724,7 +724,7 @@ class RunPipeline:
                     row = self._kept_row(int(value))
                     self.recon.row = row
                     self.pairs.set_row(row)
-                    self.trainer.clear_holdout()  # alpha rates the new place (seed 000 Fig. 7a)
+                    self.trainer.clear_holdout()  # re-rate alpha (Graas et al. 2023, Fig. 7a)
                 elif key == "patch_size":
                     self.pairs.set_patch_size(value)
                     self.trainer.clear_holdout()
@@ -772,7 +772,7 @@ class RunPipeline:
     def _network_useful(self) -> bool:
         """Denoise once the network beats doing nothing on hold-out pairs (alpha < 1).
 
-        An untrained network is worse than the identity (seed 000, eq. 3), so
+        An untrained network is worse than the identity (Graas et al. 2023, eq. 3), so
         the denoised stream starts with the first metric row whose alpha is
         below 1; a warm-started network is used from the start.
         """

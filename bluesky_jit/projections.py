@@ -425,7 +425,7 @@ class ProjectionBuffer:
 def split_subsets(indices: np.ndarray, k: int = 2) -> list[np.ndarray]:
     """Noise2Inverse splits ``J_j = {i : i mod k == j}`` of global projection indices.
 
-    The splits are disjoint and together cover ``indices`` (seed 000; Hendriksen
+    The splits are disjoint and together cover ``indices`` (Graas et al. 2023; Hendriksen
     et al., Noise2Inverse, IEEE TCI 2020).
     """
     if k < 2:

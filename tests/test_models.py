@@ -1,4 +1,4 @@
-"""Model registry, the Standard U-Net of seed 000, and checkpoints."""
+"""Model registry, the Standard U-Net of Graas et al. 2023, and checkpoints."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_unet_channels():
 
 
 def expected_parameters(cin, cout, f, levels, n):
-    """Parameter count derived from seed 000's description, independently of the code."""
+    """Parameter count derived from Graas et al. 2023's description, independently of the code."""
 
     def conv(k, a, b):
         return k * k * a * b + b
@@ -137,7 +137,7 @@ def test_unet_parameter_count(config):
         assert count == 183_201  # the number in UNet's docstring
 
 
-def test_unet_structure_follows_seed_000():
+def test_unet_structure_follows_graas2023():
     model = build_model("unet")
     convs = [m for m in model.modules() if type(m) is nn.Conv2d]
     strided = [m for m in convs if m.stride == (2, 2)]
@@ -330,13 +330,14 @@ def test_unet3d_parameter_count():
     assert sum(p.numel() for p in build_model("unet3d", cfg).parameters()) == total
 
 
-def test_msdnet_parameter_count_and_seed_002_defaults():
+def test_msdnet_parameter_count_and_pelt_sethian_defaults():
     cfg = ZOO["msdnet"]
     d, w = cfg["depth"], cfg["width"]
     expected = sum(9 * w * (1 + i * w) + w for i in range(d)) + (1 + d * w) + 1
     assert sum(p.numel() for p in build_model("msdnet", cfg).parameters()) == expected
     default = build_model("msdnet")
-    assert sum(p.numel() for p in default.parameters()) == 45_652  # seed 002: "~46 thousand"
+    # Pelt and Sethian 2018: "~46 thousand"
+    assert sum(p.numel() for p in default.parameters()) == 45_652
     assert default.dilations[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]  # (i mod 10) + 1
 
 
@@ -461,7 +462,7 @@ def test_smsnet_checkpoint_of_another_graph_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_seed_000_variants():
+def test_graas2023_variants():
     from bluesky_jit.models import VARIANTS, variant
 
     assert variant("standard").model == "unet" and variant("standard").patch_size == 20

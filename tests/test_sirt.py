@@ -1,4 +1,4 @@
-"""Streaming SIRT (seed 001): matched operators, convergence, warm start over windows."""
+"""Streaming SIRT (Liu et al. 2019): matched operators, convergence, warm start over windows."""
 
 import numpy as np
 import pytest

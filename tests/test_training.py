@@ -60,7 +60,7 @@ def test_alpha_of_identity_is_one():
 def test_alpha_of_an_oracle_is_one_half():
     rng = np.random.default_rng(1)
     clean, u, v = noise2noise_pairs(rng, 64, size=32)
-    assert alpha(clean, u, v) == pytest.approx(0.5, abs=0.02)  # seed 000, eq. 4
+    assert alpha(clean, u, v) == pytest.approx(0.5, abs=0.02)  # Graas et al. 2023, eq. 4
     assert alpha(torch.from_numpy(clean), torch.from_numpy(u), torch.from_numpy(v)) == (
         pytest.approx(alpha(clean, u, v), rel=1e-12)
     )

@@ -212,7 +212,9 @@ def _jit_options(f: Callable) -> Callable:
                 *decls, default=None, show_default=False, help=f"{info.description}{shown}", **extra
             )(f)
     return click.option(
-        "--variant", default=None, help="seed-000 network instead of --model: Z3, T3, ..."
+        "--variant",
+        default=None,
+        help="network of Graas et al. 2023 instead of --model: Z3, T3, ...",
     )(f)
 
 

@@ -57,7 +57,7 @@ def save_learning_curve(
 ) -> Path:
     """Training loss and hold-out accuracy alpha against optimizer steps.
 
-    alpha is drawn with the reference levels of seed 000 (eq. 3): 1 means no
+    alpha is drawn with the reference levels of Graas et al. 2023 (eq. 3): 1 means no
     denoising, about 0.5 an ideal Noise2Noise denoiser.
     """
     from matplotlib.figure import Figure

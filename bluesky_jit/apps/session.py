@@ -162,7 +162,7 @@ def jit_config(settings: Mapping[str, Any] | None = None, **overrides: Any) -> J
 
     Settings may be flat or by section, in either (a flat key wins over its
     section's table). ``None`` overrides are ignored, so unset command-line flags fall through.
-    ``variant = "T3"`` (a seed-000 Table 1 network) stands for its model,
+    ``variant = "T3"`` (a Table 1 network of Graas et al. 2023) stands for its model,
     model config, patch size and stack (:meth:`JitConfig.for_variant`).
     """
     values = {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}

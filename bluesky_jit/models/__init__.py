@@ -8,7 +8,7 @@ torch nor any family module (they load on first use).
 Examples
 --------
 >>> from bluesky_jit.models import build_model
->>> model = build_model("unet", {"features": 16}, seed=0)  # the C16 network of seed 000
+>>> model = build_model("unet", {"features": 16}, seed=0)  # the C16 network of Graas et al. 2023
 >>> model.model_name, model.model_config["features"]
 ('unet', 16)
 """
@@ -73,31 +73,32 @@ MODELS: Mapping[str, ModelFamily] = MappingProxyType(
         "unet": ModelFamily(
             "unet",
             "bluesky_jit.models.unet",
-            "Standard U-Net of seed 000: 3 levels, 8 features doubling per level, "
+            "Standard U-Net of Graas et al. 2023: 3 levels, 8 features doubling per level, "
             "strided-conv down, transposed-conv up",
         ),
         "unet3d": ModelFamily(
             "unet3d",
             "bluesky_jit.models.unet3d",
-            "Zx / Tx networks of seed 000: the Standard U-Net with 3D convolutions on a stack "
-            "of `frames` slices or time frames, predicting the middle one",
+            "Zx / Tx networks of Graas et al. 2023: the Standard U-Net with 3D convolutions on a "
+            "stack of `frames` slices or time frames, predicting the middle one",
         ),
         "msdnet": ModelFamily(
             "msdnet",
             "bluesky_jit.models.msdnet",
-            "Mixed-scale dense network (Pelt & Sethian, seed 002): dilated 3x3 layers, each "
+            "Mixed-scale dense network (Pelt and Sethian 2018): dilated 3x3 layers, each "
             "fed by all earlier ones",
         ),
         "tunet": ModelFamily(
             "tunet",
             "bluesky_jit.models.tunable_unet",
-            "Tunable U-Net of DLSIA (seed 003): depth, base channels, growth rate, hidden rate",
+            "Tunable U-Net of DLSIA (Roberts et al. 2024): depth, base channels, growth rate, "
+            "hidden rate",
         ),
         "smsnet": ModelFamily(
             "smsnet",
             "bluesky_jit.models.smsnet",
-            "Sparse mixed-scale network of DLSIA (seed 003): a random sparse graph of dilated "
-            "convolutions, drawn from graph_seed",
+            "Sparse mixed-scale network of DLSIA (Roberts et al. 2024): a random sparse graph of "
+            "dilated convolutions, drawn from graph_seed",
         ),
     }
 )
@@ -106,7 +107,7 @@ MODELS: Mapping[str, ModelFamily] = MappingProxyType(
 
 @dataclass(frozen=True)
 class Variant:
-    """A named network of seed 000's Table 1: a model and how its pairs are made.
+    """A named network of Table 1 of Graas et al. 2023: a model and how its pairs are made.
 
     Parameters
     ----------
@@ -132,7 +133,7 @@ class Variant:
 
 VARIANTS: Mapping[str, Variant] = MappingProxyType(
     {
-        # seed 000, Table 1 and "Results II": the Standard network trains on 20x20 patches;
+        # Graas et al. 2023, Table 1 and "Results II": the Standard network trains on 20x20 patches;
         # Cx: x feature maps after the first layer; Vx: x-by-x patches; Zx: x nearby
         # slices; Tx: x time frames, middle frame as target (3D convolutions for both).
         "standard": Variant("unet", {}),
@@ -149,11 +150,11 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
         "T7": Variant("unet3d", {"frames": 7}, stack="t", frames=7),
     }
 )
-"""Seed 000's Table 1 networks by name (``variant("Z7")``)."""
+"""The Table 1 networks of Graas et al. 2023 by name (``variant("Z7")``)."""
 
 
 def variant(name: str) -> Variant:
-    """A Table 1 network of seed 000 by name (see :data:`VARIANTS`).
+    """A Table 1 network of Graas et al. 2023 by name (see :data:`VARIANTS`).
 
     Raises
     ------
@@ -163,7 +164,8 @@ def variant(name: str) -> Variant:
     found = VARIANTS.get(name) if isinstance(name, str) else None
     if found is None:
         raise ConfigError(
-            f"Unknown seed-000 variant {name!r}; known variants are {list(VARIANTS)}."
+            f"Unknown variant {name!r} (Table 1 of Graas et al. 2023); "
+            f"known variants are {list(VARIANTS)}."
         )
     return found
 

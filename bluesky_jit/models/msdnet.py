@@ -1,6 +1,6 @@
-"""The mixed-scale dense network (MSD-Net) of Pelt and Sethian (seed 002).
+"""The mixed-scale dense network (MSD-Net) of Pelt and Sethian 2018.
 
-Seed 002: "Dilated convolutions instead of scaling; each layer is a single
+Pelt and Sethian 2018: "Dilated convolutions instead of scaling; each layer is a single
 image; all previous images (including input) are used", and "to compute the
 output, [use] all intermediate images". Layer ``i`` (0-based) is a 3x3
 convolution with dilation ``dilations[i % len(dilations)]`` of the input and
@@ -8,7 +8,7 @@ every earlier layer, plus a bias, followed by a ReLU; it adds ``width``
 channels (1 in the paper). The output is a 1x1 convolution of the input and all
 layers (a linear combination per pixel). The default dilations ``1 .. 10``
 cycled over 100 layers are the paper's ``d = 100, l_m = 10`` ("each layer
-d_i is assigned dilation i mod l_m", seed 003, section 2.3).
+d_i is assigned dilation i mod l_m", DLSIA (Roberts et al. 2024), section 2.3).
 
 Every intermediate image has the input's size, so the network accepts any
 height and width (no padding to a multiple at inference).
@@ -28,9 +28,9 @@ approach of Hendriksen's ``msd_pytorch``).
 References
 ----------
 .. [1] D. M. Pelt and J. A. Sethian, "A mixed-scale dense convolutional neural
-   network for image analysis", PNAS 115 (2018) 254-259 (seed 002).
+   network for image analysis", PNAS 115 (2018) 254-259.
 .. [2] E. J. Roberts et al., "DLSIA: Deep Learning for Scientific Image
-   Analysis", J. Appl. Cryst. 57 (2024) (seed 003, section 2.3).
+   Analysis", J. Appl. Cryst. 57 (2024), section 2.3.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from . import check_batch, check_counts, check_dilations
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
     "out_channels": 1,
-    "depth": 100,  # seed 002 / Pelt & Sethian: 100 layers
+    "depth": 100,  # Pelt and Sethian 2018: 100 layers
     "width": 1,  # "each layer is a single image"
     "dilations": list(range(1, 11)),  # l_m = 10: dilation (i mod 10) + 1
 }
@@ -75,7 +75,7 @@ class MSDNet(nn.Module):
     Input (B, in_channels, H, W) gives (B, out_channels, H, W) for any H, W.
     Parameters: ``sum_i 9 * width * (in_channels + i * width) + width`` for the
     layers plus ``(in_channels + depth * width + 1) * out_channels`` for the
-    output; 45,652 with the defaults (seed 002: "~46 thousand").
+    output; 45,652 with the defaults (Pelt and Sethian 2018: "~46 thousand").
     """
 
     def __init__(

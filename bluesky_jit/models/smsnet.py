@@ -1,7 +1,7 @@
-"""The sparse mixed-scale network (SMSNet) of DLSIA (seed 003, section 2.4).
+"""The sparse mixed-scale network (SMSNet) of DLSIA (Roberts et al. 2024, section 2.4).
 
 A random directed acyclic graph: an input node I, ``depth`` hidden nodes
-L_1 .. L_depth of ``width`` channels each, and an output node O. Seed 003's
+L_1 .. L_depth of ``width`` channels each, and an output node O. DLSIA's
 hyperparameters, with its names:
 
 - ``depth`` (d): the number of hidden nodes;
@@ -17,7 +17,7 @@ hyperparameters, with its names:
   dilation drawn from this list ("specifying custom dilations of
   [2^0, 2^1, ..., 2^n] from which to sample").
 
-Seed 003 draws LL_gamma from U(0, 0.5) and LL_alpha from U(0.75, 1) per
+DLSIA draws LL_gamma from U(0, 0.5) and LL_alpha from U(0.75, 1) per
 network; here they are plain config values, by default the means of those
 ranges. Edges into O are 1x1 convolutions (a per-pixel linear combination,
 as the output layer of an MSD-Net). A hidden node is the ReLU of the sum of
@@ -25,8 +25,8 @@ its incoming edges plus a bias. Every hidden node gets at least one incoming
 edge (from I if the draw gave none) and at least one path out (to O), so no
 node is dead.
 
-As for the MSD-Net, dilations must suit the training patches: with seed
-003's ``[1, 2, 4, 8, 16]`` on 20x20 patches the network learned the zero
+As for the MSD-Net, dilations must suit the training patches: with
+DLSIA's ``[1, 2, 4, 8, 16]`` on 20x20 patches the network learned the zero
 padding and gave 12.3 dB on full slices (TV: 20.1); ``[1, 2, 4]`` gave 21.6 dB
 (``benchmarks/learning.py``, 60 s of stream).
 
@@ -37,7 +37,7 @@ weights) rebuilds it exactly. :attr:`SMSNet.edges` lists it.
 References
 ----------
 .. [1] E. J. Roberts et al., "DLSIA: Deep Learning for Scientific Image
-   Analysis", J. Appl. Cryst. 57 (2024) (seed 003, section 2.4).
+   Analysis", J. Appl. Cryst. 57 (2024), section 2.4.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ from . import check_batch, check_counts, check_dilations, check_reals
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
     "out_channels": 1,
-    "depth": 20,  # seed 003: d = 20
+    "depth": 20,  # DLSIA: d = 20
     "width": 4,
-    "min_edges": 1,  # seed 003: {k_min, k_max} = {1, 5}
+    "min_edges": 1,  # DLSIA: {k_min, k_max} = {1, 5}
     "max_edges": 5,
-    "degree_gamma": 0.25,  # mean of seed 003's U(0, 0.5)
-    "skip_alpha": 0.875,  # mean of seed 003's U(0.75, 1)
-    "p_input_hidden": 1.0,  # seed 003: {P_IL, P_LO, P_IO} = {1, 1, 1}
+    "degree_gamma": 0.25,  # mean of DLSIA's U(0, 0.5)
+    "skip_alpha": 0.875,  # mean of DLSIA's U(0.75, 1)
+    "p_input_hidden": 1.0,  # DLSIA: {P_IL, P_LO, P_IO} = {1, 1, 1}
     "p_hidden_output": 1.0,
     "input_output": True,
     "dilations": [1, 2, 4, 8, 16],

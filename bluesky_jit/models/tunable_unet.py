@@ -1,6 +1,6 @@
-"""The tunable U-Net (TUNet) of DLSIA (seed 003, section 2.1).
+"""The tunable U-Net (TUNet) of DLSIA (Roberts et al. 2024, section 2.1).
 
-Four hyperparameters shape the network (seed 003): depth ``d`` ("d layers of
+Four hyperparameters shape the network (DLSIA): depth ``d`` ("d layers of
 dual convolutions ... in each of the encoder and decoder phases, with d - 1
 mirrored max-pooling, up-convolutions and concatenation steps"), base channels
 ``c_b`` ("the input data are mapped to this number of feature channels after
@@ -23,7 +23,7 @@ so any height and width work (20x20 patches included).
 References
 ----------
 .. [1] E. J. Roberts et al., "DLSIA: Deep Learning for Scientific Image
-   Analysis", J. Appl. Cryst. 57 (2024) (seed 003).
+   Analysis", J. Appl. Cryst. 57 (2024).
 .. [2] O. Ronneberger, P. Fischer, T. Brox, "U-Net", MICCAI (2015).
 """
 
@@ -41,13 +41,13 @@ from . import check_batch, check_counts, check_reals
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
     "out_channels": 1,
-    # seed 003 quotes d = 4, c_b = 64, r = 2 (the original U-Net) as a starting point; that
+    # DLSIA quotes d = 4, c_b = 64, r = 2 (the original U-Net) as a starting point; that
     # network has millions of parameters and trains at well under 1 step/s on a 2-core CPU, so
     # the default here has the Standard U-Net's size: 4 layers (3 poolings), 8 base channels.
     "depth": 4,
     "base_channels": 8,
     "growth_rate": 2.0,
-    "hidden_rate": 1.0,  # "typically set to 1" (seed 003)
+    "hidden_rate": 1.0,  # "typically set to 1" (DLSIA)
     "batch_norm": True,  # DLSIA's default
 }
 

@@ -1,6 +1,6 @@
-"""The Standard U-Net of seed 000.
+"""The Standard U-Net of Graas et al. 2023.
 
-Seed 000 ("Network architecture" under Software set-up): a U-Net that
+Graas et al. 2023 ("Network architecture" under Software set-up): a U-Net that
 "replicates the original U-Net proposal", with downscaling by strided
 convolutions and upscaling by transposed convolutions, three down and
 upscaling levels, three encoding and three decoding convolutional layers per
@@ -29,18 +29,23 @@ exact (no ragged last row or column) and cropping restores the input size.
 Option, off by default: with ``residual=True`` the network predicts a
 correction added to its input, ``A(u) = u + f(u)``, and the 1x1 output
 convolution starts at zero, so an untrained network is the identity (accuracy
-alpha = 1, seed 000 eq. 3) rather than an arbitrary map. It is not the
-default because the seed's plain U-Net trained faster on Noise2Noise pairs of
+alpha = 1, Graas et al. 2023, eq. 3) rather than an arbitrary map. It is not the
+default because the paper's plain U-Net trained faster on Noise2Noise pairs of
 smooth blobs (20x20 patches, batch 32, Adam 1e-4, this module's defaults):
 hold-out alpha 0.57 after 400 steps against 0.77 for the residual network.
 
-3D variants (seed 000, Table 1: Zx, x nearby slices; Tx, x time frames):
+3D variants (Graas et al. 2023, Table 1: Zx, x nearby slices; Tx, x time frames):
 ``spatial_dims=3`` builds the same network with 3x3x3 convolutions on inputs
 of shape (B, C, frames, H, W) ("we treat a third dimension similar to the
 first two"); down- and up-scaling act on H and W only (stride (1, 2, 2)),
 because the stack is only 3 to 7 frames deep. The output is the middle frame,
 shape (B, out_channels, 1, H, W), which is the Noise2Inverse target of a Z or
 T stack. Registry name ``unet3d`` (:mod:`bluesky_jit.models.unet3d`).
+
+References
+----------
+.. [1] A. Graas, S. B. Coban, K. J. Batenburg and F. Lucka, "Just-in-time deep
+   learning for real-time X-ray computed tomography", Scientific Reports 13 (2023).
 """
 
 from __future__ import annotations
@@ -57,9 +62,11 @@ from . import check_counts
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
     "out_channels": 1,
-    "features": 8,  # seed 000: "starting with 8 feature maps after the first level"
-    "levels": 3,  # seed 000: "three down and upscaling levels"
-    "convs_per_level": 3,  # seed 000: "three encoding and three decoding convolutional layers"
+    # Graas et al. 2023: "starting with 8 feature maps after the first level", "three down
+    # and upscaling levels", "three encoding and three decoding convolutional layers"
+    "features": 8,
+    "levels": 3,
+    "convs_per_level": 3,
     "residual": False,
 }
 
@@ -70,7 +77,7 @@ def build(config: dict[str, Any]) -> UNet:
 
 
 class UNet(nn.Module):
-    """Standard U-Net of seed 000 (strided-conv down, transposed-conv up).
+    """Standard U-Net of Graas et al. 2023 (strided-conv down, transposed-conv up).
 
     Parameters
     ----------

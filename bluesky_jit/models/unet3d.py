@@ -1,6 +1,6 @@
-"""The Zx and Tx networks of seed 000: the Standard U-Net with 3D convolutions.
+"""The Zx and Tx networks of Graas et al. 2023: the Standard U-Net with 3D convolutions.
 
-Seed 000 (Table 1): "Zx-networks use x nearby spatial reconstructed slices,
+Graas et al. 2023 (Table 1): "Zx-networks use x nearby spatial reconstructed slices,
 and Tx-networks use x timeframes, with the middle frame as target. Both
 increase the image input during training and inference, and use 3D
 convolutions." Both are this one architecture; Z or T is the choice of the
@@ -18,11 +18,11 @@ from .unet import UNet
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,
     "out_channels": 1,
-    "features": 8,  # as the Standard U-Net of seed 000
+    "features": 8,  # as the Standard U-Net of Graas et al. 2023
     "levels": 3,
     "convs_per_level": 3,
     "residual": False,
-    "frames": 3,  # T3, the network of seed 000's online experiment (Results III)
+    "frames": 3,  # T3, the network of Graas et al. 2023's online experiment (Results III)
 }
 
 

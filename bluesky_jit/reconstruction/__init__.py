@@ -7,7 +7,7 @@ as the CPU reference, ``cupy`` on CUDA) backprojects filtered projections
 there through the geometry's projective matrices: parallel-beam FBP and
 cone-beam FDK at any position and orientation. :mod:`.streaming` keeps the
 projections of a running scan, :mod:`.sirt` runs windowed streaming SIRT
-(seed 001).
+(Liu et al. 2019).
 
 Intensity scale conventions (every backend, every path)
 -------------------------------------------------------

@@ -141,7 +141,7 @@ class NumbaBackend(Backend):
         Slices of one shape share one kernel call (one pass over the
         projections; the subsets land in their own outputs), reading the
         frames in place through ``slots``. Axial parallel-beam slices take
-        the fast path per subset. The seed 000 case (three 512 x 512 slices,
+        the fast path per subset. The case of Graas et al. 2023 (three 512 x 512 slices,
         150 projections of 647 x 768) costs about 0.4 CPU-seconds: the two
         vertical slices read every detector row of every frame (300 MB) and
         are limited by memory bandwidth more than by arithmetic.

@@ -1,9 +1,10 @@
-"""Windowed streaming SIRT with warm start (seed 001: window W, iterations I).
+"""Windowed streaming SIRT with warm start (Liu et al. 2019: window W, iterations I).
 
 Every ``W`` new projections, ``I`` SIRT iterations run on the last ``W``
 projections, starting from the previous estimate; the estimate therefore
 keeps what earlier windows taught it while following a changing object
-(Liu et al., "Deep learning accelerated light source experiments", seed 001).
+(Z. Liu, T. Bicer, R. Kettimuthu and I. Foster, "Deep learning accelerated light
+source experiments", IEEE/ACM Workshop on Deep Learning on Supercomputers (DLS), 2019).
 
 The operator pair is matched: :class:`ShearOperator` applies the fast
 axial backprojection of :mod:`._numba_kernels` (``B``) and its exact
@@ -163,7 +164,7 @@ class StreamingSIRT:
         if window < 1 or iterations < 1:
             raise ConfigError(
                 f"SIRT needs window >= 1 and iterations >= 1; got window={window}, "
-                f"iterations={iterations} (seed 001 uses W in 16..256, I in 1..10)."
+                f"iterations={iterations} (Liu et al. 2019 use W in 16..256, I in 1..10)."
             )
         rows = geometry.rows
         self.row = rows // 2 if slice_row is None else int(slice_row)
