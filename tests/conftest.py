@@ -63,7 +63,7 @@ def data_dir(local_catalog, request):
 
 
 # ==========================================================================================
-# Issue 5 (command line, listen, replay, profile, live view): one embedded catalog and one
+# The command line, listen, replay, profile and live view share one embedded catalog and one
 # demo-written run shared by tests/test_cli.py, test_listen.py, test_replay.py,
 # test_profile.py and test_live.py. Starting a catalog costs seconds, so it is started once.
 # ==========================================================================================

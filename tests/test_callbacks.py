@@ -511,8 +511,9 @@ def test_too_few_projections_for_a_slice_say_why(RE, tmp_path):
 
 
 def test_documents_that_cannot_be_routed_are_counted_not_lost(RE, tmp_path):
-    """Cause 4 of issue 12: each such document fails its run with the reason, or, when its
-    run cannot be told, is counted on the callback (JitCallback.unroutable)."""
+    """Documents out of order or missing: each such document fails its run with the
+    reason, or, when its run cannot be told, is counted on the callback
+    (JitCallback.unroutable)."""
     import copy
 
     raw = recorded_inline_scan(RE, tmp_path)

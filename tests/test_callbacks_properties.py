@@ -1,4 +1,4 @@
-"""Mutated document streams through JitCallback (issue 12, "beyond the list").
+"""Mutated document streams through JitCallback.
 
 One small scan is recorded once per session with a real RunEngine and the
 simulated devices; hypothesis then reorders, duplicates, drops, retypes and

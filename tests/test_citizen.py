@@ -1,4 +1,4 @@
-"""Derived runs that bluesky's own viewers handle (issue 13, item 1).
+"""Derived runs that bluesky's own viewers handle.
 
 A real scan (RunEngine, simulated ophyd-async beamline, JitCallback) writes
 its derived run into the session catalog; the run's documents, read back from

@@ -238,7 +238,7 @@ def test_new_scan_fields_come_from_the_start_document():
     assert g.to_dict()["center_row"] == 2.5
 
 
-# -- bad input named in issue 3: what came, what was expected, how to fix -------------------
+# -- bad input: what came, what was expected, how to fix -------------------
 def test_centre_of_rotation_outside_the_detector_is_refused_by_the_factories_too():
     with pytest.raises(GeometryError, match=r"center_of_rotation 20.0 lies outside.*0\.\.15.*7\.5"):
         parallel(angles=4, shape=(4, 16), center_of_rotation=20.0)

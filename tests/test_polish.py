@@ -1,4 +1,4 @@
-"""What a new user notices in the first minutes (issue 13, items 6 and 7): the version,
+"""What a new user notices in the first minutes: the version,
 the licence, quiet ``-v``, short uids where the README uses them, a summary without
 ``nan dB``."""
 
