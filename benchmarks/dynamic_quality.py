@@ -280,11 +280,12 @@ def label(run: dict, what: str) -> str:
 
 
 def rows(cases: list[dict]) -> str:
-    """One markdown table of cases."""
+    """One markdown table of cases; the earlier windows' margins where they were scored."""
+    earlier = any("margin_db_by_window" in c.get("targets", {}) for c in cases)
     lines = [
         "| phantom | px | photons | window | FBP | TV oracle | BM3D oracle | denoised "
-        "| denoised - TV | alpha |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| denoised - TV | alpha |" + (" earlier windows |" if earlier else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if earlier else ""),
     ]
 
     def cell(v: dict | None) -> str:
@@ -293,13 +294,35 @@ def rows(cases: list[dict]) -> str:
     for c in cases:
         if "error" in c:
             continue
+        before = c["targets"].get("margin_db_by_window", [])[:-1]
         lines.append(
             f"| {c['phantom']} | {c['size']} | {c['photons']:g} | {c['setting']} "
             f"({c['window_s']:.1f} s) | {cell(c['fbp'])} | {cell(c['tv_oracle'])} | "
             f"{cell(c.get('bm3d_oracle'))} | {cell(c['denoised'])} | "
             f"{c['targets']['margin_db']:+.1f} dB | {c['denoised']['alpha']:.2f}"
             f"{' (vs SIRT)' if 'target' in SETTINGS.get(c['setting'], {}) else ''} |"
+            + (f" {', '.join(f'{m:+.1f}' for m in before)} |" if earlier else "")
         )
+    return "\n".join(lines) + "\n" + recency_rows(cases)
+
+
+def recency_rows(cases: list[dict]) -> str:
+    """The recency blends (PSNR against the newest window's truth), where scored."""
+    blended = [c for c in cases if "recency" in c]
+    if not blended:
+        return ""
+    lines = [
+        "\nWeighting recent projections, w x newest half turn + (1 - w) x the one before, "
+        "PSNR (dB) against the newest window's truth, FBP / TV oracle / denoised:\n",
+        "| phantom | px | photons | w = 1 (newest window) | w = 0.75 | w = 0.5 (full turn) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in blended:
+        cells = " | ".join(
+            "{fbp:.1f} / {tv_oracle:.1f} / {denoised:.1f}".format(**c["recency"][w])
+            for w in ("1", "0.75", "0.5")
+        )
+        lines.append(f"| {c['phantom']} | {c['size']} | {c['photons']:g} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
