@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.combine is not None:  # no scan: one run's cases, every other run as exploration
         main_run, *others = runs(args.combine)
         unique = {json.dumps(r["cases"]): r for p in args.exploration for r in runs(p)}
-        main_run["exploration"] = others + [r for r in unique.values() if r not in others]
+        known = [main_run, *others]
+        main_run["exploration"] = others + [r for r in unique.values() if r not in known]
         path.write_text(json.dumps(main_run, indent=1))
         return 0
     from live_learning import parse_value
