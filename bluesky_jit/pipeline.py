@@ -166,8 +166,8 @@ class RunPipeline:
         self.arrivals = arrivals if beside_scan else None
         self.beside_scan = beside_scan
         self._guard: Any = None
-        self._targets: Any = None  # supervised: the thread that makes pairs (SIRT), and
-        self._making: Any = None  # its pairs in the making
+        self._targets: Any = None  # supervised: the thread that makes pairs (SIRT) until
+        self._making: Any = None  # the run ends, and its pairs in the making
         self._holds: set[str] = set()
         self._holds_lock = threading.Lock()
         self.quality = quality
@@ -305,6 +305,10 @@ class RunPipeline:
             self.recon, **cfg.pairs.model_dump(), frames=cfg.frames, rng=self.rng
         )
         self.trainer = self._make_trainer()
+        if self.supervised:
+            self._targets = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="bluesky-jit-target"
+            )
         self.denoiser = Denoiser(
             build_model(cfg.training.model, cfg.training.model_config),
             source=self.trainer,
@@ -602,21 +606,17 @@ class RunPipeline:
         """Supervised pairs (their SIRT takes seconds) on a thread of their own, one batch
         at a time, so the worker keeps up with the scan; a refresh while one is in the
         making makes none."""
-        if (self._making is not None and not self._making.done()) or self._targets is False:
+        if (self._making is not None and not self._making.done()) or self._targets is None:
             return  # still busy, or the run ends
         self._check_made()
-        if self._targets is None:
-            self._targets = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="bluesky-jit-target"
-            )
         self._making = self._targets.submit(self._feed_trainer)
 
     def _stop_making_pairs(self) -> None:
         """Wait for the pairs in the making; make no more (the run ends)."""
-        if self._targets:
+        if self._targets is not None:
             self._targets.shutdown(wait=True)
             self._check_made()
-        self._targets = False
+        self._targets = None
 
     def _check_made(self) -> None:
         if self._making is not None and self._making.exception() is not None:
