@@ -26,6 +26,8 @@ from simulated_devices.plans import tomo_continuous
 from .helpers import wait_for
 from .test_callbacks import ANGLES, CONFIG, SHAPE, Collector, run_scan, source
 
+ALL_PLANES = ("reconstruction", "reconstruction_xz", "reconstruction_yz")
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -80,12 +82,13 @@ def test_moving_the_slices_and_the_centre_reaches_the_child(RE, tmp_path):
         if name == "event" and doc["seq_num"] == 30 and "rot_stage" in doc["data"]:
             assert jit.flush(timeout=30)
 
-            # the run is open in the child; progress() shows it within its 0.5 s period
+            # the run is open in the child; progress() shows it within its 0.5 s period.
+            # The vertical slices follow the axial one, so wait until all three are there.
             def sliced():
-                running[:] = [s for s in jit.progress() if s.slices >= 1]
+                running[:] = [s for s in jit.progress() if set(ALL_PLANES) <= set(s.images)]
                 return running
 
-            wait_for(sliced, 5, "a slice in progress()")
+            wait_for(sliced, 10, "the three slices in progress()")
             jit.move_slices(slice_row=1, vertical={1: -2.0})
             jit.set_center(SHAPE[1] / 2 + 1)
 
@@ -94,7 +97,7 @@ def test_moving_the_slices_and_the_centre_reaches_the_child(RE, tmp_path):
     rows = [e["data"]["slice_row"] for e in derived.named("event") if "slice_row" in e["data"]]
     assert rows[0] == SHAPE[0] // 2 and rows[-1] == 1
     done = jit.summaries[0]  # the newest image of each stream and where it lies, by value
-    assert {"reconstruction", "reconstruction_xz", "reconstruction_yz"} <= set(running[-1].images)
+    assert set(ALL_PLANES) <= set(running[-1].images)
     assert done.positions["reconstruction"] == 1 and done.positions["reconstruction_xz"] == -2.0
     assert running[-1].geometry.center_of_rotation == (SHAPE[1] - 1) / 2
     assert done.geometry.center_of_rotation == SHAPE[1] / 2 + 1
