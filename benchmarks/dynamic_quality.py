@@ -9,8 +9,11 @@ Each case streams a phantom (``bubbles``: `BubbleColumn`, ``sintering``:
 `SinteringGrains`, ``porous``: `PorousFlow`) as a real scan, the way
 ``benchmarks/live_learning.py`` does: a paced simulated detector at ``--fps``,
 a RunEngine running ``tomo_continuous`` over 360-degree rotations of
-``--rotation-s`` seconds, and a ``JitCallback`` reconstructing, training and
-denoising. After ``--seconds`` of stream the newest slice is compared with
+``--rotation-s`` seconds, and the plugin reconstructing, training and
+denoising: by default a ``JitProcess``, the README's wiring (the work in a
+child process, so it shares no interpreter lock with the RunEngine and the
+detector); ``--wiring callback`` runs a ``JitCallback`` in the RunEngine's
+process instead. After ``--seconds`` of stream the newest slice is compared with
 the phantom's truth over its own window (PSNR and SSIM inside 85 % of the
 reconstruction circle) for FBP, for TV and BM3D whose parameter is chosen
 against that truth (oracles: the best these denoisers can do with one
@@ -77,6 +80,7 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
 
     from bluesky_jit.callbacks import JitCallback
     from bluesky_jit.steering import QualitySignals
+    from bluesky_jit.worker_process import JitProcess
     from simulated_devices import hw
     from simulated_devices.plans import tomo_continuous
     from simulated_devices.sources import PhantomSource
@@ -98,7 +102,8 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
     variant = spec["variant"]
     config = JitConfig.for_variant(variant, **given) if variant else JitConfig(**given)
     quality = QualitySignals(name="jit_quality")
-    jit = JitCallback(config=config, directory=args.workdir / "derived", quality=quality)
+    plugin = JitProcess if args.wiring == "process" else JitCallback
+    jit = plugin(config=config, directory=args.workdir / "derived", quality=quality)
     RE = RunEngine({})
     RE.subscribe(jit)
     source = ClockedSource(phantom, photons=photons)
@@ -119,7 +124,9 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
             running = jit.progress()
             s = running[0] if running else None
             if s is not None and s.last_denoised is not None:
-                done = s.last_denoised_indices is s.last_indices or variant is not None
+                # the denoised slice of the newest window (a stack's comes a window late)
+                newest = np.array_equal(s.last_denoised_indices, s.last_indices)
+                done = newest or variant is not None
                 if done:
                     captured.append(
                         dict(
@@ -354,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--combine", type=Path, default=None, help="a JSON's cases as main")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wiring",
+        choices=("process", "callback"),
+        default="process",
+        help="process: JitProcess (the README's wiring); callback: JitCallback in process",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("bluesky_jit_data/dynamic_quality"))
     args = parser.parse_args(argv)
     path = args.json or Path(__file__).parent / "results" / "dynamic_quality.json"

@@ -30,16 +30,12 @@ from bluesky_jit.training import Trainer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.plans import tomo_continuous
 
+from . import helpers
 from .test_callbacks import ANGLES, CONFIG, SHAPE, Collector, source
 
 
-def wait_for(predicate, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+def wait_for(predicate, timeout=30.0, what="the condition"):
+    return helpers.wait_for(predicate, timeout, what, interval=0.01)
 
 
 # -- the budget ----------------------------------------------------------------------------
@@ -431,7 +427,31 @@ def test_the_pace_guard_yields_exactly_when_training_slows_the_scan(slowed, expe
         assert sum(history[2:]) / len(history[2:]) <= 0.35 and min(history) <= 0.2, history
     else:
         assert guard.slowdowns <= 1 and guard.duty == 1.0, history
+        assert guard.interval > 0.8  # an undisturbed scan is probed less often
     assert scan.paused is False  # stopped: training runs freely
+
+
+@pytest.mark.timeout(90)
+def test_the_pace_guard_probes_less_while_undisturbed_and_again_once_the_scan_slows():
+    from bluesky_jit.budget import PaceGuard
+
+    scan = _Scan(rate=80.0, slowed=1.0)
+    guard = PaceGuard(
+        scan.arrivals, scan.pause, probe_every_s=0.5, probe_s=0.3, max_probe_every_s=2.0
+    )
+    scan.thread.start()
+    guard.start()
+    try:
+        wait_for(lambda: guard.interval == 2.0, 40, "the longest interval between probes")
+        probes = guard.probes
+        time.sleep(3.0)
+        assert guard.probes - probes <= 2  # one probe every 2 s, not every 0.5 s
+        scan.slowed = 0.7  # training now costs the scan 30 %
+        wait_for(lambda: guard.slowdowns >= 1, 30, "a slow-down found")
+        assert guard.interval < 2.0 and guard.duty < 1.0
+    finally:
+        guard.stop()
+        scan.stop.set()
 
 
 @pytest.mark.timeout(30)

@@ -24,6 +24,8 @@ from bluesky_jit.config import JitConfig
 from bluesky_jit.worker_process import tiled_writer
 from bluesky_jit.writer import CatalogWriter, decode_line, encode_line
 
+from .helpers import wait_for
+
 CONFIG = JitConfig(
     refresh_every=8,
     patch_size=8,
@@ -42,14 +44,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
