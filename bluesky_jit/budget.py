@@ -235,9 +235,9 @@ class PaceGuard:
     training costs the scan about ``tolerance``). It starts at a half, with a
     first probe as soon as a window of frames has arrived. Once training runs
     all the time and a probe finds it costs the scan nothing, the time to the
-    next probe doubles, up to ``max_probe_every_s``; a slow-down brings it
-    back to ``probe_every_s``. Without frames for ``idle_s`` (no scan, or one
-    paused) training runs freely.
+    next probe doubles, up to ``max_probe_every_s``; a slow-down, or a pause
+    in the scan, brings it back to ``probe_every_s``. Without frames for
+    ``idle_s`` (no scan, or one paused) training runs freely.
 
     Parameters
     ----------
@@ -333,8 +333,9 @@ class PaceGuard:
             now = time.monotonic()
             frames = self._frames()
             last = frames[-1] if frames else -math.inf
-            if now - last > self.idle_s:  # no scan to disturb
+            if now - last > self.idle_s:  # no scan to disturb; the next one is measured anew
                 self._set(False)
+                self.interval = self.probe_every_s
                 next_probe = now + self.interval
                 continue
             if now >= next_probe:

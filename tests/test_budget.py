@@ -470,3 +470,19 @@ def test_the_pace_guard_lets_training_run_when_no_frames_come():
     time.sleep(1.0)  # nothing to wait for: the guard must do nothing for a second
     guard.stop()
     assert states in ([], [False]) and guard.probes == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_pause_in_the_scan_brings_back_the_short_probe_interval():
+    import collections
+
+    from bluesky_jit.budget import PaceGuard
+
+    arrivals = collections.deque([time.monotonic() - 5.0] * 20)  # the scan paused 5 s ago
+    guard = PaceGuard(arrivals, lambda on: None, probe_every_s=0.5, max_probe_every_s=8.0)
+    guard.interval = 8.0  # as after many probes that found the scan undisturbed
+    guard.start()
+    try:
+        wait_for(lambda: guard.interval == 0.5, 5, "the short interval back")
+    finally:
+        guard.stop()
