@@ -19,6 +19,7 @@ import pytest
 
 from bluesky_jit.catalog import derived_runs_for, runs_container
 from bluesky_jit.codec import packb, unpackb
+from bluesky_jit.pipeline import VERTICAL_STREAMS
 from bluesky_jit.worker_process import JitProcess, tiled_writer
 from simulated_devices.beamline import hw as make_hw
 from simulated_devices.plans import tomo_continuous
@@ -26,7 +27,7 @@ from simulated_devices.plans import tomo_continuous
 from .helpers import wait_for
 from .test_callbacks import ANGLES, CONFIG, SHAPE, Collector, run_scan, source
 
-ALL_PLANES = ("reconstruction", "reconstruction_xz", "reconstruction_yz")
+ALL_PLANES = ("reconstruction", *VERTICAL_STREAMS)
 
 
 def _alive(pid: int) -> bool:
