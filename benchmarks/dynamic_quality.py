@@ -26,7 +26,14 @@ Settings (``--setting``, several allowed), what temporal resolution needs:
   window is half as long (a parallel-beam 360-degree rotation holds two);
 - ``half-T3``: ``half`` with the T3 network (the slice and two earlier windows in);
 - ``half-sup``: ``half`` with ``target="supervised"`` (TomoGAN-style: the window's FBP
-  in, SIRT over the last two windows as target); its alpha is against that target.
+  in, SIRT over the last two windows as target); its alpha is against that target;
+- ``dynamic``: ``half`` with ``JitConfig.for_dynamic(dose)``, what the README
+  recommends: pairs from four rows either side, and at ``LOW_DOSE_PHOTONS`` or fewer
+  photons per pixel ``dose="low"`` (40x40 patches in batches of 16);
+- ``dynamic-low``: ``half`` with ``JitConfig.for_dynamic("low")`` at every dose.
+
+``--set max_train_steps_per_s=N`` holds the trainer to N steps/s, to compare
+settings at equal compute or to stand in for a slower machine.
 
 Writes JSON with the machine; ``--table`` prints the README table from it.
 """
@@ -56,8 +63,11 @@ SETTINGS = {
     "half": {"range": 180.0, "variant": None},
     "half-T3": {"range": 180.0, "variant": "T3"},
     "half-sup": {"range": 180.0, "variant": None, "target": "supervised"},
+    "dynamic": {"range": 180.0, "variant": None, "dynamic": "by photons"},
+    "dynamic-low": {"range": 180.0, "variant": None, "dynamic": "low"},
 }
 TARGETS_DB = {1000.0: 1.5, 300.0: 2.0}  # denoised >= oracle TV + this, by photons
+LOW_DOSE_PHOTONS = 300.0  # the setting "dynamic" uses for_dynamic("low") at this or fewer
 
 
 def make_phantom(name: str, size: int, rows: int, seed: int) -> Any:
@@ -100,7 +110,15 @@ def stream(args: argparse.Namespace, phantom: Any, photons: float, setting: str)
     if "target" in spec:
         given["target"] = spec["target"]
     variant = spec["variant"]
-    config = JitConfig.for_variant(variant, **given) if variant else JitConfig(**given)
+    if variant:
+        config = JitConfig.for_variant(variant, **given)
+    elif spec.get("dynamic"):
+        dose = spec["dynamic"]
+        if dose == "by photons":
+            dose = "low" if photons <= LOW_DOSE_PHOTONS else "normal"
+        config = JitConfig.for_dynamic(dose, **given)
+    else:
+        config = JitConfig(**given)
     quality = QualitySignals(name="jit_quality")
     plugin = JitProcess if args.wiring == "process" else JitCallback
     jit = plugin(config=config, directory=args.workdir / "derived", quality=quality)
@@ -291,8 +309,8 @@ def rows(cases: list[dict]) -> str:
     earlier = any("margin_db_by_window" in c.get("targets", {}) for c in cases)
     lines = [
         "| phantom | px | photons | window | FBP | TV oracle | BM3D oracle | denoised "
-        "| denoised - TV | alpha |" + (" earlier windows |" if earlier else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if earlier else ""),
+        "| denoised - TV | alpha | steps/s |" + (" earlier windows |" if earlier else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if earlier else ""),
     ]
 
     def cell(v: dict | None) -> str:
@@ -307,7 +325,8 @@ def rows(cases: list[dict]) -> str:
             f"({c['window_s']:.1f} s) | {cell(c['fbp'])} | {cell(c['tv_oracle'])} | "
             f"{cell(c.get('bm3d_oracle'))} | {cell(c['denoised'])} | "
             f"{c['targets']['margin_db']:+.1f} dB | {c['denoised']['alpha']:.2f}"
-            f"{' (vs SIRT)' if 'target' in SETTINGS.get(c['setting'], {}) else ''} |"
+            f"{' (vs SIRT)' if 'target' in SETTINGS.get(c['setting'], {}) else ''} | "
+            f"{c['train_steps_per_s']:.0f} |"
             + (f" {', '.join(f'{m:+.1f}' for m in before)} |" if earlier else "")
         )
     return "\n".join(lines) + "\n" + recency_rows(cases)

@@ -227,6 +227,18 @@ SECTION_OF: dict[str, str] = {
 }
 """The section of each setting (every name is in exactly one)."""
 
+# What JitConfig.for_dynamic sets, by dose. On the dynamic phantoms the defaults were not
+# tuned on, pairs from more rows helped at every dose; at a few hundred photons per pixel,
+# 40x40 patches in batches of 16 beat the 20x20 patches in batches of 32 (wider context
+# where the noise is strong), and at 1000 photons they lost (README, Measured: dynamic
+# phantoms).
+DYNAMIC_SETTINGS: dict[str, dict[str, Any]] = {
+    "normal": {"neighbourhood_rows": 4},
+    "low": {"neighbourhood_rows": 4, "patch_size": 40, "batch_size": 16},
+}
+DYNAMIC_CHOICES: tuple[str, ...] = ("off", *DYNAMIC_SETTINGS)
+"""The ``dynamic`` setting of the command line and settings file: off, or a dose."""
+
 
 def nest(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Settings given flat, by section, or both, by section (flat keys win).
@@ -403,6 +415,26 @@ class JitConfig(BaseModel):
         v = variant(name)
         given["training"] |= {"model": v.model, "model_config": dict(v.config)}
         given["pairs"] = {"patch_size": v.patch_size, **given["pairs"], "stack": v.stack}
+        return cls(**given)
+
+    @classmethod
+    def for_dynamic(cls, dose: str = "normal", **settings: Any) -> JitConfig:
+        """Settings for a sample that changes during the scan (foams, flows, growth).
+
+        ``dose``: ``"normal"`` (pairs from four rows either side of the slice) or
+        ``"low"``, for noisy frames (a few hundred photons per pixel): also 40x40
+        patches in batches of 16. :data:`DYNAMIC_SETTINGS` holds both; ``settings``
+        (flat or by section) win over them. Plan the scan in half turns as well
+        (README, "Dynamic samples").
+        """
+        if dose not in DYNAMIC_SETTINGS:
+            raise ConfigError(
+                f"for_dynamic(dose={dose!r}): expected one of {list(DYNAMIC_SETTINGS)} "
+                "(low: frames of a few hundred photons per pixel)."
+            )
+        given = nest(settings)
+        for key, value in DYNAMIC_SETTINGS[dose].items():
+            given[SECTION_OF[key]].setdefault(key, value)
         return cls(**given)
 
     @property

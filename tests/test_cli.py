@@ -21,6 +21,7 @@ import pytest
 
 from bluesky_jit.apps.cli import COMMANDS, main, parse
 from bluesky_jit.catalog import derived_runs_for, runs_container
+from bluesky_jit.errors import ConfigError
 
 BIN = Path(sys.executable).parent
 
@@ -123,6 +124,24 @@ def test_a_variant_names_the_network_from_the_flag_or_the_file(tmp_path):
     config = parse(["demo", "--config", str(path), "--variant", "C16"]).jit_config()
     t, p = config.training, config.pairs
     assert (t.model, t.model_config, p.stack) == ("unet", {"features": 16}, None)
+
+
+def test_dynamic_from_the_flag_or_the_file_with_the_flags_winning(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text('[jit]\ndynamic = "low"\nbatch_size = 8\n')
+    config = parse(["demo", "--config", str(path), "--neighbourhood-rows", "1"]).jit_config()
+    p, t = config.pairs, config.training
+    assert (p.patch_size, t.batch_size, p.neighbourhood_rows) == (40, 8, 1)
+    config = parse(["demo", "--config", str(path), "--dynamic", "off"]).jit_config()
+    assert (config.pairs.patch_size, config.training.batch_size) == (20, 8)
+    config = parse(["demo", "--dynamic"]).jit_config()  # no value: normal
+    assert (config.pairs.neighbourhood_rows, config.pairs.patch_size) == (4, 20)
+    with pytest.raises(ConfigError, match="both choose settings"):
+        parse(["demo", "--dynamic", "low", "--variant", "T3"]).jit_config()
+    path.write_text("[jit]\ndynamic = true\n")
+    with pytest.raises(ConfigError, match=r"dynamic must be one of \['off', 'normal', 'low'\]"):
+        parse(["demo", "--config", str(path)]).jit_config()
+    assert parse(["demo", "--dynamic", "high"]) == 2  # not a choice: click's usage error
 
 
 @pytest.mark.parametrize(

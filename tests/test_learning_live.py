@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bluesky_jit.callbacks import JitCallback
-from bluesky_jit.config import JitConfig
+from bluesky_jit.config import DYNAMIC_SETTINGS, SECTION_OF, JitConfig
 from bluesky_jit.errors import ConfigError
 from bluesky_jit.models import build_model, resolve_config
 from bluesky_jit.models.checkpoint import save_checkpoint
@@ -198,6 +198,28 @@ def test_for_variant_does_not_let_settings_replace_the_network():
         JitConfig.for_variant("Z3", model="unet")
     assert JitConfig.for_variant("V30").pairs.patch_size == 30
     assert JitConfig.for_variant("C16").training.model_config == {"features": 16}
+
+
+@pytest.mark.parametrize("dose", ["normal", "low"])
+def test_for_dynamic_sets_its_settings_under_the_given_ones(dose):
+    base, dynamic = JitConfig(), JitConfig.for_dynamic(dose)
+    for key, value in DYNAMIC_SETTINGS[dose].items():
+        section = SECTION_OF[key]
+        assert getattr(getattr(dynamic, section), key) == value
+        assert getattr(getattr(base, section), key) != value  # it changes something
+    given = JitConfig.for_dynamic(dose, patch_size=32, pairs={"neighbourhood_rows": 1}, seed=3)
+    assert (given.pairs.patch_size, given.pairs.neighbourhood_rows) == (32, 1)
+    assert (given.training.batch_size, given.runtime.seed) == (
+        DYNAMIC_SETTINGS[dose].get("batch_size", 32),
+        3,
+    )
+    with pytest.raises(ConfigError, match="Unknown JitConfig setting"):
+        JitConfig.for_dynamic(dose, patch_sise=32)
+
+
+def test_for_dynamic_refuses_an_unknown_dose():
+    with pytest.raises(ConfigError, match=r"expected one of \['normal', 'low'\]"):
+        JitConfig.for_dynamic("high")
 
 
 def test_a_checkpoint_of_another_network_fails_the_run_clearly(RE, tmp_path):

@@ -43,7 +43,7 @@ from typing import Any
 import click
 
 from .._version import __version__
-from ..config import SECTION_OF, SECTIONS
+from ..config import DYNAMIC_CHOICES, SECTION_OF, SECTIONS
 from ..errors import BlueskyJitError, CatalogError, ConfigError
 
 logger = logging.getLogger("bluesky_jit.apps.cli")
@@ -150,6 +150,8 @@ class Invocation:
         if self.values.get("variant") is not None:  # the flag names the network
             section.pop("model", None)
             given["variant"] = self.values["variant"]
+        if self.values.get("dynamic") is not None:
+            given["dynamic"] = self.values["dynamic"]
         config = jit_config(section, **given)
         config.check_here()  # a device or a checkpoint not on this machine: exit 2, no scan
         return config
@@ -168,11 +170,11 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
     if unknown:
         raise ConfigError(
             f"Unknown setting(s) {unknown} in section [{command}] of {path}; known: "
-            f"{sorted(known - set(SECTION_OF) - {'variant', 'config', 'verbose'})}."
+            f"{sorted(known - set(SECTION_OF) - {'variant', 'dynamic', 'config', 'verbose'})}."
         )
     defaults = {}
     for p in ctx.command.params:
-        if p.name in SECTION_OF or p.name == "variant" or not isinstance(p, click.Option):
+        if p.name in {*SECTION_OF, "variant", "dynamic"} or not isinstance(p, click.Option):
             continue  # JitConfig settings: Invocation.jit_config
         section, key = command, p.name
         if p.name in CATALOG_KEYS:
@@ -211,6 +213,16 @@ def _jit_options(f: Callable) -> Callable:
             f = click.option(
                 *decls, default=None, show_default=False, help=f"{info.description}{shown}", **extra
             )(f)
+    f = click.option(
+        "--dynamic",
+        "dynamic",
+        type=click.Choice(DYNAMIC_CHOICES),
+        is_flag=False,
+        flag_value="normal",
+        default=None,
+        help="settings for a sample that changes during the scan (JitConfig.for_dynamic); "
+        "low: for noisy frames, a few hundred photons per pixel; off: none. Flags still win",
+    )(f)
     return click.option(
         "--variant",
         default=None,

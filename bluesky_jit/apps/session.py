@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ..config import SECTION_OF, JitConfig
+from ..config import DYNAMIC_CHOICES, SECTION_OF, JitConfig
 from ..errors import CatalogError, ConfigError
 
 if TYPE_CHECKING:
@@ -163,12 +163,26 @@ def jit_config(settings: Mapping[str, Any] | None = None, **overrides: Any) -> J
     Settings may be flat or by section, in either (a flat key wins over its
     section's table). ``None`` overrides are ignored, so unset command-line flags fall through.
     ``variant = "T3"`` (a Table 1 network of Graas et al. 2023) stands for its model,
-    model config, patch size and stack (:meth:`JitConfig.for_variant`).
+    model config, patch size and stack (:meth:`JitConfig.for_variant`);
+    ``dynamic = "normal"`` or ``"low"`` (dose) puts the settings of a changing sample
+    under the others (:meth:`JitConfig.for_dynamic`).
     """
     values = {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}
     variant = values.pop("variant", None)
+    dynamic = values.pop("dynamic", "off")
+    if dynamic not in DYNAMIC_CHOICES:
+        raise ConfigError(
+            f"The jit setting dynamic must be one of {list(DYNAMIC_CHOICES)}; got {dynamic!r}."
+        )
+    if variant is not None and dynamic != "off":
+        raise ConfigError(
+            f"variant {variant!r} and dynamic {dynamic!r} both choose settings of the network's "
+            "pairs; use one of them (with a variant, set neighbourhood_rows yourself)."
+        )
     if variant is not None:
         return JitConfig.for_variant(variant, **values)
+    if dynamic != "off":
+        return JitConfig.for_dynamic(dynamic, **values)
     return JitConfig.from_dict(values)
 
 
