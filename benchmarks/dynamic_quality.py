@@ -301,7 +301,9 @@ def label(run: dict, what: str) -> str:
     """A line naming a run's JitConfig changes and the machine's load."""
     given = run["settings"].get("set", "[]")
     config = "default JitConfig" if given == "[]" else f"JitConfig {given}"
-    return f"{what}, {config} (load average {run['machine']['load_average'][0]:.1f}):\n\n"
+    load = run["machine"].get("load_average") or [None]
+    seen = "load average not recorded" if load[0] is None else f"load average {load[0]:.1f}"
+    return f"{what}, {config} ({seen}):\n\n"
 
 
 def rows(cases: list[dict]) -> str:
