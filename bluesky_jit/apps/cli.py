@@ -129,6 +129,8 @@ HTTP_LOGGERS = ("httpx", "httpcore")
 """Loggers of the HTTP clients (tiled's): INFO has a line per request, kept for ``-vv``."""
 EXTRA_KEYS = {"listen": {"consumer_config"}}
 """File keys of a subcommand's section that are no flag (Kafka consumer settings)."""
+PRESETS = {"variant", "dynamic"}
+"""Flags (and [jit] keys) that stand for several JitConfig settings at once (session.jit_config)."""
 
 
 # ------------------------------------------------------------------------ settings
@@ -146,12 +148,11 @@ class Invocation:
         from .session import jit_config
 
         section = dict(self.settings.get("jit", {}))
-        given = {k: v for k, v in self.values.items() if k in SECTION_OF and v is not None}
-        if self.values.get("variant") is not None:  # the flag names the network
+        given = {
+            k: v for k, v in self.values.items() if k in {*SECTION_OF, *PRESETS} and v is not None
+        }
+        if "variant" in given:  # the flag names the network
             section.pop("model", None)
-            given["variant"] = self.values["variant"]
-        if self.values.get("dynamic") is not None:
-            given["dynamic"] = self.values["dynamic"]
         config = jit_config(section, **given)
         config.check_here()  # a device or a checkpoint not on this machine: exit 2, no scan
         return config
@@ -170,11 +171,11 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
     if unknown:
         raise ConfigError(
             f"Unknown setting(s) {unknown} in section [{command}] of {path}; known: "
-            f"{sorted(known - set(SECTION_OF) - {'variant', 'dynamic', 'config', 'verbose'})}."
+            f"{sorted(known - set(SECTION_OF) - {*PRESETS, 'config', 'verbose'})}."
         )
     defaults = {}
     for p in ctx.command.params:
-        if p.name in {*SECTION_OF, "variant", "dynamic"} or not isinstance(p, click.Option):
+        if p.name in {*SECTION_OF, *PRESETS} or not isinstance(p, click.Option):
             continue  # JitConfig settings: Invocation.jit_config
         section, key = command, p.name
         if p.name in CATALOG_KEYS:
