@@ -8,7 +8,9 @@ them, left alone, sizes its thread pool to the whole machine. A
 - ``reserved``: cores left to the RunEngine and the detector (1 on 2-7 cores,
   2 on 8 or more, none on a single core). The plugin's child processes (the
   worker and writer processes, the embedded catalog server) keep off them
-  (:func:`leave_cores_to_the_scan`);
+  (:func:`leave_cores_to_the_scan`), except the trainer's thread: at nice 19
+  it may also run on them while the scan leaves them idle (``train_cores``;
+  ``JitConfig.borrow_idle_cores``);
 - ``worker_threads``: numba threads of the reconstruction kernels and torch
   intra-op threads of the denoiser. Both run on the worker thread, one after
   the other, so they share one pool;
@@ -59,6 +61,9 @@ def reserved_cores(cores: int) -> int:
     return 0 if cores <= 1 else (1 if cores < 8 else 2)
 
 
+_left_to_the_scan: tuple[int, ...] = ()
+
+
 def leave_cores_to_the_scan() -> list[int]:
     """Keep this process off the cores reserved for the RunEngine; return those it keeps.
 
@@ -66,15 +71,38 @@ def leave_cores_to_the_scan() -> list[int]:
     catalog server): of the cores this process may use, the lowest-numbered
     :func:`reserved_cores` are left out, so the scan's threads, which may run
     anywhere, always find them free. A process with one core keeps it.
+    :func:`cores_left_to_the_scan` says which were left.
+
+    The affinity is per thread, so every thread the process has moves (e.g.
+    the BLAS pool that importing numpy starts); threads started later inherit it.
     """
+    global _left_to_the_scan
     try:
         cores = sorted(os.sched_getaffinity(0))
         keep = cores[reserved_cores(len(cores)) :] or cores
         if keep != cores:
-            os.sched_setaffinity(0, keep)
+            for thread in _threads():
+                try:
+                    os.sched_setaffinity(thread, keep)
+                except OSError:  # the thread has ended
+                    pass
+            _left_to_the_scan = tuple(c for c in cores if c not in keep)
         return keep
     except (AttributeError, OSError):  # not on Linux
         return []
+
+
+def _threads() -> list[int]:
+    """The native ids of this process's threads (the calling one alone without /proc)."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def cores_left_to_the_scan() -> tuple[int, ...]:
+    """The cores :func:`leave_cores_to_the_scan` took this process off (none if not called)."""
+    return _left_to_the_scan
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,10 @@ class CpuBudget:
         torch inter-op threads.
     train_nice : int
         CPU priority (Linux nice) of the trainer's thread.
+    train_cores : tuple of int, optional
+        Cores the trainer's thread may run on: the process's and those it left
+        to the scan (:func:`leave_cores_to_the_scan`), whose idle time the
+        trainer, at nice 19, takes; ``None``: the process's cores.
     reasons : tuple of str
         Why, in words, for the start document and the log.
     """
@@ -112,19 +144,24 @@ class CpuBudget:
     train_threads: int
     interop_threads: int = 1
     train_nice: int = TRAIN_NICE
+    train_cores: tuple[int, ...] | None = None
     reasons: tuple[str, ...] = ()
 
     @classmethod
-    def decide(cls, config: Any = None, *, cores: int | None = None) -> CpuBudget:
+    def decide(cls, config: Any = None, *, cores: int | None = None, left: Any = None) -> CpuBudget:
         """The budget of a :class:`~bluesky_jit.config.JitConfig` on ``cores`` cores.
 
         Parameters
         ----------
         config : JitConfig, optional
-            Reads ``runtime.cpu_threads``, ``runtime.train_threads`` and
-            ``runtime.infer_threads`` (``None``: decide from the cores).
+            Reads ``runtime.cpu_threads``, ``runtime.train_threads``,
+            ``runtime.infer_threads`` (``None``: decide from the cores) and
+            ``runtime.borrow_idle_cores``.
         cores : int, optional
             Cores available; by default those of the process's CPU affinity.
+        left : sequence of int, optional
+            Cores the process left to the scan; by default
+            :func:`cores_left_to_the_scan`.
 
         Raises
         ------
@@ -141,10 +178,16 @@ class CpuBudget:
 
         source = "the process's CPU affinity" if detected else "given"
         reasons = [f"{cores} core{'s' if cores != 1 else ''} available ({source})"]
-        reserved = reserved_cores(cores)
+        left = tuple(cores_left_to_the_scan() if left is None else left)
+        reserved = 0 if left else reserved_cores(cores)  # a child process left them already
         if total is None:
             plugin = max(1, cores - reserved)
-            if reserved:
+            if left:
+                reasons.append(
+                    f"{len(left)} left to the RunEngine and the detector by this process, "
+                    f"{plugin} for the plugin"
+                )
+            elif reserved:
                 reasons.append(
                     f"{reserved} left to the RunEngine and the detector, {plugin} for the plugin"
                 )
@@ -171,6 +214,18 @@ class CpuBudget:
             f"the trainer runs at nice {TRAIN_NICE}: the scan and the reconstruction get a core "
             "first whenever they want one"
         )
+        train_cores = None
+        if left and getattr(run, "borrow_idle_cores", True):
+            try:
+                train_cores = tuple(sorted({*os.sched_getaffinity(0), *left}))
+            except (AttributeError, OSError):  # not on Linux
+                train_cores = None
+            if train_cores is not None:
+                reasons.append(
+                    f"the trainer may also run on the core{'s' if len(left) > 1 else ''} left "
+                    f"to the scan ({', '.join(map(str, left))}) while the scan leaves "
+                    f"{'them' if len(left) > 1 else 'it'} idle"
+                )
         infer = worker
         if train_set is not None:
             train = train_set
@@ -185,6 +240,7 @@ class CpuBudget:
             worker_threads=worker,
             infer_threads=infer,
             train_threads=train,
+            train_cores=train_cores,
             reasons=tuple(reasons),
         )
 

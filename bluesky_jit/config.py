@@ -187,6 +187,9 @@ class Runtime(_Section):
     the process's CPU affinity less those left to the RunEngine and the detector."""
     train_threads: PositiveInt | None = None
     """Torch threads of the trainer; None: from the CPU budget."""
+    borrow_idle_cores: Bool = True
+    """In a child process (JitProcess), the trainer (at nice 19) may also run on the
+    cores left to the scan, in the time the scan leaves them idle; false keeps it off."""
     infer_threads: PositiveInt | None = None
     """Torch threads of the denoiser; None: from the CPU budget (the worker's threads)."""
     queue_size: PositiveInt = 10_000

@@ -383,6 +383,7 @@ class RunPipeline:
             "seed": run.seed,
             "num_threads": self.budget.train_threads,
             "nice": self.budget.train_nice if self.beside_scan else None,
+            "cores": self.budget.train_cores if self.beside_scan else None,
         }
         if run.trainer_process:
             return ProcessTrainer(**settings, interop_threads=self.budget.interop_threads)

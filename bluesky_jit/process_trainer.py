@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 TRAINER_SETTINGS = frozenset(
     "batch_size learning_rate holdout_size train_precision metrics_every_s checkpoint_dir "
-    "checkpoint_every_s max_train_steps_per_s channels_last augment average_weights nice".split()
+    "checkpoint_every_s max_train_steps_per_s channels_last augment average_weights nice "
+    "cores".split()
 )
 """The Trainer settings a ProcessTrainer passes on to the Trainer in its process."""
 

@@ -32,7 +32,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -326,6 +326,11 @@ class Trainer(TrainerMixin):
         19; larger yields more): with 19 the operating system runs the scan
         and the reconstruction first whenever they want a core. ``None``
         leaves it as it is.
+    cores : sequence of int, optional
+        CPU cores the background loop's thread may run on (Linux affinity, per
+        thread). The plugin's child processes keep off the cores left to the
+        scan; with these the trainer, at nice 19, may also use the time the
+        scan leaves them idle. ``None`` keeps the process's cores.
     frozen : bool
         A frozen (pretrained) model, the baseline of Graas et al. (2023), Fig. 10:
         the loop never steps, it only records the hold-out accuracy.
@@ -381,6 +386,7 @@ class Trainer(TrainerMixin):
         average_weights: float | None = None,
         pause: Any = None,
         nice: int | None = None,
+        cores: Sequence[int] | None = None,
     ) -> None:
         if not isinstance(buffer, ReplayBuffer):
             raise ConfigError(
@@ -395,6 +401,9 @@ class Trainer(TrainerMixin):
         check_int("Trainer", "holdout_size", holdout_size)
         check_int("Trainer", "num_threads", num_threads, none=True)
         check_int("Trainer", "nice", nice, 0, high=19, none=True)
+        if cores is not None:
+            for core in cores:
+                check_int("Trainer", "cores", core, 0)
         if checkpoint_dir is not None:
             describe_model(model)  # fail now, not an hour into the scan
         average = average_weights
@@ -427,6 +436,7 @@ class Trainer(TrainerMixin):
         self.precision = resolve_precision(train_precision, self.device)
         self.num_threads = num_threads
         self.nice = nice
+        self.cores = None if cores is None else tuple(cores)
         self.frozen = bool(frozen)
         """Frozen models are evaluated but never trained (the pretrained baseline)."""
         self.augment = bool(augment)
@@ -681,6 +691,8 @@ class Trainer(TrainerMixin):
     def _run(self) -> None:
         if self.nice is not None:
             lower_priority(self.nice)
+        if self.cores:
+            run_on_cores(self.cores)
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)  # this thread only (OpenMP is per thread)
         start = last_row = last_checkpoint = time.monotonic()
@@ -920,6 +932,15 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError) as error:
         logger.debug("Could not lower the trainer's priority: %s", error)
+
+
+def run_on_cores(cores: Sequence[int]) -> None:
+    """Let the calling thread run on ``cores`` (Linux affinity is per thread; a no-op
+    where it cannot be set). Threads it starts later inherit the cores."""
+    try:
+        os.sched_setaffinity(0, cores)
+    except (AttributeError, OSError) as error:
+        logger.debug("Could not set the trainer's cores to %s: %s", list(cores), error)
 
 
 def native_bfloat16_cpu(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:

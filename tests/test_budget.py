@@ -378,6 +378,32 @@ def test_the_trainer_thread_runs_at_the_lowest_priority_the_budget_gives():
         Trainer(model, buffer, batch_size=8, nice=40)
 
 
+def test_the_trainer_borrows_the_scan_s_cores_only_where_the_budget_says():
+    here = sorted(os.sched_getaffinity(0))
+    budget = CpuBudget.decide(JitConfig(), cores=1, left=(here[0],))
+    assert budget.train_cores == tuple(here)  # the process's cores and the one left
+    assert any("left to the scan" in r for r in budget.reasons)
+    assert any("1 left to the RunEngine and the detector by this" in r for r in budget.reasons)
+    # a child that left the scan's core does not reserve another one
+    assert CpuBudget.decide(JitConfig(), cores=3, left=(here[0],)).plugin_threads == 3
+    assert CpuBudget.decide(JitConfig(), cores=3, left=()).plugin_threads == 2
+    assert CpuBudget.decide(JitConfig(borrow_idle_cores=False), left=(here[0],)).train_cores is None
+    assert CpuBudget.decide(JitConfig(), left=()).train_cores is None  # nothing was left
+    model = build_model("unet", {"features": 2}, seed=0)
+    buffer = ReplayBuffer(64, rng=np.random.default_rng(0))
+    buffer.push(*_pairs(32))
+    trainer = Trainer(model, buffer, batch_size=8, num_threads=1, cores=[here[-1]])
+    trainer.start()
+    try:
+        assert wait_for(lambda: trainer.steps >= 1)
+        assert os.sched_getaffinity(trainer._thread.native_id) == {here[-1]}
+        assert sorted(os.sched_getaffinity(0)) == here  # the caller keeps its cores
+    finally:
+        trainer.stop()
+    with pytest.raises(ConfigError, match="cores"):
+        Trainer(model, buffer, batch_size=8, cores=[-1])
+
+
 # -- the pace guard ---------------------------------------------------------------------------
 
 

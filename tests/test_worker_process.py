@@ -229,10 +229,14 @@ def test_child_processes_keep_off_the_scan_s_core(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     jit = JitProcess(directory=tmp_path / "derived")
     try:
-        child = sorted(os.sched_getaffinity(jit._process.pid))
+        pid = jit._process.pid
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        child = sorted(os.sched_getaffinity(pid))
+        every = {tuple(sorted(os.sched_getaffinity(tid))) for tid in threads}
     finally:
         jit.close(timeout=30)
     assert child == (cores[reserved_cores(len(cores)) :] or cores)
+    assert every == {tuple(child)}  # every thread, also those started before it moved
     if len(cores) >= 2:
         assert cores[0] not in child
     probe = "from bluesky_jit.budget import leave_cores_to_the_scan as f; print(f())"
@@ -241,6 +245,35 @@ def test_child_processes_keep_off_the_scan_s_core(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert one.stdout.split() == [f"[{cores[-1]}]"]  # one core: kept
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core left to the scan")
+@pytest.mark.parametrize("borrow", [True, False])
+def test_only_the_child_s_trainer_may_use_the_scan_s_idle_core(RE, tmp_path, borrow):
+    scan_core = min(os.sched_getaffinity(0))
+    seen: dict[str, set] = {}
+
+    def look_at_the_child(name, doc):  # late in the scan, while the trainer runs
+        if name == "event" and doc["seq_num"] == ANGLES + 12 and "rot_stage" in doc["data"]:
+            wait_for(lambda: any(s.train_steps for s in jit.progress()), 30, "a training step")
+            pid = jit._process.pid
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                seen[tid] = set(os.sched_getaffinity(int(tid)))
+            seen["main"] = set(os.sched_getaffinity(pid))
+
+    config = CONFIG.replace(borrow_idle_cores=borrow)
+    jit = JitProcess(config=config, directory=tmp_path / "derived")
+    RE.subscribe(look_at_the_child)
+    run_scan(RE, jit, make_hw(tmp_path / "raw", source=source(), frame_rate=20.0))
+    (summary,) = jit.summaries
+    assert scan_core not in seen.pop("main")  # the worker keeps off the scan's core
+    borrowing = [tid for tid, cores in seen.items() if scan_core in cores]
+    if borrow:
+        assert scan_core in summary.budget["train_cores"]
+        assert any("left to the scan" in reason for reason in summary.budget["reasons"])
+        assert len(borrowing) == 1  # the trainer's thread, and no other
+    else:
+        assert summary.budget["train_cores"] is None and seen and borrowing == []
 
 
 def test_progress_metric_rows_cross_the_pipe_once(tmp_path):
