@@ -215,17 +215,12 @@ class CpuBudget:
             "first whenever they want one"
         )
         train_cores = None
-        if left and getattr(run, "borrow_idle_cores", True):
-            try:
-                train_cores = tuple(sorted({*os.sched_getaffinity(0), *left}))
-            except (AttributeError, OSError):  # not on Linux
-                train_cores = None
-            if train_cores is not None:
-                reasons.append(
-                    f"the trainer may also run on the core{'s' if len(left) > 1 else ''} left "
-                    f"to the scan ({', '.join(map(str, left))}) while the scan leaves "
-                    f"{'them' if len(left) > 1 else 'it'} idle"
-                )
+        if left and getattr(run, "borrow_idle_cores", True):  # left: Linux, affinity exists
+            train_cores = tuple(sorted({*os.sched_getaffinity(0), *left}))
+            reasons.append(
+                f"the trainer may also run on the cores left to the scan {list(left)} "
+                "while the scan leaves them idle"
+            )
         infer = worker
         if train_set is not None:
             train = train_set
